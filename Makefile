@@ -1,0 +1,52 @@
+# Everything a user needs: `make test` and `make demo` work from a clean clone
+# with only Python, a C compiler and make installed.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+DEPS   := $(VENV)/.deps-stamp
+PYTEST_ARGS ?=
+
+.PHONY: all venv build debug test demo bench bench-smoke sdist wheel clean
+
+all: build
+
+$(DEPS): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "setuptools>=77" "Cython>=3.1" wheel build numpy \
+		pytest hypothesis pytest-benchmark pytest-timeout
+	touch $@
+
+venv: $(DEPS)
+
+# An editable install: the extensions are compiled in place under src/.
+build: $(DEPS)
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+
+# Bounds checks, line tracing, -O0 -g and annotated HTML next to each .pyx.
+debug: $(DEPS)
+	rm -f src/fastmirror/*.so
+	FASTMIRROR_DEBUG=1 $(PIP) install -q --no-build-isolation --no-deps -e .
+
+test: build
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: build
+	$(VENV)/bin/fastmirror demo
+
+bench: build
+	$(PY) -m pytest bench --benchmark-only --benchmark-json=bench/results/latest.json
+
+bench-smoke: build
+	$(PY) -m pytest bench -q --benchmark-disable -x
+
+sdist: $(DEPS)
+	$(PY) -m build --sdist --no-isolation
+
+wheel: $(DEPS)
+	$(PY) -m build --wheel --no-isolation
+
+clean:
+	rm -rf build dist src/*.egg-info src/fastmirror/*.so src/fastmirror/_*.c \
+		src/fastmirror/*.html .pytest_cache

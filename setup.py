@@ -1,0 +1,46 @@
+"""Build the Cython extensions.  Metadata lives in pyproject.toml.
+
+FASTMIRROR_DEBUG=1 builds with bounds checks, line tracing and -O0 -g.
+"""
+import glob
+import os
+
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+DEBUG = os.environ.get("FASTMIRROR_DEBUG") == "1"
+
+macros = [("_GNU_SOURCE", "1")]
+cflags = ["-O0", "-g3"] if DEBUG else ["-O2"]
+directives = {
+    "language_level": 3,
+    "embedsignature": True,
+    "boundscheck": DEBUG,
+    "wraparound": DEBUG,
+    "initializedcheck": DEBUG,
+    "cdivision": not DEBUG,
+    "linetrace": DEBUG,
+    "freethreading_compatible": True,
+}
+if DEBUG:
+    macros += [("CYTHON_TRACE_NOGIL", "1"), ("FASTMIRROR_DEBUG", "1")]
+
+extensions = [
+    Extension(
+        "fastmirror." + os.path.splitext(os.path.basename(path))[0],
+        [path],
+        define_macros=macros,
+        extra_compile_args=cflags,
+        extra_link_args=[] if DEBUG else ["-Wl,--strip-debug"],
+    )
+    for path in sorted(glob.glob("src/fastmirror/*.pyx"))
+]
+
+setup(
+    ext_modules=cythonize(
+        extensions,
+        compiler_directives=directives,
+        annotate=DEBUG,
+        include_path=["src"],
+    ),
+)
