@@ -12,7 +12,8 @@ from fastmirror._sync cimport pthread_mutex_t
 
 # Enough levels for 2**63 bytes at 512-byte granularity (2**54 bits: 9 levels
 # of 64-way fan-out), plus headroom.
-DEF HBITMAP_MAX_LEVELS = 12
+cdef enum:
+    HBITMAP_MAX_LEVELS = 12
 
 cdef class HBitmap:
     cdef readonly int64_t size          # bytes covered
