@@ -1,7 +1,22 @@
 """fastmirror: mirror a disk to a target while the source stays in use."""
 
+from fastmirror import trace
 from fastmirror._hbitmap import HBitmap
+from fastmirror.events import EventType, JobEvent, JobState, JobStateError, JobStatus
+from fastmirror.job import MirrorJob
+from fastmirror.source import BlockHandle
 
 __version__ = "0.1.0"
 
-__all__ = ["HBitmap", "__version__"]
+__all__ = [
+    "BlockHandle",
+    "EventType",
+    "HBitmap",
+    "JobEvent",
+    "JobState",
+    "JobStateError",
+    "JobStatus",
+    "MirrorJob",
+    "trace",
+    "__version__",
+]

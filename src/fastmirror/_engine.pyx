@@ -1,0 +1,571 @@
+# cython: language_level=3
+"""The copy engine: the chunked copy loop of the mirror job.
+
+Several worker threads each run `run_worker()`, which releases the GIL for
+its whole life and loops: pick the next dirty extent from the bitmap (clearing
+its bits *before* the data is read, so that a write landing during the copy
+dirties it again), read it from the source, write it to the target.  Nothing
+here calls Python per chunk unless a tracepoint listener asked for it.
+
+Invariants kept here (DESIGN.md):
+  1. clear before copy: `_pick` resets the bits under the bitmap lock and only
+     then is the source read;
+  3. one copy of a chunk in flight: each worker records the extent it copies
+     in `inflight_*[slot]`; `_pick` never hands out a chunk that overlaps one;
+  4. the source is opened read-only by the caller; the target is written only
+     in [0, size): the last, unaligned piece of a file whose size is not a
+     multiple of the O_DIRECT alignment goes through a buffered descriptor.
+A failed copy marks its range dirty again before anything else can see it
+(a failed range is never left clean) and holds the engine until the job
+decides what the error policy says.
+
+Locking: `mu` protects the engine's fields; the bitmap's own lock is taken
+inside `mu` (never the other way round).  Writers marking chunks take only
+the bitmap lock, then `mu` briefly to wake a worker.  No lock is held while
+I/O is in progress or while Python (a tracepoint) runs.
+"""
+
+import os
+
+from libc.errno cimport ETIMEDOUT, ENXIO, EOPNOTSUPP, ENOTTY, EINVAL
+from libc.stdint cimport int64_t
+from posix.time cimport timespec
+from fastmirror._hbitmap cimport HBitmap
+from fastmirror._io cimport (pread_full, pwrite_full, flush_fd, zero_range,
+                             buffer_is_zero, alloc_buffer, free_buffer, monotonic_ns)
+from fastmirror._sync cimport (pthread_mutex_t, pthread_cond_t, pthread_condattr_t,
+                               pthread_mutex_init, pthread_mutex_destroy,
+                               pthread_mutex_lock, pthread_mutex_unlock,
+                               pthread_condattr_init, pthread_condattr_setclock,
+                               pthread_condattr_destroy, pthread_cond_init,
+                               pthread_cond_destroy, pthread_cond_wait,
+                               pthread_cond_timedwait, pthread_cond_signal,
+                               pthread_cond_broadcast, CLOCK_MONOTONIC)
+
+cdef enum:
+    MAX_WORKERS = 64
+    MAX_FAILURES = 64
+
+# What wait_event() returns.
+cdef enum:
+    C_EV_TIMEOUT = 0   # the timeout passed, or kick() was called
+    C_EV_CLEAN = 1     # no dirty chunk and no copy in progress
+    C_EV_ERROR = 2     # at least one failure waits in take_failures()
+    C_EV_STOPPED = 3   # stop() was called and every worker has returned
+
+# Failure operations, as the job reports them.
+cdef enum:
+    C_OP_READ = 0
+    C_OP_WRITE = 1
+
+EV_TIMEOUT = C_EV_TIMEOUT
+EV_CLEAN = C_EV_CLEAN
+EV_ERROR = C_EV_ERROR
+EV_STOPPED = C_EV_STOPPED
+OP_READ = C_OP_READ
+OP_WRITE = C_OP_WRITE
+
+cdef struct Failure:
+    int op            # OP_READ or OP_WRITE
+    int err           # positive errno
+    int64_t offset    # bytes
+    int64_t length    # bytes
+
+
+cdef inline void deadline_after(timespec *ts, int64_t ns) noexcept nogil:
+    cdef int64_t t = monotonic_ns() + ns
+    ts.tv_sec = t // 1000000000
+    ts.tv_nsec = t % 1000000000
+
+
+cdef class CopyEngine:
+    """Copies dirty chunks of `bitmap` from src_fd to dst_fd.
+
+    The caller owns the file descriptors and the worker threads: it starts
+    `nworkers` threads running run_worker(slot) and, to finish, calls stop()
+    and joins them.  The coordinator (MirrorJob) sleeps in wait_event()."""
+
+    cdef readonly HBitmap bitmap
+    cdef int src_fd                 # opened read-only (O_DIRECT when possible)
+    cdef int dst_fd                 # the target (O_DIRECT when possible)
+    cdef int dst_tail_fd            # buffered target descriptor for the unaligned tail
+    cdef bint dst_is_block          # zeroing uses BLKZEROOUT instead of fallocate
+    cdef public bint detect_zeroes  # all-zero data becomes a zeroed range on the target
+    cdef public bint unmap          # zeroed file ranges are punched out (holes)
+    cdef readonly int64_t size      # bytes mirrored: [0, size)
+    cdef readonly int64_t align     # O_DIRECT offset/length alignment of both sides
+    cdef readonly int64_t max_io    # largest single copy, bytes, a multiple of granularity
+    cdef int64_t max_chunks         # max_io in chunks
+    cdef int shift                  # log2(granularity)
+    cdef int64_t nchunks
+    cdef readonly int nworkers
+    cdef void *buffers[MAX_WORKERS] # one aligned buffer of max_io bytes per worker
+
+    cdef pthread_mutex_t mu
+    cdef pthread_cond_t work_cv     # idle, paused or throttled workers sleep here
+    cdef pthread_cond_t event_cv    # the coordinator sleeps here
+    cdef int running                # workers inside run_worker()
+    cdef int busy                   # workers holding an extent
+    cdef bint paused                # the job asked workers to stop picking
+    cdef bint held                  # a failure stopped picking until release()
+    cdef bint stopping
+    cdef bint kicked                # wake the coordinator once
+    cdef int64_t inflight_first[MAX_WORKERS]   # chunk range per slot; first == -1: none
+    cdef int64_t inflight_end[MAX_WORKERS]
+    cdef int64_t cursor             # next chunk to look at: copy in one sweep, like QEMU
+    cdef int64_t speed_limit        # bytes per second; 0 = unlimited
+    cdef int64_t rate_next_ns       # when the next byte may be copied
+    cdef int64_t rate_gen           # bumped by set_speed to wake throttled workers
+    cdef Failure failures[MAX_FAILURES]
+    cdef int nfailures
+    cdef int64_t failures_dropped
+
+    # Counters, read by the job for status and summaries.
+    cdef readonly int64_t bytes_copied
+    cdef readonly int64_t bytes_zeroed
+    cdef readonly int64_t chunks_copied
+    cdef readonly int64_t copies
+    cdef readonly int64_t busy_ns    # wall time with at least one copy in progress
+    cdef int64_t busy_since
+
+    # Tracepoints: Python callables, or None when nobody listens.
+    cdef object on_iteration        # (sector_num, nb_sectors) before a copy
+    cdef object on_iteration_done   # (offset, bytes, ret) after it
+    cdef bint trace_on
+
+    def __cinit__(self):
+        cdef int i
+        cdef pthread_condattr_t attr
+        pthread_mutex_init(&self.mu, NULL)
+        pthread_condattr_init(&attr)
+        pthread_condattr_setclock(&attr, CLOCK_MONOTONIC)
+        pthread_cond_init(&self.work_cv, &attr)
+        pthread_cond_init(&self.event_cv, &attr)
+        pthread_condattr_destroy(&attr)
+        for i in range(MAX_WORKERS):
+            self.buffers[i] = NULL
+            self.inflight_first[i] = -1
+            self.inflight_end[i] = -1
+        self.src_fd = self.dst_fd = self.dst_tail_fd = -1
+
+    def __init__(self, HBitmap bitmap not None, int src_fd, int dst_fd, int dst_tail_fd,
+                 int64_t size, int64_t align, int64_t max_io, int nworkers,
+                 bint dst_is_block=False, bint detect_zeroes=True, bint unmap=True):
+        cdef int i
+        if size != bitmap.size:
+            raise ValueError("bitmap covers %d bytes, engine %d" % (bitmap.size, size))
+        if align <= 0 or align & (align - 1) or bitmap.granularity % align:
+            raise ValueError("alignment %d must be a power of two dividing granularity %d"
+                             % (align, bitmap.granularity))
+        if nworkers < 1 or nworkers > MAX_WORKERS:
+            raise ValueError("nworkers must be in [1, %d]" % MAX_WORKERS)
+        if max_io < bitmap.granularity:
+            max_io = bitmap.granularity
+        max_io -= max_io % bitmap.granularity
+        self.bitmap = bitmap
+        self.src_fd = src_fd
+        self.dst_fd = dst_fd
+        self.dst_tail_fd = dst_tail_fd
+        self.dst_is_block = dst_is_block
+        self.detect_zeroes = detect_zeroes
+        self.unmap = unmap
+        self.size = size
+        self.align = align
+        self.max_io = max_io
+        self.shift = bitmap.granularity.bit_length() - 1
+        self.max_chunks = max_io >> self.shift
+        self.nchunks = (size + bitmap.granularity - 1) >> self.shift
+        self.nworkers = nworkers
+        for i in range(nworkers):
+            self.buffers[i] = alloc_buffer(<size_t>max_io)
+            if self.buffers[i] == NULL:
+                raise MemoryError("cannot map a %d-byte I/O buffer" % max_io)
+
+    def __dealloc__(self):
+        cdef int i
+        for i in range(MAX_WORKERS):
+            free_buffer(self.buffers[i], <size_t>self.max_io)
+            self.buffers[i] = NULL
+        pthread_cond_destroy(&self.work_cv)
+        pthread_cond_destroy(&self.event_cv)
+        pthread_mutex_destroy(&self.mu)
+
+    # ------------------------------------------------------------------
+    # Marking (any thread)
+    # ------------------------------------------------------------------
+
+    cdef void mark_chunks(self, int64_t first, int64_t n) noexcept nogil:
+        self.bitmap.c_set(first, n)
+        pthread_mutex_lock(&self.mu)
+        pthread_cond_signal(&self.work_cv)
+        pthread_mutex_unlock(&self.mu)
+
+    def mark_dirty(self, int64_t offset, int64_t length):
+        """Dirty every chunk overlapping [offset, offset+length) and wake a
+        worker.  Call it after the write has reached the source."""
+        cdef int64_t first, end
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise ValueError("range [%d, %d) outside [0, %d)" % (offset, offset + length, self.size))
+        if length == 0:
+            return
+        first = offset >> self.shift
+        end = (offset + length + (<int64_t>1 << self.shift) - 1) >> self.shift
+        with nogil:
+            self.mark_chunks(first, end - first)
+
+    # ------------------------------------------------------------------
+    # Control (the job)
+    # ------------------------------------------------------------------
+
+    def set_paused(self, bint paused):
+        with nogil:
+            pthread_mutex_lock(&self.mu)
+            self.paused = paused
+            pthread_cond_broadcast(&self.work_cv)
+            pthread_cond_broadcast(&self.event_cv)
+            pthread_mutex_unlock(&self.mu)
+
+    def release(self):
+        """Let workers pick extents again after a failure was handled."""
+        with nogil:
+            pthread_mutex_lock(&self.mu)
+            self.held = False
+            pthread_cond_broadcast(&self.work_cv)
+            pthread_mutex_unlock(&self.mu)
+
+    def stop(self):
+        """Workers finish the copy in hand and return."""
+        with nogil:
+            pthread_mutex_lock(&self.mu)
+            self.stopping = True
+            pthread_cond_broadcast(&self.work_cv)
+            pthread_cond_broadcast(&self.event_cv)
+            pthread_mutex_unlock(&self.mu)
+
+    def kick(self):
+        """Wake the coordinator from wait_event()."""
+        with nogil:
+            pthread_mutex_lock(&self.mu)
+            self.kicked = True
+            pthread_cond_broadcast(&self.event_cv)
+            pthread_mutex_unlock(&self.mu)
+
+    def set_speed(self, int64_t speed):
+        if speed < 0:
+            raise ValueError("speed must be >= 0")
+        with nogil:
+            pthread_mutex_lock(&self.mu)
+            self.speed_limit = speed
+            self.rate_next_ns = monotonic_ns()
+            self.rate_gen += 1
+            pthread_cond_broadcast(&self.work_cv)
+            pthread_mutex_unlock(&self.mu)
+
+    def set_trace(self, on_iteration, on_iteration_done):
+        """Callables for the per-copy tracepoints, or None.  Workers read
+        them under the GIL, so swapping them is safe at any time."""
+        self.on_iteration = on_iteration
+        self.on_iteration_done = on_iteration_done
+        self.trace_on = on_iteration is not None or on_iteration_done is not None
+
+    def wait_event(self, double timeout, bint want_clean=True):
+        """Sleep until something needs the coordinator; returns EV_*."""
+        cdef timespec ts
+        cdef int r = C_EV_TIMEOUT
+        cdef int64_t ns = <int64_t>(timeout * 1e9) if timeout > 0 else 0
+        with nogil:
+            deadline_after(&ts, ns)
+            pthread_mutex_lock(&self.mu)
+            while True:
+                if self.nfailures > 0:
+                    r = C_EV_ERROR
+                    break
+                if self.stopping and self.running == 0:
+                    r = C_EV_STOPPED
+                    break
+                if want_clean and self.busy == 0 and self.bitmap.c_count() == 0:
+                    r = C_EV_CLEAN
+                    break
+                if self.kicked:
+                    self.kicked = False
+                    r = C_EV_TIMEOUT
+                    break
+                if pthread_cond_timedwait(&self.event_cv, &self.mu, &ts) == ETIMEDOUT:
+                    r = C_EV_TIMEOUT
+                    break
+            pthread_mutex_unlock(&self.mu)
+        return r
+
+    def take_failures(self):
+        """The failures recorded since the last call: list of
+        (op, errno, offset, length), oldest first; and how many were dropped
+        because the queue was full."""
+        cdef int i, n
+        cdef int64_t dropped
+        cdef Failure taken[MAX_FAILURES]
+        with nogil:
+            pthread_mutex_lock(&self.mu)
+            n = self.nfailures
+            for i in range(n):
+                taken[i] = self.failures[i]
+            dropped = self.failures_dropped
+            self.nfailures = 0
+            self.failures_dropped = 0
+            pthread_mutex_unlock(&self.mu)
+        out = [(taken[i].op, taken[i].err, taken[i].offset, taken[i].length) for i in range(n)]
+        return out, dropped
+
+    def flush(self):
+        """fdatasync the target; 0 or -errno.  fdatasync covers the whole
+        inode, so the buffered tail descriptor is flushed too when it is
+        another descriptor of the same file; flush it as well to be plain."""
+        cdef int r
+        with nogil:
+            r = flush_fd(self.dst_fd)
+            if r == 0 and self.dst_tail_fd >= 0 and self.dst_tail_fd != self.dst_fd:
+                r = flush_fd(self.dst_tail_fd)
+        return r
+
+    def zero_target(self, int64_t offset, int64_t length):
+        """Make a target range read as zeros (a hole of the source that the
+        bulk copy will not read).  0, or -errno; -EOPNOTSUPP means the caller
+        must copy the range instead."""
+        cdef int r
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise ValueError("range outside the mirrored size")
+        with nogil:
+            r = zero_range(self.dst_fd, offset, length, self.dst_is_block, self.unmap)
+        if r == -ENOTTY or r == -EINVAL:
+            r = -EOPNOTSUPP
+        if r == 0:
+            self.bytes_zeroed += length
+        return r
+
+    def snapshot(self):
+        """(busy, inflight_bytes, paused, held) read under the engine lock."""
+        cdef int i
+        cdef int64_t inflight = 0
+        with nogil:
+            pthread_mutex_lock(&self.mu)
+            for i in range(self.nworkers):
+                if self.inflight_first[i] >= 0:
+                    inflight += (self.inflight_end[i] - self.inflight_first[i]) << self.shift
+            pthread_mutex_unlock(&self.mu)
+        return self.busy, inflight, self.paused, self.held
+
+    @property
+    def speed(self):
+        return self.speed_limit
+
+    # ------------------------------------------------------------------
+    # The workers
+    # ------------------------------------------------------------------
+
+    def run_worker(self, int slot):
+        """Run one copy worker until stop().  Call from a dedicated thread."""
+        if slot < 0 or slot >= self.nworkers:
+            raise ValueError("slot out of range")
+        with nogil:
+            pthread_mutex_lock(&self.mu)
+            self.running += 1
+            pthread_mutex_unlock(&self.mu)
+            self._worker(slot)
+
+    cdef bint _conflicts(self, int64_t chunk, int64_t *end) noexcept nogil:
+        """Is chunk inside an extent that another worker is copying?  If so,
+        *end is where that extent ends."""
+        cdef int i
+        for i in range(self.nworkers):
+            if self.inflight_first[i] <= chunk < self.inflight_end[i]:
+                end[0] = self.inflight_end[i]
+                return True
+        return False
+
+    cdef bint _pick_in(self, int slot, int64_t lo, int64_t hi) noexcept nogil:
+        """Under mu and the bitmap lock: claim the first dirty run in
+        [lo, hi) that no other worker is copying."""
+        cdef int64_t c, e, lim, cend
+        cdef int i
+        c = self.bitmap.next_dirty_locked(lo, hi)
+        while c >= 0:
+            if not self._conflicts(c, &cend):
+                break
+            c = self.bitmap.next_dirty_locked(cend, hi) if cend < hi else -1
+        if c < 0:
+            return False
+        lim = c + self.max_chunks
+        if lim > self.nchunks:
+            lim = self.nchunks
+        for i in range(self.nworkers):
+            if c < self.inflight_first[i] < lim:
+                lim = self.inflight_first[i]
+        e = self.bitmap.next_clean_locked(c, lim)
+        if e < 0:
+            e = lim
+        # Invariant 1: the bits go clean before the source is read.
+        self.bitmap.reset_locked(c, e - c)
+        self.inflight_first[slot] = c
+        self.inflight_end[slot] = e
+        self.cursor = e if e < self.nchunks else 0
+        return True
+
+    cdef bint _pick(self, int slot) noexcept nogil:
+        cdef bint found
+        cdef int64_t start = self.cursor
+        self.bitmap.lock()
+        found = self._pick_in(slot, start, self.nchunks)
+        if not found and start > 0:
+            found = self._pick_in(slot, 0, start)
+        self.bitmap.unlock()
+        return found
+
+    cdef void _throttle(self, int64_t nbytes) noexcept nogil:
+        """Under mu: wait for this copy's turn under the speed limit.
+        set_speed() wakes throttled workers and re-reserves at the new rate."""
+        cdef int64_t now, wake, gen
+        cdef timespec ts
+        if self.speed_limit <= 0:
+            return
+        now = monotonic_ns()
+        if self.rate_next_ns < now:
+            self.rate_next_ns = now
+        wake = self.rate_next_ns
+        self.rate_next_ns += nbytes * 1000000000 // self.speed_limit
+        gen = self.rate_gen
+        while not self.stopping:
+            now = monotonic_ns()
+            if now >= wake:
+                return
+            ts.tv_sec = wake // 1000000000
+            ts.tv_nsec = wake % 1000000000
+            pthread_cond_timedwait(&self.work_cv, &self.mu, &ts)
+            if gen != self.rate_gen:
+                if self.speed_limit <= 0:
+                    return
+                now = monotonic_ns()
+                if self.rate_next_ns < now:
+                    self.rate_next_ns = now
+                wake = self.rate_next_ns
+                self.rate_next_ns += nbytes * 1000000000 // self.speed_limit
+                gen = self.rate_gen
+
+    cdef void _fail(self, int op, int err, int64_t offset, int64_t length) noexcept nogil:
+        """Under mu: queue a failure and hold all workers."""
+        cdef Failure *f
+        if self.nfailures < MAX_FAILURES:
+            f = &self.failures[self.nfailures]
+            f.op = op
+            f.err = err
+            f.offset = offset
+            f.length = length
+            self.nfailures += 1
+        else:
+            self.failures_dropped += 1
+        self.held = True
+        pthread_cond_broadcast(&self.event_cv)
+
+    cdef int _copy(self, void *buf, int64_t off, int64_t length, int *op) noexcept nogil:
+        """Copy [off, off+length) with no lock held; 0 or -errno, *op tells
+        which side failed."""
+        cdef int64_t r, alen
+        cdef int z
+        op[0] = C_OP_READ
+        # O_DIRECT lengths are multiples of the alignment; at the end of the
+        # source the kernel returns only what exists.
+        r = pread_full(self.src_fd, buf, (length + self.align - 1) & ~(self.align - 1), off)
+        if r < 0:
+            return <int>r
+        if r < length:
+            return -ENXIO   # the source shrank under us
+        op[0] = C_OP_WRITE
+        if self.detect_zeroes and buffer_is_zero(buf, <size_t>length) and \
+                (length & (self.align - 1)) == 0:
+            z = zero_range(self.dst_fd, off, length, self.dst_is_block, self.unmap)
+            if z == 0:
+                return 0
+            if z != -EOPNOTSUPP and z != -ENOTTY and z != -EINVAL:
+                return z
+        alen = length & ~(self.align - 1)
+        if alen:
+            r = pwrite_full(self.dst_fd, buf, alen, off)
+            if r < 0:
+                return <int>r
+        if alen < length:
+            r = pwrite_full(self.dst_tail_fd, <char *>buf + alen, length - alen, off + alen)
+            if r < 0:
+                return <int>r
+        return 0
+
+    cdef void _trace_before(self, int64_t off, int64_t length) noexcept with gil:
+        cb = self.on_iteration
+        if cb is not None:
+            try:
+                cb(off >> 9, (length + 511) >> 9)
+            except BaseException:
+                _log_callback_error("mirror_one_iteration")
+
+    cdef void _trace_after(self, int64_t off, int64_t length, int ret) noexcept with gil:
+        cb = self.on_iteration_done
+        if cb is not None:
+            try:
+                cb(off, length, ret)
+            except BaseException:
+                _log_callback_error("mirror_iteration_done")
+
+    cdef void _worker(self, int slot) noexcept nogil:
+        cdef void *buf = self.buffers[slot]
+        cdef int64_t off, length, first, n, now
+        cdef int r, op
+        pthread_mutex_lock(&self.mu)
+        while not self.stopping:
+            if self.paused or self.held or not self._pick(slot):
+                pthread_cond_broadcast(&self.event_cv)   # maybe clean now
+                pthread_cond_wait(&self.work_cv, &self.mu)
+                continue
+            first = self.inflight_first[slot]
+            n = self.inflight_end[slot] - first
+            off = first << self.shift
+            length = n << self.shift
+            if off + length > self.size:
+                length = self.size - off
+            if self.busy == 0:
+                self.busy_since = monotonic_ns()
+            self.busy += 1
+            if self.bitmap.c_count() > 0:
+                pthread_cond_signal(&self.work_cv)       # more work: wake a peer
+            self._throttle(length)
+            pthread_mutex_unlock(&self.mu)
+
+            if self.trace_on:
+                self._trace_before(off, length)
+            r = self._copy(buf, off, length, &op)
+            if self.trace_on:
+                self._trace_after(off, length, r)
+
+            pthread_mutex_lock(&self.mu)
+            if r < 0:
+                # Never leave a failed range clean: dirty it again while it is
+                # still ours, so no other worker can copy it in between.
+                self.bitmap.c_set(first, n)
+                self._fail(op, -r, off, length)
+            else:
+                self.bytes_copied += length
+                self.chunks_copied += n
+                self.copies += 1
+            self.inflight_first[slot] = -1
+            self.inflight_end[slot] = -1
+            self.busy -= 1
+            if self.busy == 0:
+                now = monotonic_ns()
+                self.busy_ns += now - self.busy_since
+                pthread_cond_broadcast(&self.event_cv)
+            if self.bitmap.c_count() > 0:
+                pthread_cond_signal(&self.work_cv)
+        self.running -= 1
+        pthread_cond_broadcast(&self.event_cv)
+        pthread_mutex_unlock(&self.mu)
+
+
+def _log_callback_error(name):
+    import logging
+    logging.getLogger("fastmirror").exception("tracepoint %s listener raised", name)

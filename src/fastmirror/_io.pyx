@@ -1,0 +1,473 @@
+# cython: language_level=3
+"""I/O primitives: O_DIRECT opening, alignment and size discovery, aligned
+buffers, full-length pread/pwrite, flush, zeroing and hole discovery.
+
+The C-level functions (declared in _io.pxd) run without the GIL and return
+-errno on failure; the Python-level functions raise OSError carrying errno and
+path.  Nothing in this module ever writes to a file it opened read-only.
+
+Alignment is discovered the way the kernel documents it (statx(2), open(2)
+"O_DIRECT"): statx with STATX_DIOALIGN gives the memory and file-offset
+alignment O_DIRECT needs; block devices answer BLKSSZGET (logical sector size)
+and BLKGETSIZE64; failing both, 4096 is safe on every Linux filesystem.
+statx is called through the raw system call so that the same wheel works on
+glibc and musl, whatever their headers declare.
+"""
+
+import os
+import stat as _stat
+
+from libc.errno cimport errno, EINTR, EINVAL, EOPNOTSUPP, ENOTTY
+from libc.stdint cimport int64_t, uint64_t, uint32_t, uint16_t, uintptr_t
+from libc.string cimport memcmp
+from posix.time cimport timespec
+from fastmirror._sync cimport clock_gettime, CLOCK_MONOTONIC
+
+cdef extern from *:
+    """
+    #include <sys/types.h>
+    #include <sys/stat.h>
+    #include <sys/ioctl.h>
+    #include <sys/mman.h>
+    #include <sys/syscall.h>
+    #include <fcntl.h>
+    #include <unistd.h>
+    #include <string.h>
+    #include <stdint.h>
+    #include <linux/fs.h>
+
+    #ifndef FALLOC_FL_KEEP_SIZE
+    #define FALLOC_FL_KEEP_SIZE 0x01
+    #endif
+    #ifndef FALLOC_FL_PUNCH_HOLE
+    #define FALLOC_FL_PUNCH_HOLE 0x02
+    #endif
+    #ifndef FALLOC_FL_ZERO_RANGE
+    #define FALLOC_FL_ZERO_RANGE 0x10
+    #endif
+    #ifndef MADV_DONTFORK
+    #define MADV_DONTFORK 10
+    #endif
+
+    /* The kernel's struct statx (include/uapi/linux/stat.h), spelled out so
+       that building does not depend on the C library's headers. 256 bytes. */
+    struct fm_statx_ts { int64_t tv_sec; uint32_t tv_nsec; int32_t reserved; };
+    struct fm_statx {
+        uint32_t stx_mask; uint32_t stx_blksize; uint64_t stx_attributes;
+        uint32_t stx_nlink; uint32_t stx_uid; uint32_t stx_gid;
+        uint16_t stx_mode; uint16_t spare0;
+        uint64_t stx_ino; uint64_t stx_size; uint64_t stx_blocks;
+        uint64_t stx_attributes_mask;
+        struct fm_statx_ts stx_atime, stx_btime, stx_ctime, stx_mtime;
+        uint32_t stx_rdev_major, stx_rdev_minor, stx_dev_major, stx_dev_minor;
+        uint64_t stx_mnt_id;
+        uint32_t stx_dio_mem_align; uint32_t stx_dio_offset_align;
+        uint64_t spare3[12];
+    };
+    #define FM_STATX_DIOALIGN 0x00002000U
+    #define FM_AT_EMPTY_PATH 0x1000
+
+    static int fm_statx_fd(int fd, struct fm_statx *out) {
+    #ifdef SYS_statx
+        memset(out, 0, sizeof(*out));
+        if (syscall(SYS_statx, fd, "", FM_AT_EMPTY_PATH, FM_STATX_DIOALIGN, out) < 0)
+            return -errno;
+        return 0;
+    #else
+        return -ENOSYS;
+    #endif
+    }
+
+    static int fm_blk_sector_size(int fd, int *out) {
+        return ioctl(fd, BLKSSZGET, out) < 0 ? -errno : 0;
+    }
+    static int fm_blk_size(int fd, uint64_t *out) {
+        return ioctl(fd, BLKGETSIZE64, out) < 0 ? -errno : 0;
+    }
+    static int fm_blk_zeroout(int fd, uint64_t offset, uint64_t length) {
+        uint64_t range[2] = { offset, length };
+        return ioctl(fd, BLKZEROOUT, range) < 0 ? -errno : 0;
+    }
+    static int fm_fallocate(int fd, int mode, int64_t offset, int64_t length) {
+        return fallocate(fd, mode, offset, length) < 0 ? -errno : 0;
+    }
+    static void *fm_map_shared(size_t length) {
+        /* Shared anonymous memory is page aligned and, unlike a private
+           mapping, is not copied-on-write by a fork() in another thread,
+           which could otherwise redirect an O_DIRECT transfer in flight. */
+        void *p = mmap(NULL, length, PROT_READ | PROT_WRITE,
+                       MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+        if (p == MAP_FAILED) return NULL;
+        madvise(p, length, MADV_DONTFORK);
+        return p;
+    }
+    static int64_t fm_lseek(int fd, int64_t off, int whence) {
+        off_t r = lseek(fd, (off_t)off, whence);
+        return r < 0 ? -errno : (int64_t)r;
+    }
+    """
+    struct fm_statx:
+        uint32_t stx_mask
+        uint32_t stx_blksize
+        uint16_t stx_mode
+        uint64_t stx_size
+        uint32_t stx_dio_mem_align
+        uint32_t stx_dio_offset_align
+    unsigned int FM_STATX_DIOALIGN
+    int FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
+    int SEEK_DATA, SEEK_HOLE
+    int fm_statx_fd(int fd, fm_statx *out) nogil
+    int fm_blk_sector_size(int fd, int *out) nogil
+    int fm_blk_size(int fd, uint64_t *out) nogil
+    int fm_blk_zeroout(int fd, uint64_t offset, uint64_t length) nogil
+    int fm_fallocate(int fd, int mode, int64_t offset, int64_t length) nogil
+    void *fm_map_shared(size_t length) nogil
+    int64_t fm_lseek(int fd, int64_t off, int whence) nogil
+    ctypedef long ssize_t
+    ssize_t pread(int fd, void *buf, size_t n, int64_t off) nogil
+    ssize_t pwrite(int fd, const void *buf, size_t n, int64_t off) nogil
+    int fdatasync(int fd) nogil
+    int munmap(void *addr, size_t length) nogil
+
+from posix.fcntl cimport O_RDONLY, O_RDWR, O_CREAT, O_WRONLY
+
+# Linux's O_DIRECT and O_CLOEXEC, taken from the os module (the same numbers
+# the C library uses) so that no platform header is needed here.
+O_DIRECT = getattr(os, "O_DIRECT", 0)
+DEFAULT_ALIGNMENT = 4096
+ZERO_BLOCK = 1 << 20           # how much of a zero page buffer_is_zero compares at once
+
+
+# ---------------------------------------------------------------------------
+# C level: nogil, -errno
+# ---------------------------------------------------------------------------
+
+cdef int64_t pread_full(int fd, void *buf, int64_t length, int64_t offset) noexcept nogil:
+    """Read up to length bytes; fewer only at end of file."""
+    cdef int64_t done = 0
+    cdef ssize_t r
+    while done < length:
+        r = pread(fd, <char *>buf + done, <size_t>(length - done), offset + done)
+        if r < 0:
+            if errno == EINTR:
+                continue
+            return -errno
+        if r == 0:
+            break
+        done += r
+    return done
+
+
+cdef int64_t pwrite_full(int fd, const void *buf, int64_t length, int64_t offset) noexcept nogil:
+    """Write exactly length bytes, retrying EINTR and short writes."""
+    cdef int64_t done = 0
+    cdef ssize_t r
+    while done < length:
+        r = pwrite(fd, <const char *>buf + done, <size_t>(length - done), offset + done)
+        if r < 0:
+            if errno == EINTR:
+                continue
+            return -errno
+        if r == 0:
+            return -5  # EIO: a zero-length write of a non-empty buffer
+        done += r
+    return done
+
+
+cdef int flush_fd(int fd) noexcept nogil:
+    cdef int r
+    while True:
+        r = fdatasync(fd)
+        if r == 0:
+            return 0
+        if errno != EINTR:
+            return -errno
+
+
+cdef int zero_range(int fd, int64_t offset, int64_t length, bint is_block, bint unmap) noexcept nogil:
+    """Make [offset, offset+length) read as zeros without writing a buffer.
+
+    Files: PUNCH_HOLE (unmap) or ZERO_RANGE, both guaranteed to read back as
+    zeros.  Block devices: BLKZEROOUT, which the kernel guarantees to zero
+    (it may discard underneath only where the device promises zeros).
+    Returns -EOPNOTSUPP where none applies; the caller then writes zeros.
+    """
+    cdef int r
+    if length <= 0:
+        return 0
+    if is_block:
+        return fm_blk_zeroout(fd, <uint64_t>offset, <uint64_t>length)
+    if unmap:
+        r = fm_fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+        if r == 0 or (r != -EOPNOTSUPP and r != -EINVAL):
+            return r
+    r = fm_fallocate(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
+    if r == -EINVAL:
+        return -EOPNOTSUPP
+    return r
+
+
+cdef bint buffer_is_zero(const void *buf, size_t length) noexcept nogil:
+    """True when every byte is zero: check the first word, then compare the
+    buffer with itself shifted by one word (memcmp is vectorised)."""
+    cdef const unsigned char *p = <const unsigned char *>buf
+    cdef size_t i
+    if length < 64:
+        for i in range(length):
+            if p[i]:
+                return False
+        return True
+    for i in range(64):
+        if p[i]:
+            return False
+    return memcmp(p, p + 64, length - 64) == 0
+
+
+cdef void *alloc_buffer(size_t length) noexcept nogil:
+    return fm_map_shared(length)
+
+
+cdef void free_buffer(void *buf, size_t length) noexcept nogil:
+    if buf != NULL:
+        munmap(buf, length)
+
+
+cdef int64_t monotonic_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
+
+
+# ---------------------------------------------------------------------------
+# Python level
+# ---------------------------------------------------------------------------
+
+def _raise(int err, path=None):
+    err = -err if err < 0 else err
+    raise OSError(err, os.strerror(err), path)
+
+
+class DeviceInfo:
+    """What fastmirror learned about an open file or block device."""
+    __slots__ = ("size", "is_block", "mem_align", "offset_align", "blksize", "source")
+
+    def __init__(self, size, is_block, mem_align, offset_align, blksize, source):
+        self.size = size                  # bytes
+        self.is_block = is_block          # a block device (not a regular file)
+        self.mem_align = mem_align        # O_DIRECT buffer alignment
+        self.offset_align = offset_align  # O_DIRECT offset and length alignment
+        self.blksize = blksize            # preferred I/O size (st_blksize)
+        self.source = source              # where the alignment came from
+
+    @property
+    def alignment(self):
+        """One alignment good for memory, offsets and lengths."""
+        return max(self.mem_align, self.offset_align)
+
+    def __repr__(self):
+        return ("DeviceInfo(size=%d, is_block=%s, mem_align=%d, offset_align=%d, "
+                "blksize=%d, source=%r)" % (self.size, self.is_block, self.mem_align,
+                                            self.offset_align, self.blksize, self.source))
+
+
+def probe(int fd):
+    """Size and O_DIRECT alignment of an open file or block device."""
+    cdef fm_statx stx
+    cdef int r, sector = 0
+    cdef uint64_t blk_size = 0
+    with nogil:
+        r = fm_statx_fd(fd, &stx)
+    st = os.fstat(fd)
+    is_block = _stat.S_ISBLK(st.st_mode)
+    size = st.st_size
+    mem_align = offset_align = 0
+    source = "default"
+    if r == 0 and (stx.stx_mask & FM_STATX_DIOALIGN) and stx.stx_dio_offset_align:
+        mem_align = stx.stx_dio_mem_align
+        offset_align = stx.stx_dio_offset_align
+        source = "statx"
+    if is_block:
+        with nogil:
+            r = fm_blk_size(fd, &blk_size)
+        if r < 0:
+            _raise(r)
+        size = blk_size
+        if not offset_align:
+            with nogil:
+                r = fm_blk_sector_size(fd, &sector)
+            if r == 0 and sector > 0:
+                mem_align = offset_align = sector
+                source = "BLKSSZGET"
+    if not offset_align:
+        mem_align = offset_align = DEFAULT_ALIGNMENT
+    return DeviceInfo(size, is_block, mem_align, offset_align, st.st_blksize, source)
+
+
+def open_file(path, int flags, bint direct, int mode=0o644):
+    """Open path; with direct, try O_DIRECT first.  A filesystem that refuses
+    O_DIRECT answers EINVAL at open: then open buffered and say so.
+
+    Returns (fd, direct_in_effect)."""
+    flags |= os.O_CLOEXEC
+    if direct and O_DIRECT:
+        try:
+            return os.open(path, flags | O_DIRECT, mode), True
+        except OSError as e:
+            if e.errno != EINVAL:
+                raise
+    return os.open(path, flags, mode), False
+
+
+def data_extents(int fd, int64_t start, int64_t end):
+    """List of (offset, length) ranges of [start, end) that may hold data,
+    found with SEEK_DATA/SEEK_HOLE.  Where the filesystem cannot tell, the
+    whole range is data."""
+    cdef int64_t pos = start, d, h
+    out = []
+    while pos < end:
+        with nogil:
+            d = fm_lseek(fd, pos, SEEK_DATA)
+        if d == -6:   # ENXIO: no data past pos
+            break
+        if d < 0:
+            return [(start, end - start)] if not out else out + [(pos, end - pos)]
+        if d >= end:
+            break
+        with nogil:
+            h = fm_lseek(fd, d, SEEK_HOLE)
+        if h < 0 or h > end:
+            h = end
+        out.append((d, h - d))
+        pos = h
+    return out
+
+
+def zero(int fd, int64_t offset, int64_t length, bint is_block, bint unmap=True):
+    """Make a range read as zeros; returns False where no zeroing call is
+    supported (the caller writes zeros instead).  Raises OSError otherwise."""
+    cdef int r
+    with nogil:
+        r = zero_range(fd, offset, length, is_block, unmap)
+    if r == -EOPNOTSUPP or r == -ENOTTY:
+        return False
+    if r < 0:
+        _raise(r)
+    return True
+
+
+def flush(int fd):
+    cdef int r
+    with nogil:
+        r = flush_fd(fd)
+    if r < 0:
+        _raise(r)
+
+
+def is_zero(data):
+    """True when a bytes-like object holds only zeros."""
+    cdef const unsigned char[::1] view = data
+    if view.shape[0] == 0:
+        return True
+    return buffer_is_zero(&view[0], view.shape[0])
+
+
+cdef class AlignedBuffer:
+    """Page-aligned memory from a shared anonymous mapping (fork-safe for
+    O_DIRECT), exposed through the buffer protocol."""
+    cdef char *ptr
+    cdef readonly Py_ssize_t size
+    cdef Py_ssize_t shape[1]
+    cdef Py_ssize_t strides[1]
+
+    def __cinit__(self, Py_ssize_t size):
+        if size <= 0:
+            raise ValueError("size must be positive")
+        self.ptr = <char *>alloc_buffer(size)
+        if self.ptr == NULL:
+            raise MemoryError("cannot map %d bytes" % size)
+        self.size = size
+
+    def __dealloc__(self):
+        free_buffer(self.ptr, self.size)
+        self.ptr = NULL
+
+    def __getbuffer__(self, Py_buffer *buffer, int flags):
+        self.shape[0] = self.size
+        self.strides[0] = 1
+        buffer.buf = self.ptr
+        buffer.obj = self
+        buffer.len = self.size
+        buffer.readonly = 0
+        buffer.itemsize = 1
+        buffer.format = "B"
+        buffer.ndim = 1
+        buffer.shape = self.shape
+        buffer.strides = self.strides
+        buffer.suboffsets = NULL
+        buffer.internal = NULL
+
+    def __releasebuffer__(self, Py_buffer *buffer):
+        pass
+
+    @property
+    def address(self):
+        return <uintptr_t>self.ptr
+
+
+def compare(int fd_a, int fd_b, int64_t length, int64_t chunk=8 << 20, int64_t start=0):
+    """First offset in [start, length) where two open files differ, or -1.
+
+    Reads both sides in large aligned chunks with the GIL released.  Raises
+    OSError on a read error; a side that ends early counts as a difference at
+    its end."""
+    cdef int64_t off = start, n, ra, rb, i, first = -1
+    cdef char *a
+    cdef char *b
+    cdef int err = 0
+    cdef int which = 0
+    if chunk <= 0 or chunk % 4096:
+        raise ValueError("chunk must be a positive multiple of 4096")
+    a = <char *>alloc_buffer(chunk)
+    b = <char *>alloc_buffer(chunk)
+    if a == NULL or b == NULL:
+        free_buffer(a, chunk)
+        free_buffer(b, chunk)
+        raise MemoryError()
+    try:
+        with nogil:
+            while off < length:
+                n = chunk if length - off > chunk else length - off
+                # Round the request up to the alignment; the kernel returns
+                # only what exists at the end of a file.
+                ra = pread_full(fd_a, a, (n + 4095) & ~4095, off)
+                if ra < 0:
+                    err = <int>ra
+                    which = 0
+                    break
+                rb = pread_full(fd_b, b, (n + 4095) & ~4095, off)
+                if rb < 0:
+                    err = <int>rb
+                    which = 1
+                    break
+                if ra > n:
+                    ra = n
+                if rb > n:
+                    rb = n
+                if ra == n and rb == n and memcmp(a, b, n) == 0:
+                    off += n
+                    continue
+                # Find the exact first differing byte.
+                i = 0
+                while i < ra and i < rb and a[i] == b[i]:
+                    i += 1
+                first = off + i
+                break
+        if err:
+            e = OSError(-err, os.strerror(-err))
+            e.side = which
+            e.offset = off
+            raise e
+        return first
+    finally:
+        free_buffer(a, chunk)
+        free_buffer(b, chunk)

@@ -1,0 +1,707 @@
+"""MirrorJob: the mirror job's state machine, phases, events and policies.
+
+The job owns one control thread (the coordinator) and a few copy workers.
+Workers live in the compiled engine with the GIL released; the coordinator
+sleeps in CopyEngine.wait_event() and wakes for failures, for the first clean
+instant (phase 1 -> READY), for verbs (kick) and a few times a second to
+refresh rates and check the source's size.
+
+Lifecycle (one table, one function performs every transition):
+
+    CREATED --start--> RUNNING <--pause/resume--> PAUSED
+    RUNNING --clean+flush--> READY <--pause/resume--> STANDBY
+    READY --complete/cancel--> DRAINING --clean+flush--> CONCLUDED (COMPLETED)
+    any --cancel (phase 1) / force / error (report)--> CONCLUDED
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import logging
+import os
+import stat
+import threading
+import time
+import warnings
+from typing import Callable, Optional
+
+from fastmirror import _io, trace
+from fastmirror._engine import (CopyEngine, EV_CLEAN, EV_ERROR, EV_STOPPED,
+                                OP_READ)
+from fastmirror._hbitmap import HBitmap
+from fastmirror.events import (EventType, JobEvent, JobState, JobStateError,
+                               JobStatus, io_error)
+from fastmirror.paths import Endpoint, validate_pair
+from fastmirror.source import TrackedSource
+
+__all__ = ["MirrorJob"]
+
+_log = logging.getLogger("fastmirror")
+
+S = JobState
+# state -> states it may move to
+TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    S.CREATED: frozenset({S.RUNNING, S.CONCLUDED}),
+    S.RUNNING: frozenset({S.PAUSED, S.READY, S.CONCLUDED}),
+    S.PAUSED: frozenset({S.RUNNING, S.CONCLUDED}),
+    S.READY: frozenset({S.STANDBY, S.DRAINING, S.CONCLUDED}),
+    S.STANDBY: frozenset({S.READY, S.DRAINING, S.CONCLUDED}),
+    S.DRAINING: frozenset({S.STANDBY, S.CONCLUDED}),
+    S.CONCLUDED: frozenset(),
+}
+# verb -> states where it is allowed
+VERBS: dict[str, frozenset[JobState]] = {
+    "start": frozenset({S.CREATED}),
+    "pause": frozenset({S.RUNNING, S.READY}),
+    "resume": frozenset({S.PAUSED, S.STANDBY}),
+    "complete": frozenset({S.READY}),
+    "cancel": frozenset({S.CREATED, S.RUNNING, S.PAUSED, S.READY, S.STANDBY, S.DRAINING}),
+    "set_speed": frozenset(set(S) - {S.CONCLUDED}),
+}
+
+POLICIES = ("report", "ignore", "stop", "enospc")
+SYNC_MODES = ("full", "none")
+MAX_IO = 1 << 20            # one copy request, as QEMU's mirror
+MAX_WORKERS = 16            # copies in flight, as QEMU's 16 operations
+MAX_BUF_SIZE = 1 << 30
+MAX_SPEED = 1 << 50         # 1 PB/s: anything above is a typo
+TICK = 0.1                  # seconds between coordinator wake-ups
+RETRY_BACKOFF = (0.01, 1.0)  # "ignore": first and longest wait before retrying
+
+
+def _positive_int(name: str, value, minimum: int = 0, maximum: Optional[int] = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError("%s must be an integer, not %r" % (name, value))
+    if value < minimum:
+        raise ValueError("%s must be >= %d, got %d" % (name, minimum, value))
+    if maximum is not None and value > maximum:
+        raise ValueError("%s %d is absurd (more than %d)" % (name, value, maximum))
+    return value
+
+
+class _Rate:
+    """A rate measured over a sliding window of samples."""
+
+    def __init__(self, window: float = 3.0):
+        self.window = window
+        self.samples: list[tuple[float, int]] = []
+
+    def add(self, t: float, total: int) -> None:
+        self.samples.append((t, total))
+        while len(self.samples) > 2 and t - self.samples[0][0] > self.window:
+            self.samples.pop(0)
+
+    def rate(self) -> float:
+        if len(self.samples) < 2:
+            return 0.0
+        (t0, b0), (t1, b1) = self.samples[0], self.samples[-1]
+        return (b1 - b0) / (t1 - t0) if t1 > t0 else 0.0
+
+
+class MirrorJob:
+    """Mirror `source` to `target` while the source stays in use.
+
+    Construction validates everything and opens both sides without writing
+    a byte; a missing target file is created sparse, of the source's size.
+    """
+
+    def __init__(self, source, target, *, granularity: int = 65536,
+                 buf_size: int = 16 << 20, speed: int = 0, sync: str = "full",
+                 direct: bool = True, target_is_zero: bool = False,
+                 on_source_error: str = "report", on_target_error: str = "report",
+                 opaque=None, detect_zeroes: bool = True, unmap: bool = True):
+        granularity = _positive_int("granularity", granularity, 512)
+        if granularity & (granularity - 1):
+            raise ValueError("granularity %d is not a power of two" % granularity)
+        buf_size = _positive_int("buf_size", buf_size, 1, MAX_BUF_SIZE)
+        speed = _positive_int("speed", speed, 0, MAX_SPEED)
+        if sync not in SYNC_MODES:
+            raise ValueError("sync must be one of %s, not %r" % (SYNC_MODES, sync))
+        for name, pol in (("on_source_error", on_source_error),
+                          ("on_target_error", on_target_error)):
+            if pol not in POLICIES:
+                raise ValueError("%s must be one of %s, not %r" % (name, POLICIES, pol))
+
+        self._src, self._dst = validate_pair(os.fspath(source), os.fspath(target), direct)
+        try:
+            align = max(self._src.info.alignment, self._dst.info.alignment)
+            if granularity < align:
+                raise ValueError("granularity %d is below the I/O alignment %d of %s"
+                                 % (granularity, align, self._dst.path
+                                    if self._dst.info.alignment == align else self._src.path))
+        except BaseException:
+            self._close_endpoints(remove_created=True)
+            raise
+
+        self.size = self._src.info.size
+        self.granularity = granularity
+        self.buf_size = max(buf_size, granularity)   # below one chunk: one chunk
+        self.sync = sync
+        self.direct = direct
+        self.target_is_zero = target_is_zero or self._dst.created
+        self.on_source_error = on_source_error
+        self.on_target_error = on_target_error
+        self.opaque = opaque
+        self._align = align
+
+        max_io = max(granularity, min(MAX_IO, self.buf_size) // granularity * granularity)
+        nworkers = max(1, min(MAX_WORKERS, self.buf_size // max_io))
+        self._bitmap = HBitmap(self.size, granularity)
+        self._engine = CopyEngine(
+            self._bitmap, self._src.fd, self._dst.fd, self._dst.tail_fd,
+            self.size, align, max_io, nworkers, dst_is_block=self._dst.info.is_block,
+            detect_zeroes=detect_zeroes, unmap=unmap)
+        self._engine.set_speed(speed)
+        self.source = TrackedSource(self._src.path, self.size, self._src.info.is_block,
+                                    self._mark_write)
+
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
+        self._state = S.CREATED
+        self._ready = False
+        self._user_paused = False
+        self._error_paused = False
+        self._cancel_requested = False
+        self._force = False
+        self._complete_requested = False
+        self._final: Optional[JobEvent] = None
+        self._error: Optional[OSError] = None
+        self._io_status = "ok"
+        self._listeners: list[Callable[[JobEvent], object]] = []
+        self._threads: list[threading.Thread] = []
+        self._coordinator: Optional[threading.Thread] = None
+        self._marked_bytes = 0
+        self._copy_rate = _Rate()
+        self._dirty_rate = _Rate()
+        self._started_at: Optional[float] = None
+        self._ready_at: Optional[float] = None
+        self._initial_chunks = 0
+        self._retries = 0
+        self._flush_failed = False
+
+    # ------------------------------------------------------------------
+    # State machine
+    # ------------------------------------------------------------------
+
+    def _verb(self, verb: str) -> None:
+        """Under the lock: raise unless `verb` is allowed now."""
+        if self._state not in VERBS[verb]:
+            raise JobStateError("cannot %s a job that is %s" % (verb, self._state.value))
+
+    def _transition(self, new: JobState) -> None:
+        """Under the lock: the one place where the state changes."""
+        if new not in TRANSITIONS[self._state]:
+            raise JobStateError("illegal transition %s -> %s"
+                                % (self._state.value, new.value))
+        self._state = new
+        self._cond.notify_all()
+
+    @property
+    def state(self) -> JobState:
+        return self._state
+
+    # ------------------------------------------------------------------
+    # Verbs
+    # ------------------------------------------------------------------
+
+    def start(self) -> "MirrorJob":
+        with self._lock:
+            self._verb("start")
+            self._transition(S.RUNNING)
+            self._started_at = time.monotonic()
+        trace._watch(self._refresh_trace)
+        self._refresh_trace()
+        for slot in range(self._engine.nworkers):
+            t = threading.Thread(target=self._engine.run_worker, args=(slot,),
+                                 name="fastmirror-copy-%d" % slot, daemon=True)
+            t.start()
+            self._threads.append(t)
+        self._coordinator = threading.Thread(target=self._run, name="fastmirror-job",
+                                             daemon=True)
+        self._coordinator.start()
+        return self
+
+    def pause(self) -> None:
+        with self._lock:
+            self._verb("pause")
+            self._user_paused = True
+            self._transition(S.STANDBY if self._ready else S.PAUSED)
+            self._engine.set_paused(True)
+
+    def resume(self) -> None:
+        with self._lock:
+            self._verb("resume")
+            self._user_paused = False
+            self._error_paused = False
+            self._io_status = "ok" if self._final is None else self._io_status
+            if self._ready and (self._complete_requested or self._cancel_requested):
+                self._transition(S.DRAINING)     # a drain that an error paused
+            else:
+                self._transition(S.READY if self._ready else S.RUNNING)
+            self._engine.set_paused(False)
+            self._engine.release()
+            self._engine.kick()
+
+    def set_speed(self, speed: int) -> None:
+        speed = _positive_int("speed", speed, 0, MAX_SPEED)
+        with self._lock:
+            self._verb("set_speed")
+            self._engine.set_speed(speed)
+
+    def cancel(self, force: bool = False) -> None:
+        """Phase 1: stop soon, CANCELLED.  Phase 2: drain, flush, COMPLETED
+        (no pivot).  force=True: stop at once, CANCELLED, in either phase."""
+        with self._lock:
+            if self._state == S.CONCLUDED:
+                return
+            self._verb("cancel")
+            if self._state == S.CREATED:
+                self._conclude(EventType.CANCELLED)
+                return
+            self._cancel_requested = True
+            self._force = self._force or force
+            if self._state == S.STANDBY and not force:
+                # A drain needs the workers: resume them.
+                self._user_paused = self._error_paused = False
+                self._engine.set_paused(False)
+                self._engine.release()
+            self._engine.kick()
+
+    def complete(self) -> None:
+        """Phase 2 only: drain, flush, COMPLETED, then writes through
+        job.source go to the target."""
+        with self._lock:
+            self._verb("complete")
+            self._complete_requested = True
+            self._engine.kick()
+
+    def wait_ready(self, timeout: Optional[float] = None) -> bool:
+        """True once READY was emitted; False on timeout or if the job ended
+        without becoming ready."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._ready or self._final is not None, timeout)
+            return self._ready
+
+    def wait(self, timeout: Optional[float] = None) -> Optional[JobEvent]:
+        """The final event, or None on timeout.  Joins every thread of the job."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._final is not None, timeout):
+                return None
+            final = self._final
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for t in [self._coordinator] + self._threads:
+            if t is not None and t is not threading.current_thread():
+                t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return final
+
+    def mark_dirty(self, offset: int, length: int) -> None:
+        """Tell the job that someone else wrote [offset, offset+length) of the
+        source.  Call it after the write has reached the source."""
+        self._mark_write(offset, length)
+
+    def add_listener(self, callback: Callable[[JobEvent], object]) -> None:
+        """callback(JobEvent) for every event, from the job's thread."""
+        if not callable(callback):
+            raise TypeError("listener must be callable")
+        with self._lock:
+            self._listeners.append(callback)
+
+    def remove_listener(self, callback: Callable[[JobEvent], object]) -> None:
+        with self._lock:
+            self._listeners.remove(callback)
+
+    # ------------------------------------------------------------------
+    # Status
+    # ------------------------------------------------------------------
+
+    def status(self) -> JobStatus:
+        busy, inflight, _, _ = self._engine.snapshot()
+        with self._lock:
+            dirty = min(self.size, self._bitmap.dirty_bytes + inflight)
+            if self._final is not None and self._final.type == EventType.COMPLETED:
+                dirty = 0
+            now = time.monotonic()
+            copy_rate = self._copy_rate.rate()
+            dirty_rate = self._dirty_rate.rate()
+            eta = None
+            if not self._ready and self._final is None:
+                net = copy_rate - dirty_rate
+                eta = dirty / net if net > 0 else (0.0 if dirty == 0 else None)
+            copied = self._engine.chunks_copied
+            return JobStatus(
+                state=self._state.value,
+                offset=self.size - dirty,
+                len=self.size,
+                ready=self._ready,
+                paused=self._state in (S.PAUSED, S.STANDBY),
+                busy=busy > 0,
+                speed=self._engine.speed,
+                dirty_bytes=dirty,
+                io_status=self._io_status,
+                error=self._error,
+                bytes_copied=self._engine.bytes_copied,
+                copy_rate=copy_rate,
+                dirty_rate=dirty_rate,
+                eta=eta,
+                direct=self._src.direct and self._dst.direct,
+                io_mode=self.io_mode,
+                elapsed=(now - self._started_at) if self._started_at else 0.0,
+                time_to_ready=(self._ready_at - self._started_at)
+                if self._ready_at is not None and self._started_at is not None else None,
+                chunks_copied=copied,
+                chunks_recopied=max(0, copied - self._initial_chunks),
+            )
+
+    @property
+    def io_mode(self) -> str:
+        if self._src.direct and self._dst.direct:
+            return "direct"
+        sides = [e.path for e in (self._src, self._dst) if not e.direct]
+        why = "refused O_DIRECT" if self.direct else "direct I/O off"
+        return "buffered (%s: %s)" % (why, ", ".join(sides))
+
+    @property
+    def paths(self) -> tuple[str, str]:
+        return self._src.path, self._dst.path
+
+    # ------------------------------------------------------------------
+    # Context manager and cleanup
+    # ------------------------------------------------------------------
+
+    def __enter__(self) -> "MirrorJob":
+        if self._state == S.CREATED:
+            self.start()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._final is None:
+            try:
+                self.cancel(force=exc_type is not None)
+            except JobStateError:
+                pass
+        self.wait()
+        self.close()
+
+    def close(self) -> None:
+        """Release the job's descriptors.  A running job is cancelled first
+        (forcefully) and its threads joined."""
+        if self._state != S.CONCLUDED:
+            if self._state == S.CREATED:
+                self.cancel()
+            else:
+                self.cancel(force=True)
+                self.wait()
+        self._close_endpoints()
+
+    def _close_endpoints(self, remove_created: bool = False) -> None:
+        for e in (getattr(self, "_src", None), getattr(self, "_dst", None)):
+            if e is not None:
+                e.close()
+        if remove_created and getattr(self, "_dst", None) is not None and self._dst.created:
+            try:
+                os.unlink(self._dst.path)
+            except OSError:
+                pass
+
+    def __del__(self):
+        try:
+            if self._state not in (S.CREATED, S.CONCLUDED):
+                warnings.warn("MirrorJob collected while %s" % self._state.value,
+                              ResourceWarning, stacklevel=2)
+        except AttributeError:
+            pass
+
+    def __repr__(self) -> str:
+        return "<MirrorJob %s -> %s %s>" % (self._src.path, self._dst.path, self._state.value)
+
+    # ------------------------------------------------------------------
+    # Internals
+    # ------------------------------------------------------------------
+
+    def _mark_write(self, offset: int, length: int) -> None:
+        if self._final is not None:
+            return
+        self._engine.mark_dirty(offset, length)
+        self._marked_bytes += length
+
+    def _refresh_trace(self) -> None:
+        one = trace.listeners("mirror_one_iteration")
+        done = trace.listeners("mirror_iteration_done")
+
+        def on_iteration(sector_num, nb_sectors):
+            for fn in trace.listeners("mirror_one_iteration"):
+                try:
+                    fn(self, sector_num, nb_sectors)
+                except Exception:
+                    _log.exception("tracepoint mirror_one_iteration listener raised")
+
+        def on_done(offset, nbytes, ret):
+            for fn in trace.listeners("mirror_iteration_done"):
+                try:
+                    fn(self, offset, nbytes, ret)
+                except Exception:
+                    _log.exception("tracepoint mirror_iteration_done listener raised")
+
+        self._engine.set_trace(on_iteration if one else None, on_done if done else None)
+
+    def _emit(self, event: JobEvent) -> None:
+        """Call listeners with no lock held; a listener that raises is
+        logged and the job goes on."""
+        with self._lock:
+            listeners = list(self._listeners)
+        for cb in listeners:
+            try:
+                cb(event)
+            except Exception:
+                _log.exception("job listener %r raised on %s", cb, event.type.value)
+
+    def _event(self, type_: EventType, **kw) -> JobEvent:
+        dirty = self._bitmap.dirty_bytes
+        offset = self.size if type_ in (EventType.READY, EventType.COMPLETED) else self.size - dirty
+        return JobEvent(type_, offset, self.size, **kw)
+
+    def _conclude(self, type_: EventType, error: Optional[OSError] = None) -> None:
+        """Under the lock: record the final event (emitted by the caller)."""
+        if self._final is not None:
+            return
+        self._final = self._event(type_, error=error)
+        if error is not None:
+            self._error = error
+        self._transition(S.CONCLUDED)
+        if self._coordinator is None:      # never started: emit here
+            self._finish_handle()
+            self._emit(self._final)
+
+    def _finish_handle(self) -> None:
+        if not self.source.pivoted:
+            self.source.stop_tracking()
+        self.source.open_gate()
+
+    # -- the coordinator thread ------------------------------------------
+
+    def _run(self) -> None:
+        final_type, error = EventType.FAILED, None
+        try:
+            trace.emit("mirror_start", self.source, self, threading.current_thread(), self.opaque)
+            self._initial_marking()
+            final_type, error = self._loop()
+        except BaseException as e:   # a bug must still end the job
+            _log.exception("mirror job crashed")
+            final_type = EventType.FAILED
+            error = e if isinstance(e, OSError) else io_error(_errno.EIO, None)
+            if not isinstance(e, OSError):
+                error.__cause__ = e
+        finally:
+            self._engine.stop()
+            for t in self._threads:
+                t.join()
+            trace._unwatch(self._refresh_trace)
+            with self._lock:
+                if self._final is None:
+                    self._final = self._event(final_type, error=error)
+                    if error is not None:
+                        self._error = error
+                    self._state = S.CONCLUDED
+                final = self._final
+            self._finish_handle()
+            self._emit(final)
+            with self._cond:
+                self._cond.notify_all()
+
+    def _initial_marking(self) -> None:
+        """sync="full": every chunk with data is dirty; chunks that are holes
+        in the source are not read, and the target is made to read zeros there
+        unless it is known to be zero already (invariant 5)."""
+        if self.sync != "full" or self.size == 0:
+            return
+        for off, length in _io.data_extents(self._src.fd, 0, self.size):
+            self._bitmap.set(off, length)
+        self._initial_chunks = self._bitmap.dirty_count
+        if self.target_is_zero:
+            return
+        pos = 0
+        while pos < self.size:
+            clean = self._bitmap.next_clean(pos)
+            if clean < 0:
+                break
+            dirty = self._bitmap.next_dirty(clean)
+            end = self.size if dirty < 0 else dirty
+            if self._engine.zero_target(clean, end - clean) < 0:
+                # No zeroing call (or it failed): copy the zeros instead; the
+                # copy reports real errors under the target's policy.
+                self._engine.mark_dirty(clean, end - clean)
+                self._initial_chunks += (end - clean + self.granularity - 1) // self.granularity
+            pos = end
+
+    def _loop(self) -> tuple[EventType, Optional[OSError]]:
+        eng = self._engine
+        last_size_check = 0.0
+        draining = False
+        while True:
+            with self._lock:
+                if self._force or (self._cancel_requested and not self._ready):
+                    return EventType.CANCELLED, None
+                if self._ready and not draining and (self._complete_requested
+                                                     or self._cancel_requested):
+                    draining = True
+                    self._transition(S.DRAINING)
+                paused = self._user_paused or self._error_paused
+            if draining and not paused:
+                result = self._drain()
+                if result is not None:
+                    return result
+                continue   # the drain was paused by an error policy
+
+            ev = eng.wait_event(TICK, want_clean=not self._ready and not paused)
+            now = time.monotonic()
+            self._copy_rate.add(now, eng.bytes_copied)
+            self._dirty_rate.add(now, self._marked_bytes)
+
+            if ev == EV_ERROR:
+                result = self._handle_failures()
+                if result is not None:
+                    return result
+            elif ev == EV_STOPPED:
+                return EventType.CANCELLED, None
+            if now - last_size_check > 0.5:
+                last_size_check = now
+                err = self._check_source_size()
+                if err is not None:
+                    return EventType.FAILED, err
+            if ev == EV_CLEAN and not self._ready:
+                with self._lock:
+                    if self._user_paused or self._error_paused or self._cancel_requested:
+                        continue
+                trace.emit("mirror_before_flush", self)
+                if self._flush_target() == "report":
+                    return EventType.FAILED, self._error
+                if self._flush_failed:
+                    continue
+                with self._lock:
+                    if self._state != S.RUNNING:
+                        continue
+                    self._ready = True
+                    self._ready_at = time.monotonic()
+                    self._transition(S.READY)
+                self._emit(self._event(EventType.READY))
+            elif trace.is_active("mirror_before_sleep"):
+                trace.emit("mirror_before_sleep", self, self._bitmap.dirty_count,
+                           int(self._ready))
+
+    def _drain(self) -> Optional[tuple[EventType, Optional[OSError]]]:
+        """complete() or cancel() in phase 2: quiesce writers, copy what is
+        left, flush.  None when an error policy paused the drain."""
+        eng = self._engine
+        self.source.close_gate()
+        try:
+            trace.emit("mirror_before_drain", self, self._bitmap.dirty_count)
+            while True:
+                with self._lock:
+                    if self._force:
+                        return EventType.CANCELLED, None
+                ev = eng.wait_event(TICK, want_clean=True)
+                if ev == EV_ERROR:
+                    result = self._handle_failures()
+                    if result is not None:
+                        return result
+                    with self._lock:
+                        if self._error_paused:
+                            return None
+                    continue
+                if ev == EV_STOPPED:
+                    return EventType.CANCELLED, None
+                if ev != EV_CLEAN:
+                    continue
+                err = self._check_source_size()
+                if err is not None:
+                    return EventType.FAILED, err
+                trace.emit("mirror_before_flush", self)
+                if self._flush_target() == "report":
+                    return EventType.FAILED, self._error
+                if self._flush_failed:
+                    with self._lock:
+                        if self._error_paused:
+                            return None
+                    continue
+                with self._lock:
+                    if self._complete_requested:
+                        self.source.pivot(self._dst.path, self._dst.open_buffered(),
+                                          self._dst.info.is_block)
+                    self._final = self._event(EventType.COMPLETED)
+                    self._transition(S.CONCLUDED)
+                return EventType.COMPLETED, None
+        finally:
+            self.source.open_gate()
+
+    def _flush_target(self) -> Optional[str]:
+        """Flush the target; on failure apply the target's policy and return
+        the action taken (self._flush_failed tells whether it failed)."""
+        r = self._engine.flush()
+        self._flush_failed = r != 0
+        if r == 0:
+            return None
+        return self._apply_policy([("flush", -r, 0, self.size)])
+
+    def _policy_for(self, source_side: bool, err: int) -> str:
+        pol = self.on_source_error if source_side else self.on_target_error
+        if pol == "enospc":
+            return "stop" if err == _errno.ENOSPC else "report"
+        return pol
+
+    def _handle_failures(self) -> Optional[tuple[EventType, Optional[OSError]]]:
+        failures, dropped = self._engine.take_failures()
+        if dropped:
+            _log.warning("%d further I/O errors were not reported one by one", dropped)
+        ops = [("read" if op == OP_READ else "write", err, off, ln)
+               for op, err, off, ln in failures]
+        action = self._apply_policy(ops)
+        if action == "report":
+            return EventType.FAILED, self._error
+        return None
+
+    def _apply_policy(self, failures) -> str:
+        """Emit an ERROR event per failure and act on the strictest policy:
+        report ends the job, stop pauses it, ignore retries after a backoff.
+        The failed ranges were already marked dirty again by the engine."""
+        worst = "ignore"
+        rank = {"ignore": 0, "stop": 1, "report": 2}
+        for operation, err, off, length in failures:
+            source_side = operation == "read"
+            action = self._policy_for(source_side, err)
+            path = self._src.path if source_side else self._dst.path
+            error = io_error(err, path, off, operation)
+            with self._lock:
+                self._error = error
+                self._io_status = "nospace" if err == _errno.ENOSPC else "failed"
+            self._emit(self._event(EventType.ERROR, error=error, operation=operation,
+                                   action=action))
+            if rank[action] > rank[worst]:
+                worst = action
+        if worst == "stop":
+            with self._lock:
+                self._error_paused = True
+                if self._state in (S.RUNNING, S.READY):
+                    self._transition(S.STANDBY if self._ready else S.PAUSED)
+                elif self._state == S.DRAINING:
+                    self._transition(S.STANDBY)
+                self._engine.set_paused(True)
+                self._engine.release()
+        elif worst == "ignore":
+            delay = min(RETRY_BACKOFF[1], RETRY_BACKOFF[0] * (2 ** min(self._retries, 10)))
+            self._retries += 1
+            self._engine.wait_event(delay, want_clean=False)   # sleeps unless kicked
+            self._engine.release()
+        return worst
+
+    def _check_source_size(self) -> Optional[OSError]:
+        try:
+            size = self._src.current_size()
+        except OSError as e:
+            return io_error(e.errno or _errno.EIO, self._src.path, None, "stat")
+        if size != self.size:
+            e = io_error(_errno.EIO, self._src.path, size, "stat")
+            e.strerror = "source size changed from %d to %d bytes during the job" % (
+                self.size, size)
+            e.args = (_errno.EIO, e.strerror)
+            return e
+        return None

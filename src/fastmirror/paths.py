@@ -1,0 +1,177 @@
+"""Opening and checking a job's two sides before anything is written.
+
+Every check here runs before the first byte reaches the target (invariant 7):
+the source exists and is a regular file or a block device, the target is
+not the source (by inode, by device number, or as a loop device backed by
+the other side), the target is writable and at least as large as the source,
+and a missing target's folder exists.  The checks run on the descriptors
+that the job will use, so a path swapped between check and use cannot slip
+through.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from typing import Optional
+
+from fastmirror import _io
+
+
+class Endpoint:
+    """One side of a job: an open descriptor and what we know of it."""
+
+    def __init__(self, path: str, fd: int, direct: bool, info: "_io.DeviceInfo",
+                 created: bool = False, tail_fd: Optional[int] = None):
+        self.path = path
+        self.fd = fd
+        self.direct = direct            # O_DIRECT in effect on fd
+        self.info = info
+        self.created = created          # we created this file (it reads zeros)
+        self.tail_fd = fd if tail_fd is None else tail_fd
+
+    def current_size(self) -> int:
+        if self.info.is_block:
+            return _io.probe(self.fd).size
+        return os.fstat(self.fd).st_size
+
+    def open_buffered(self) -> int:
+        """A new buffered read-write descriptor of the same file."""
+        return os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+
+    def close(self) -> None:
+        for fd in {self.fd, self.tail_fd}:
+            if fd is not None and fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self.fd = self.tail_fd = -1
+
+
+def _kind(st: os.stat_result) -> str:
+    if stat.S_ISREG(st.st_mode):
+        return "file"
+    if stat.S_ISBLK(st.st_mode):
+        return "block"
+    if stat.S_ISDIR(st.st_mode):
+        return "directory"
+    if stat.S_ISCHR(st.st_mode):
+        return "character device"
+    if stat.S_ISFIFO(st.st_mode):
+        return "fifo"
+    if stat.S_ISSOCK(st.st_mode):
+        return "socket"
+    return "special file"
+
+
+def _refuse_kind(path: str, st: os.stat_result, role: str) -> None:
+    kind = _kind(st)
+    if kind == "directory":
+        raise IsADirectoryError(errno.EISDIR, "%s is a directory" % role, path)
+    if kind not in ("file", "block"):
+        raise ValueError("%s %s is a %s; fastmirror needs a regular file or a "
+                         "block device" % (role, path, kind))
+
+
+def loop_backing_file(st: os.stat_result) -> Optional[str]:
+    """The file behind a loop device, from sysfs; None for other devices."""
+    if not stat.S_ISBLK(st.st_mode):
+        return None
+    major, minor = os.major(st.st_rdev), os.minor(st.st_rdev)
+    try:
+        with open("/sys/dev/block/%d:%d/loop/backing_file" % (major, minor)) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def _same_object(a: os.stat_result, b: os.stat_result) -> bool:
+    if stat.S_ISBLK(a.st_mode) and stat.S_ISBLK(b.st_mode):
+        return a.st_rdev == b.st_rdev
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _backed_by(dev: os.stat_result, other: os.stat_result) -> bool:
+    """Is block device `dev` a loop device whose backing file is `other`?"""
+    backing = loop_backing_file(dev)
+    if backing is None:
+        return False
+    try:
+        return _same_object(os.stat(backing), other)
+    except OSError:
+        return False
+
+
+def check_not_same(src_path: str, src: os.stat_result, dst_path: str,
+                   dst: os.stat_result) -> None:
+    if _same_object(src, dst) or _backed_by(src, dst) or _backed_by(dst, src):
+        raise ValueError("source %s and target %s are the same disk; refusing to "
+                         "mirror a disk onto itself" % (src_path, dst_path))
+
+
+def open_source(path: str, direct: bool) -> Endpoint:
+    st = os.stat(path)        # FileNotFoundError names the path
+    _refuse_kind(path, st, "source")
+    fd, is_direct = _io.open_file(path, os.O_RDONLY, direct)
+    try:
+        fst = os.fstat(fd)
+        _refuse_kind(path, fst, "source")
+        return Endpoint(path, fd, is_direct, _io.probe(fd))
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def validate_pair(src_path: str, dst_path: str, direct: bool) -> tuple[Endpoint, Endpoint]:
+    """Open and check both sides; on any refusal nothing was written and no
+    descriptor stays open (a target this call created is removed)."""
+    src = open_source(src_path, direct)
+    created = False
+    dst_fd = tail_fd = -1
+    try:
+        src_st = os.fstat(src.fd)
+        try:
+            dst_st = os.stat(dst_path)
+        except FileNotFoundError:
+            dst_st = None
+        if dst_st is not None:
+            _refuse_kind(dst_path, dst_st, "target")
+            check_not_same(src_path, src_st, dst_path, dst_st)
+            dst_fd, dst_direct = _io.open_file(dst_path, os.O_RDWR, direct)
+        else:
+            parent = os.path.dirname(os.path.abspath(dst_path))
+            if not os.path.isdir(parent):
+                raise FileNotFoundError(errno.ENOENT, "target folder does not exist",
+                                        parent)
+            dst_fd, dst_direct = _io.open_file(
+                dst_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, direct)
+            created = True
+            # A fresh sparse file of the source's size: it reads as zeros.
+            os.ftruncate(dst_fd, src.info.size)
+        fst = os.fstat(dst_fd)
+        _refuse_kind(dst_path, fst, "target")
+        check_not_same(src_path, src_st, dst_path, fst)
+        info = _io.probe(dst_fd)
+        if info.size < src.info.size:
+            raise ValueError("target %s (%d bytes) is smaller than source %s (%d bytes)"
+                             % (dst_path, info.size, src_path, src.info.size))
+        # The unaligned tail of the source goes through a buffered descriptor,
+        # so that O_DIRECT never writes past the source's size.
+        if dst_direct and src.info.size % max(info.alignment, src.info.alignment):
+            tail_fd = os.open(dst_path, os.O_WRONLY | os.O_CLOEXEC)
+        dst = Endpoint(dst_path, dst_fd, dst_direct, info, created,
+                       tail_fd if tail_fd >= 0 else None)
+        return src, dst
+    except BaseException:
+        src.close()
+        for fd in (dst_fd, tail_fd):
+            if fd >= 0:
+                os.close(fd)
+        if created:
+            try:
+                os.unlink(dst_path)
+            except OSError:
+                pass
+        raise

@@ -1,0 +1,210 @@
+"""The source handle: how writers reach a disk while a job mirrors it.
+
+A write through `job.source` lands on the source first and only then marks its
+chunks dirty (invariant 2: marking before the write could let the copy read
+the old data and clean the chunk).  While the job performs its final drain,
+writes wait at a gate so that the source becomes quiescent; after complete()
+the handle pivots and writes go to the target instead.
+
+`BlockHandle` is the interface that later front ends (an NBD export, a VM)
+program against; `TrackedSource` is the implementation a MirrorJob hands out.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+import threading
+from typing import Callable, Optional
+
+from fastmirror import _io
+from fastmirror.events import io_error
+
+
+class BlockHandle(abc.ABC):
+    """A disk seen as a fixed-size array of bytes."""
+
+    size: int
+
+    @abc.abstractmethod
+    def pwrite(self, data, offset: int) -> int: ...
+
+    @abc.abstractmethod
+    def pread(self, length: int, offset: int) -> bytes: ...
+
+    @abc.abstractmethod
+    def write_zeroes(self, offset: int, length: int) -> None: ...
+
+    @abc.abstractmethod
+    def discard(self, offset: int, length: int) -> None: ...
+
+    @abc.abstractmethod
+    def flush(self) -> None: ...
+
+
+class _Side:
+    """One file a handle can write to: a buffered read-write descriptor."""
+
+    def __init__(self, path: str, fd: int, is_block: bool):
+        self.path = path
+        self.fd = fd
+        self.is_block = is_block
+
+
+class TrackedSource(BlockHandle):
+    """Writes go to the source and are marked dirty after they land; after a
+    pivot they go to the target untracked."""
+
+    def __init__(self, path: str, size: int, is_block: bool,
+                 mark: Callable[[int, int], None]):
+        self.size = size
+        self._path = path
+        self._is_block = is_block
+        self._mark: Optional[Callable[[int, int], None]] = mark
+        self._side: Optional[_Side] = None   # opened on first use
+        self._cond = threading.Condition()
+        self._writers = 0        # writes between the gate and their mark
+        self._gate_closed = False
+        self._closed = False
+
+    # -- the gate (used by the job) -----------------------------------------
+
+    def close_gate(self) -> None:
+        """Block new writes and wait for those in progress to be marked."""
+        with self._cond:
+            self._gate_closed = True
+            while self._writers:
+                self._cond.wait()
+
+    def open_gate(self) -> None:
+        with self._cond:
+            self._gate_closed = False
+            self._cond.notify_all()
+
+    def pivot(self, path: str, fd: int, is_block: bool) -> None:
+        """From now on, writes go to the target (fd is handed over) and are no
+        longer tracked."""
+        with self._cond:
+            old = self._side
+            self._side = _Side(path, fd, is_block)
+            self._mark = None
+        if old is not None:
+            os.close(old.fd)
+
+    def stop_tracking(self) -> None:
+        with self._cond:
+            self._mark = None
+
+    @property
+    def pivoted(self) -> bool:
+        return self._side is not None and self._side.path != self._path
+
+    @property
+    def path(self) -> str:
+        return self._side.path if self._side is not None else self._path
+
+    # -- I/O ------------------------------------------------------------------
+
+    def _check(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise ValueError("range [%d, %d) outside the disk [0, %d)"
+                             % (offset, offset + length, self.size))
+
+    def _enter(self) -> tuple[_Side, Optional[Callable[[int, int], None]]]:
+        with self._cond:
+            while self._gate_closed:
+                self._cond.wait()
+            if self._closed:
+                raise ValueError("I/O on a closed handle")
+            if self._side is None:
+                fd = os.open(self._path, os.O_RDWR | os.O_CLOEXEC)
+                self._side = _Side(self._path, fd, self._is_block)
+            self._writers += 1
+            return self._side, self._mark
+
+    def _leave(self) -> None:
+        with self._cond:
+            self._writers -= 1
+            if not self._writers:
+                self._cond.notify_all()
+
+    def _write(self, offset: int, length: int, op: Callable[[_Side], int]) -> int:
+        self._check(offset, length)
+        side, mark = self._enter()
+        try:
+            try:
+                n = op(side)
+            except OSError as e:
+                raise io_error(e.errno, side.path, offset, "write") from None
+            # Invariant 2: the write has reached the source; mark it now.
+            if mark is not None and n:
+                mark(offset, n)
+            return n
+        finally:
+            self._leave()
+
+    def pwrite(self, data, offset: int) -> int:
+        view = memoryview(data).cast("B")
+        length = len(view)
+
+        def op(side: _Side) -> int:
+            done = 0
+            while done < length:
+                done += os.pwrite(side.fd, view[done:], offset + done)
+            return done
+        return self._write(offset, length, op)
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        def op(side: _Side) -> int:
+            if not _io.zero(side.fd, offset, length, side.is_block, False):
+                zeros = bytes(min(length, 1 << 20))
+                done = 0
+                while done < length:
+                    done += os.pwrite(side.fd, zeros[:length - done], offset + done)
+            return length
+        self._write(offset, length, op)
+
+    def discard(self, offset: int, length: int) -> None:
+        """Drop a range.  Files get a hole (reads zeros); on a block device the
+        range is zeroed, since a discard there may leave any content."""
+        def op(side: _Side) -> int:
+            if not _io.zero(side.fd, offset, length, side.is_block, True):
+                raise OSError(95, os.strerror(95), side.path)
+            return length
+        self._write(offset, length, op)
+
+    def pread(self, length: int, offset: int) -> bytes:
+        self._check(offset, length)
+        side, _ = self._enter()   # reads pass the gate too: they never race a pivot
+        try:
+            chunks = []
+            done = 0
+            while done < length:
+                b = os.pread(side.fd, length - done, offset + done)
+                if not b:
+                    break
+                chunks.append(b)
+                done += len(b)
+            return b"".join(chunks)
+        except OSError as e:
+            raise io_error(e.errno, side.path, offset, "read") from None
+        finally:
+            self._leave()
+
+    def flush(self) -> None:
+        side, _ = self._enter()
+        try:
+            os.fdatasync(side.fd)
+        finally:
+            self._leave()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            side, self._side = self._side, None
+        if side is not None:
+            os.close(side.fd)
+
+    def __repr__(self) -> str:
+        return "<TrackedSource %s size=%d%s>" % (self.path, self.size,
+                                                 " pivoted" if self.pivoted else "")
