@@ -1,0 +1,5 @@
+import sys
+
+from fastmirror.cli import main
+
+sys.exit(main())
