@@ -153,7 +153,7 @@ def cmd_mirror(args) -> int:
                 # First signal: cancel (CANCELLED before READY, a drain and
                 # COMPLETED after).  Another: stop at once.
                 job.cancel(force=intr.count > 1)
-            elif not completing and job.status().ready:
+            elif not completing and not args.no_complete and job.status().ready:
                 completing = True
                 try:
                     job.complete()
@@ -256,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print tracepoints matching PATTERN (e.g. 'mirror_*') on stderr")
     m.add_argument("--json", action="store_true", help="events as JSON lines on stdout")
     m.add_argument("--verify", action="store_true", help="compare after COMPLETED")
+    m.add_argument("--no-complete", action="store_true",
+                   help="after READY keep the target in sync until SIGINT or SIGTERM, "
+                        "then drain and end COMPLETED (exit 130)")
     m.add_argument("--no-progress", action="store_true")
     m.add_argument("-q", "--quiet", action="store_true")
     m.set_defaults(func=cmd_mirror)
