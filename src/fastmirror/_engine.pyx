@@ -45,6 +45,8 @@ from fastmirror._sync cimport (pthread_mutex_t, pthread_cond_t, pthread_condattr
 cdef enum:
     MAX_WORKERS = 64
     MAX_FAILURES = 64
+    ZERO_BLOCK = 4096        # zero detection looks at blocks of this size (or the alignment)
+    MIN_ZERO_RUN = 4096      # shorter zero runs inside data are written as data
 
 # What wait_event() returns.
 cdef enum:
@@ -70,6 +72,15 @@ cdef struct Failure:
     int err           # positive errno
     int64_t offset    # bytes
     int64_t length    # bytes
+
+
+cdef extern from *:
+    """
+    static inline void fm_atomic_add(int64_t *p, int64_t v) {
+        __atomic_fetch_add(p, v, __ATOMIC_RELAXED);
+    }
+    """
+    void fm_atomic_add(int64_t *p, int64_t v) nogil
 
 
 cdef inline void deadline_after(timespec *ts, int64_t ns) noexcept nogil:
@@ -122,7 +133,8 @@ cdef class CopyEngine:
 
     # Counters, read by the job for status and summaries.
     cdef readonly int64_t bytes_copied
-    cdef readonly int64_t bytes_zeroed
+    cdef readonly int64_t bytes_zeroed         # holes of the source zeroed on the target
+    cdef readonly int64_t bytes_zero_detected  # zero data stored as zeroed ranges
     cdef readonly int64_t chunks_copied
     cdef readonly int64_t copies
     cdef readonly int64_t busy_ns    # wall time with at least one copy in progress
@@ -464,11 +476,42 @@ cdef class CopyEngine:
         self.held = True
         pthread_cond_broadcast(&self.event_cv)
 
+    cdef int _write_target(self, const char *buf, int64_t off, int64_t length) noexcept nogil:
+        """Write a range of the target: the aligned part with O_DIRECT, the
+        unaligned tail at the source's end through the buffered descriptor."""
+        cdef int64_t r
+        cdef int64_t alen = length & ~(self.align - 1)
+        if alen:
+            r = pwrite_full(self.dst_fd, buf, alen, off)
+            if r < 0:
+                return <int>r
+        if alen < length:
+            r = pwrite_full(self.dst_tail_fd, buf + alen, length - alen, off + alen)
+            if r < 0:
+                return <int>r
+        return 0
+
+    cdef int _put(self, const char *buf, int64_t off, int64_t length, bint zero) noexcept nogil:
+        """Store one run: zeros become a zeroed range where the target can
+        do it without writing (and where the run is aligned, or reaches the
+        end of the source), data is written."""
+        cdef int r
+        if zero and ((length & (self.align - 1)) == 0 or off + length == self.size):
+            r = zero_range(self.dst_fd, off, length, self.dst_is_block, self.unmap)
+            if r == 0:
+                fm_atomic_add(&self.bytes_zero_detected, length)
+                return 0
+            if r != -EOPNOTSUPP and r != -ENOTTY and r != -EINVAL:
+                return r
+        return self._write_target(buf, off, length)
+
     cdef int _copy(self, void *buf, int64_t off, int64_t length, int *op) noexcept nogil:
         """Copy [off, off+length) with no lock held; 0 or -errno, *op tells
         which side failed."""
-        cdef int64_t r, alen
-        cdef int z
+        cdef int64_t r, pos, end, n, blk = ZERO_BLOCK
+        cdef const char *p = <const char *>buf
+        cdef bint z
+        cdef int w
         op[0] = C_OP_READ
         # O_DIRECT lengths are multiples of the alignment; at the end of the
         # source the kernel returns only what exists.
@@ -478,23 +521,44 @@ cdef class CopyEngine:
         if r < length:
             return -ENXIO   # the source shrank under us
         op[0] = C_OP_WRITE
-        if self.detect_zeroes and buffer_is_zero(buf, <size_t>length) and \
-                (length & (self.align - 1)) == 0:
-            z = zero_range(self.dst_fd, off, length, self.dst_is_block, self.unmap)
-            if z == 0:
-                return 0
-            if z != -EOPNOTSUPP and z != -ENOTTY and z != -EINVAL:
-                return z
-        alen = length & ~(self.align - 1)
-        if alen:
-            r = pwrite_full(self.dst_fd, buf, alen, off)
-            if r < 0:
-                return <int>r
-        if alen < length:
-            r = pwrite_full(self.dst_tail_fd, <char *>buf + alen, length - alen, off + alen)
-            if r < 0:
-                return <int>r
+        if not self.detect_zeroes:
+            return self._write_target(p, off, length)
+        if blk < self.align:
+            blk = self.align
+        # Split the extent into runs of zero blocks and data runs, so that the
+        # zeros of a partly sparse chunk stay holes on the target.  Zero runs
+        # shorter than MIN_ZERO_RUN inside data are written with it: splitting
+        # a write for them would cost more than it saves.
+        pos = 0
+        while pos < length:
+            end = self._run_end(p, pos, length, blk, &z)
+            if not z or (end - pos < MIN_ZERO_RUN and not (pos == 0 and end == length)):
+                while end < length:
+                    n = self._run_end(p, end, length, blk, &z)
+                    if z and n - end >= MIN_ZERO_RUN:
+                        break
+                    end = n
+                z = False
+            w = self._put(p + pos, off + pos, end - pos, z)
+            if w < 0:
+                return w
+            pos = end
         return 0
+
+    cdef inline int64_t _run_end(self, const char *p, int64_t pos, int64_t length,
+                                 int64_t blk, bint *zero) noexcept nogil:
+        """End of the run of blocks starting at pos that are all zero, or all
+        hold data (*zero tells which)."""
+        cdef int64_t n = blk if length - pos > blk else length - pos
+        cdef bint z = buffer_is_zero(p + pos, <size_t>n)
+        cdef int64_t end = pos + n
+        while end < length:
+            n = blk if length - end > blk else length - end
+            if buffer_is_zero(p + end, <size_t>n) != z:
+                break
+            end += n
+        zero[0] = z
+        return end
 
     cdef void _trace_before(self, int64_t off, int64_t length) noexcept with gil:
         cb = self.on_iteration
