@@ -109,7 +109,8 @@ class MirrorJob:
                  buf_size: int = 16 << 20, speed: int = 0, sync: str = "full",
                  direct: bool = True, target_is_zero: bool = False,
                  on_source_error: str = "report", on_target_error: str = "report",
-                 opaque=None, detect_zeroes: bool = True, unmap: bool = True):
+                 opaque=None, detect_zeroes: bool = True, unmap: bool = True,
+                 verify: bool = False):
         granularity = _positive_int("granularity", granularity, 512)
         if granularity & (granularity - 1):
             raise ValueError("granularity %d is not a power of two" % granularity)
@@ -142,6 +143,7 @@ class MirrorJob:
         self.on_source_error = on_source_error
         self.on_target_error = on_target_error
         self.opaque = opaque
+        self.verify = verify
         self._align = align
 
         max_io = max(granularity, min(MAX_IO, self.buf_size) // granularity * granularity)
@@ -176,6 +178,9 @@ class MirrorJob:
         self._started_at: Optional[float] = None
         self._ready_at: Optional[float] = None
         self._initial_chunks = 0
+        # sync="full" until _initial_marking is done: nothing is known to be
+        # copied yet, so progress must not read as complete (offset == len).
+        self._marking = sync == "full"
         self._retries = 0
         self._flush_failed = False
 
@@ -211,11 +216,8 @@ class MirrorJob:
             self._started_at = time.monotonic()
         trace._watch(self._refresh_trace)
         self._refresh_trace()
-        for slot in range(self._engine.nworkers):
-            t = threading.Thread(target=self._engine.run_worker, args=(slot,),
-                                 name="fastmirror-copy-%d" % slot, daemon=True)
-            t.start()
-            self._threads.append(t)
+        # The copy workers are started by the coordinator once the initial
+        # marking is done (see _start_workers).
         self._coordinator = threading.Thread(target=self._run, name="fastmirror-job",
                                              daemon=True)
         self._coordinator.start()
@@ -318,6 +320,8 @@ class MirrorJob:
         busy, inflight, _, _ = self._engine.snapshot()
         with self._lock:
             dirty = min(self.size, self._bitmap.dirty_bytes + inflight)
+            if self._marking:
+                dirty = self.size
             if self._final is not None and self._final.type == EventType.COMPLETED:
                 dirty = 0
             now = time.monotonic()
@@ -456,7 +460,7 @@ class MirrorJob:
                 _log.exception("job listener %r raised on %s", cb, event.type.value)
 
     def _event(self, type_: EventType, **kw) -> JobEvent:
-        dirty = self._bitmap.dirty_bytes
+        dirty = self.size if self._marking else self._bitmap.dirty_bytes
         offset = self.size if type_ in (EventType.READY, EventType.COMPLETED) else self.size - dirty
         return JobEvent(type_, offset, self.size, **kw)
 
@@ -484,6 +488,8 @@ class MirrorJob:
         try:
             trace.emit("mirror_start", self.source, self, threading.current_thread(), self.opaque)
             self._initial_marking()
+            self._marking = False
+            self._start_workers()
             final_type, error = self._loop()
         except BaseException as e:   # a bug must still end the job
             _log.exception("mirror job crashed")
@@ -507,6 +513,17 @@ class MirrorJob:
             self._emit(final)
             with self._cond:
                 self._cond.notify_all()
+
+    def _start_workers(self) -> None:
+        """Start the copy workers, only after _initial_marking: the marking
+        sets bits without waking sleeping workers, and its hole zeroing must
+        not race a copy (a chunk being copied, or already copied after a
+        write through job.source, reads clean and would be zeroed)."""
+        for slot in range(self._engine.nworkers):
+            t = threading.Thread(target=self._engine.run_worker, args=(slot,),
+                                 name="fastmirror-copy-%d" % slot, daemon=True)
+            t.start()
+            self._threads.append(t)
 
     def _initial_marking(self) -> None:
         """sync="full": every chunk with data is dirty; chunks that are holes
@@ -623,6 +640,10 @@ class MirrorJob:
                         if self._error_paused:
                             return None
                     continue
+                if self.verify:
+                    err = self._verify_target()
+                    if err is not None:
+                        return EventType.FAILED, err
                 with self._lock:
                     if self._complete_requested:
                         self.source.pivot(self._dst.path, self._dst.open_buffered(),
@@ -632,6 +653,21 @@ class MirrorJob:
                 return EventType.COMPLETED, None
         finally:
             self.source.open_gate()
+
+    def _verify_target(self) -> Optional[OSError]:
+        """verify=True: with writers still held at the gate, compare the
+        source and the flushed target byte for byte (GIL released)."""
+        from fastmirror.verify import first_difference
+        try:
+            diff = first_difference(self._src.path, self._dst.path, self.size)
+        except OSError as e:
+            return e
+        if diff < 0:
+            return None
+        e = io_error(_errno.EIO, self._dst.path, diff, "verify")
+        e.strerror = "target differs from source at offset %d" % diff
+        e.args = (_errno.EIO, e.strerror)
+        return e
 
     def _flush_target(self) -> Optional[str]:
         """Flush the target; on failure apply the target's policy and return

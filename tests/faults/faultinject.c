@@ -1,0 +1,121 @@
+/* An LD_PRELOAD shim that makes chosen system calls fail, for the fault
+ * tests.  It sits at the C library boundary: the engine's pread/pwrite/
+ * fdatasync calls reach it exactly as they would reach the kernel.
+ *
+ * FM_FAULTS holds rules separated by ';', each
+ *     op:path_substring:start:end:errno:count
+ * op is read, write or flush; a call fails when its descriptor's path
+ * contains path_substring and its range overlaps [start, end) (flush: any
+ * range); count is how many calls fail before the rule is spent (-1: all).
+ * FM_FAULTS_LOG, if set, is a file where every injected failure is logged.
+ */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/types.h>
+#include <unistd.h>
+
+enum { OP_READ, OP_WRITE, OP_FLUSH };
+struct rule { int op; char path[256]; int64_t start, end; int err; int64_t count; };
+static struct rule rules[16];
+static int nrules = -1;
+static pthread_once_t once = PTHREAD_ONCE_INIT;
+static FILE *logf;
+
+static void parse(void)
+{
+    const char *spec = getenv("FM_FAULTS");
+    const char *log = getenv("FM_FAULTS_LOG");
+    nrules = 0;
+    if (log) logf = fopen(log, "a");
+    if (!spec) return;
+    char *copy = strdup(spec), *save = NULL;
+    for (char *tok = strtok_r(copy, ";", &save); tok && nrules < 16;
+         tok = strtok_r(NULL, ";", &save)) {
+        struct rule *r = &rules[nrules];
+        char op[16];
+        long long s, e, c;
+        int err;
+        if (sscanf(tok, "%15[^:]:%255[^:]:%lld:%lld:%d:%lld", op, r->path, &s, &e, &err, &c) != 6)
+            continue;
+        r->op = !strcmp(op, "read") ? OP_READ : !strcmp(op, "write") ? OP_WRITE : OP_FLUSH;
+        r->start = s; r->end = e; r->err = err; r->count = c;
+        nrules++;
+    }
+    free(copy);
+}
+
+static int should_fail(int op, int fd, int64_t off, int64_t len)
+{
+    char link[64], path[512];
+    ssize_t n;
+    pthread_once(&once, parse);
+    for (int i = 0; i < nrules; i++) {
+        struct rule *r = &rules[i];
+        if (r->op != op) continue;
+        if (op != OP_FLUSH && (off >= r->end || off + len <= r->start)) continue;
+        if (__atomic_load_n(&r->count, __ATOMIC_SEQ_CST) == 0) continue;
+        snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
+        n = readlink(link, path, sizeof path - 1);
+        if (n < 0) continue;
+        path[n] = 0;
+        if (!strstr(path, r->path)) continue;
+        if (r->count > 0 && __atomic_sub_fetch(&r->count, 1, __ATOMIC_SEQ_CST) < 0) continue;
+        if (logf) {
+            fprintf(logf, "%d %s %lld %lld %d\n", op, path, (long long)off, (long long)len, r->err);
+            fflush(logf);
+        }
+        return r->err;
+    }
+    return 0;
+}
+
+#define REAL(name, ret, ...) \
+    static ret (*real_##name)(__VA_ARGS__); \
+    if (!real_##name) real_##name = dlsym(RTLD_NEXT, #name)
+
+ssize_t pread(int fd, void *buf, size_t n, off_t off)
+{
+    REAL(pread, ssize_t, int, void *, size_t, off_t);
+    int e = should_fail(OP_READ, fd, off, n);
+    if (e) { errno = e; return -1; }
+    return real_pread(fd, buf, n, off);
+}
+
+ssize_t pread64(int fd, void *buf, size_t n, off_t off)
+{
+    REAL(pread64, ssize_t, int, void *, size_t, off_t);
+    int e = should_fail(OP_READ, fd, off, n);
+    if (e) { errno = e; return -1; }
+    return real_pread64(fd, buf, n, off);
+}
+
+ssize_t pwrite(int fd, const void *buf, size_t n, off_t off)
+{
+    REAL(pwrite, ssize_t, int, const void *, size_t, off_t);
+    int e = should_fail(OP_WRITE, fd, off, n);
+    if (e) { errno = e; return -1; }
+    return real_pwrite(fd, buf, n, off);
+}
+
+ssize_t pwrite64(int fd, const void *buf, size_t n, off_t off)
+{
+    REAL(pwrite64, ssize_t, int, const void *, size_t, off_t);
+    int e = should_fail(OP_WRITE, fd, off, n);
+    if (e) { errno = e; return -1; }
+    return real_pwrite64(fd, buf, n, off);
+}
+
+int fdatasync(int fd)
+{
+    REAL(fdatasync, int, int);
+    int e = should_fail(OP_FLUSH, fd, 0, 0);
+    if (e) { errno = e; return -1; }
+    return real_fdatasync(fd);
+}
