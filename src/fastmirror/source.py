@@ -205,6 +205,14 @@ class TrackedSource(BlockHandle):
         if side is not None:
             os.close(side.fd)
 
+    def __del__(self) -> None:
+        side = getattr(self, "_side", None)
+        if side is not None and side.fd >= 0:
+            try:
+                os.close(side.fd)
+            except OSError:
+                pass
+
     def __repr__(self) -> str:
         return "<TrackedSource %s size=%d%s>" % (self.path, self.size,
                                                  " pivoted" if self.pivoted else "")
