@@ -43,7 +43,8 @@ from fastmirror._sync cimport (pthread_mutex_t, pthread_cond_t, pthread_condattr
                                pthread_cond_broadcast, CLOCK_MONOTONIC)
 
 cdef enum:
-    MAX_WORKERS = 64
+    MAX_WORKERS = 64         # slots: copy workers first, then claims by blocking writes
+    MIN_CLAIM_SLOTS = 8
     MAX_FAILURES = 64
     ZERO_BLOCK = 4096        # zero detection looks at blocks of this size (or the alignment)
     MIN_ZERO_RUN = 4096      # shorter zero runs inside data are written as data
@@ -115,13 +116,16 @@ cdef class CopyEngine:
     cdef pthread_mutex_t mu
     cdef pthread_cond_t work_cv     # idle, paused or throttled workers sleep here
     cdef pthread_cond_t event_cv    # the coordinator sleeps here
+    cdef pthread_cond_t claim_cv    # blocking writes wait here for overlapping copies
     cdef int running                # workers inside run_worker()
     cdef int busy                   # workers holding an extent
     cdef bint paused                # the job asked workers to stop picking
     cdef bint held                  # a failure stopped picking until release()
     cdef bint stopping
     cdef bint kicked                # wake the coordinator once
-    cdef int64_t inflight_first[MAX_WORKERS]   # chunk range per slot; first == -1: none
+    # Chunk range per slot; first == -1: none.  Slots [0, nworkers) belong to
+    # the copy workers, the rest to writes that go to both sides (claim()).
+    cdef int64_t inflight_first[MAX_WORKERS]
     cdef int64_t inflight_end[MAX_WORKERS]
     cdef int64_t cursor             # next chunk to look at: copy in one sweep, like QEMU
     cdef int64_t speed_limit        # bytes per second; 0 = unlimited
@@ -153,6 +157,7 @@ cdef class CopyEngine:
         pthread_condattr_setclock(&attr, CLOCK_MONOTONIC)
         pthread_cond_init(&self.work_cv, &attr)
         pthread_cond_init(&self.event_cv, &attr)
+        pthread_cond_init(&self.claim_cv, &attr)
         pthread_condattr_destroy(&attr)
         for i in range(MAX_WORKERS):
             self.buffers[i] = NULL
@@ -169,8 +174,8 @@ cdef class CopyEngine:
         if align <= 0 or align & (align - 1) or bitmap.granularity % align:
             raise ValueError("alignment %d must be a power of two dividing granularity %d"
                              % (align, bitmap.granularity))
-        if nworkers < 1 or nworkers > MAX_WORKERS:
-            raise ValueError("nworkers must be in [1, %d]" % MAX_WORKERS)
+        if nworkers < 1 or nworkers > MAX_WORKERS - MIN_CLAIM_SLOTS:
+            raise ValueError("nworkers must be in [1, %d]" % (MAX_WORKERS - MIN_CLAIM_SLOTS))
         if max_io < bitmap.granularity:
             max_io = bitmap.granularity
         max_io -= max_io % bitmap.granularity
@@ -200,6 +205,7 @@ cdef class CopyEngine:
             self.buffers[i] = NULL
         pthread_cond_destroy(&self.work_cv)
         pthread_cond_destroy(&self.event_cv)
+        pthread_cond_destroy(&self.claim_cv)
         pthread_mutex_destroy(&self.mu)
 
     # ------------------------------------------------------------------
@@ -252,6 +258,7 @@ cdef class CopyEngine:
             self.stopping = True
             pthread_cond_broadcast(&self.work_cv)
             pthread_cond_broadcast(&self.event_cv)
+            pthread_cond_broadcast(&self.claim_cv)
             pthread_mutex_unlock(&self.mu)
 
     def kick(self):
@@ -260,6 +267,55 @@ cdef class CopyEngine:
             pthread_mutex_lock(&self.mu)
             self.kicked = True
             pthread_cond_broadcast(&self.event_cv)
+            pthread_mutex_unlock(&self.mu)
+
+    def claim(self, int64_t offset, int64_t length):
+        """Reserve the chunks of [offset, offset+length) for a write that goes
+        to both source and target (write-blocking mode): wait until no copy
+        and no other such write overlaps them, then keep workers off them
+        until unclaim().  Returns a slot for unclaim(), or -1 once the engine
+        has stopped (no copy can overlap any more)."""
+        cdef int64_t first, end
+        cdef int i, slot = -1
+        cdef bint overlap
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise ValueError("range outside the mirrored size")
+        first = offset >> self.shift
+        end = (offset + length + (<int64_t>1 << self.shift) - 1) >> self.shift
+        if end == first:
+            end = first + 1
+        with nogil:
+            pthread_mutex_lock(&self.mu)
+            while not self.stopping:
+                overlap = False
+                for i in range(MAX_WORKERS):
+                    if self.inflight_first[i] < end and first < self.inflight_end[i]:
+                        overlap = True
+                        break
+                if not overlap:
+                    for i in range(self.nworkers, MAX_WORKERS):
+                        if self.inflight_first[i] < 0:
+                            slot = i
+                            break
+                    if slot >= 0:
+                        self.inflight_first[slot] = first
+                        self.inflight_end[slot] = end
+                        break
+                pthread_cond_wait(&self.claim_cv, &self.mu)
+            pthread_mutex_unlock(&self.mu)
+        return slot
+
+    def unclaim(self, int slot):
+        if slot < 0:
+            return
+        if slot < self.nworkers or slot >= MAX_WORKERS:
+            raise ValueError("not a claim slot: %d" % slot)
+        with nogil:
+            pthread_mutex_lock(&self.mu)
+            self.inflight_first[slot] = -1
+            self.inflight_end[slot] = -1
+            pthread_cond_broadcast(&self.claim_cv)
+            pthread_cond_signal(&self.work_cv)
             pthread_mutex_unlock(&self.mu)
 
     def set_speed(self, int64_t speed):
@@ -387,7 +443,7 @@ cdef class CopyEngine:
         """Is chunk inside an extent that another worker is copying?  If so,
         *end is where that extent ends."""
         cdef int i
-        for i in range(self.nworkers):
+        for i in range(MAX_WORKERS):
             if self.inflight_first[i] <= chunk < self.inflight_end[i]:
                 end[0] = self.inflight_end[i]
                 return True
@@ -408,7 +464,7 @@ cdef class CopyEngine:
         lim = c + self.max_chunks
         if lim > self.nchunks:
             lim = self.nchunks
-        for i in range(self.nworkers):
+        for i in range(MAX_WORKERS):
             if c < self.inflight_first[i] < lim:
                 lim = self.inflight_first[i]
         e = self.bitmap.next_clean_locked(c, lim)
@@ -618,6 +674,7 @@ cdef class CopyEngine:
                 self.copies += 1
             self.inflight_first[slot] = -1
             self.inflight_end[slot] = -1
+            pthread_cond_broadcast(&self.claim_cv)
             self.busy -= 1
             if self.busy == 0:
                 now = monotonic_ns()

@@ -15,6 +15,7 @@ class EventType(str, enum.Enum):
     COMPLETED = "COMPLETED"    # final: the target equals a past state of the source
     CANCELLED = "CANCELLED"    # final: the target may be inconsistent
     FAILED = "FAILED"          # final: the job ended on an error (.error)
+    COPY_MODE = "COPY_MODE"    # not final: copy_mode="auto" switched to write-blocking
 
     @property
     def final(self) -> bool:
@@ -53,6 +54,7 @@ class JobEvent:
     error: Optional[OSError] = None   # ERROR, FAILED
     operation: Optional[str] = None   # ERROR: "read", "write" or "flush"
     action: Optional[str] = None      # ERROR: "report", "ignore" or "stop"
+    copy_mode: Optional[str] = None   # the copy mode in effect: "background" or "write-blocking"
     time: float = field(default_factory=time.time)
 
     def to_dict(self) -> dict:
@@ -67,6 +69,8 @@ class JobEvent:
             d["operation"] = self.operation
         if self.action is not None:
             d["action"] = self.action
+        if self.copy_mode is not None:
+            d["copy_mode"] = self.copy_mode
         return d
 
 
@@ -92,3 +96,4 @@ class JobStatus:
     time_to_ready: Optional[float]
     chunks_copied: int
     chunks_recopied: int   # copied again because a write dirtied them
+    copy_mode: str = "background"   # in effect now: "background" or "write-blocking"

@@ -61,6 +61,10 @@ VERBS: dict[str, frozenset[JobState]] = {
 
 POLICIES = ("report", "ignore", "stop", "enospc")
 SYNC_MODES = ("full", "none")
+COPY_MODES = ("auto", "background", "write-blocking")
+# copy_mode="auto" switches to write-blocking when, over this many seconds,
+# the work left did not shrink by a tenth while writes kept coming.
+AUTO_WINDOW = 2.0
 MAX_IO = 1 << 20            # one copy request, as QEMU's mirror
 MAX_WORKERS = 16            # copies in flight, as QEMU's 16 operations
 MAX_BUF_SIZE = 1 << 30
@@ -110,7 +114,7 @@ class MirrorJob:
                  direct: bool = True, target_is_zero: bool = False,
                  on_source_error: str = "report", on_target_error: str = "report",
                  opaque=None, detect_zeroes: bool = True, unmap: bool = True,
-                 verify: bool = False):
+                 verify: bool = False, copy_mode: str = "auto"):
         granularity = _positive_int("granularity", granularity, 512)
         if granularity & (granularity - 1):
             raise ValueError("granularity %d is not a power of two" % granularity)
@@ -118,6 +122,8 @@ class MirrorJob:
         speed = _positive_int("speed", speed, 0, MAX_SPEED)
         if sync not in SYNC_MODES:
             raise ValueError("sync must be one of %s, not %r" % (SYNC_MODES, sync))
+        if copy_mode not in COPY_MODES:
+            raise ValueError("copy_mode must be one of %s, not %r" % (COPY_MODES, copy_mode))
         for name, pol in (("on_source_error", on_source_error),
                           ("on_target_error", on_target_error)):
             if pol not in POLICIES:
@@ -144,6 +150,9 @@ class MirrorJob:
         self.on_target_error = on_target_error
         self.opaque = opaque
         self.verify = verify
+        self.copy_mode = copy_mode
+        self._write_blocking = False
+        self._progress: list[tuple[float, int, int]] = []   # (time, work left, bytes marked)
         self._align = align
 
         max_io = max(granularity, min(MAX_IO, self.buf_size) // granularity * granularity)
@@ -216,6 +225,8 @@ class MirrorJob:
             self._started_at = time.monotonic()
         trace._watch(self._refresh_trace)
         self._refresh_trace()
+        if self.copy_mode == "write-blocking":
+            self._enter_write_blocking()
         # The copy workers are started by the coordinator once the initial
         # marking is done (see _start_workers).
         self._coordinator = threading.Thread(target=self._run, name="fastmirror-job",
@@ -354,6 +365,7 @@ class MirrorJob:
                 if self._ready_at is not None and self._started_at is not None else None,
                 chunks_copied=copied,
                 chunks_recopied=max(0, copied - self._initial_chunks),
+                copy_mode="write-blocking" if self._write_blocking else "background",
             )
 
     @property
@@ -462,7 +474,37 @@ class MirrorJob:
     def _event(self, type_: EventType, **kw) -> JobEvent:
         dirty = self.size if self._marking else self._bitmap.dirty_bytes
         offset = self.size if type_ in (EventType.READY, EventType.COMPLETED) else self.size - dirty
+        kw.setdefault("copy_mode", "write-blocking" if self._write_blocking else "background")
         return JobEvent(type_, offset, self.size, **kw)
+
+    def _enter_write_blocking(self) -> None:
+        """From now on writes through job.source reach both sides before
+        they return, so they no longer add work: the job always converges."""
+        self.source.start_mirroring(self._engine.claim, self._engine.unclaim,
+                                    self._dst.path, self._dst.open_buffered(),
+                                    self._dst.info.is_block)
+        with self._lock:
+            self._write_blocking = True
+
+    def _auto_copy_mode(self, now: float) -> None:
+        """copy_mode="auto": switch to write-blocking when writes outpace the
+        copy, that is when over AUTO_WINDOW seconds of writes the work left
+        did not shrink by a tenth (and is more than a few copies' worth)."""
+        if self.copy_mode != "auto" or self._write_blocking:
+            return
+        _, inflight, _, _ = self._engine.snapshot()
+        left = self._bitmap.dirty_bytes + inflight
+        self._progress.append((now, left, self._marked_bytes))
+        while len(self._progress) > 2 and now - self._progress[1][0] >= AUTO_WINDOW:
+            self._progress.pop(0)
+        t0, left0, marked0 = self._progress[0]
+        if now - t0 < AUTO_WINDOW or self._marked_bytes == marked0:
+            return
+        if left >= 0.9 * left0 and left > 4 * self._engine.max_io:
+            self._enter_write_blocking()
+            _log.info("writes outpace the copy (%d bytes left, was %d %.1f s ago): "
+                      "switching to write-blocking", left, left0, now - t0)
+            self._emit(self._event(EventType.COPY_MODE))
 
     def _conclude(self, type_: EventType, error: Optional[OSError] = None) -> None:
         """Under the lock: record the final event (emitted by the caller)."""
@@ -573,6 +615,7 @@ class MirrorJob:
             now = time.monotonic()
             self._copy_rate.add(now, eng.bytes_copied)
             self._dirty_rate.add(now, self._marked_bytes)
+            self._auto_copy_mode(now)
 
             if ev == EV_ERROR:
                 result = self._handle_failures()

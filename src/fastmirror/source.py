@@ -66,6 +66,10 @@ class TrackedSource(BlockHandle):
         self._writers = 0        # writes between the gate and their mark
         self._gate_closed = False
         self._closed = False
+        # Write-blocking mode: (claim, unclaim, target side).  A write then
+        # reaches both sides before it returns, so it never dirties a chunk.
+        self._mirror: Optional[tuple[Callable[[int, int], int], Callable[[int], None],
+                                     _Side]] = None
 
     # -- the gate (used by the job) -----------------------------------------
 
@@ -83,17 +87,45 @@ class TrackedSource(BlockHandle):
 
     def pivot(self, path: str, fd: int, is_block: bool) -> None:
         """From now on, writes go to the target (fd is handed over) and are no
-        longer tracked."""
+        longer tracked.  Called with the gate closed."""
         with self._cond:
             old = self._side
             self._side = _Side(path, fd, is_block)
             self._mark = None
+            mirror, self._mirror = self._mirror, None
         if old is not None:
             os.close(old.fd)
+        if mirror is not None:
+            os.close(mirror[2].fd)
 
     def stop_tracking(self) -> None:
         with self._cond:
             self._mark = None
+        self.stop_mirroring()
+
+    def start_mirroring(self, claim: Callable[[int, int], int],
+                        unclaim: Callable[[int], None], path: str, fd: int,
+                        is_block: bool) -> None:
+        """Write-blocking mode: from now on a write returns only once it has
+        reached source and target.  fd (a buffered target descriptor) is
+        handed over."""
+        with self._cond:
+            old = self._mirror
+            self._mirror = (claim, unclaim, _Side(path, fd, is_block))
+        if old is not None:
+            os.close(old[2].fd)
+
+    def stop_mirroring(self) -> None:
+        with self._cond:
+            old, self._mirror = self._mirror, None
+            while self._writers:        # a write may still use the descriptor
+                self._cond.wait()
+        if old is not None:
+            os.close(old[2].fd)
+
+    @property
+    def write_blocking(self) -> bool:
+        return self._mirror is not None
 
     @property
     def pivoted(self) -> bool:
@@ -110,7 +142,8 @@ class TrackedSource(BlockHandle):
             raise ValueError("range [%d, %d) outside the disk [0, %d)"
                              % (offset, offset + length, self.size))
 
-    def _enter(self) -> tuple[_Side, Optional[Callable[[int, int], None]]]:
+    def _enter(self):
+        """Pass the gate; returns (side, mark, mirror) for this write."""
         with self._cond:
             while self._gate_closed:
                 self._cond.wait()
@@ -120,7 +153,7 @@ class TrackedSource(BlockHandle):
                 fd = os.open(self._path, os.O_RDWR | os.O_CLOEXEC)
                 self._side = _Side(self._path, fd, self._is_block)
             self._writers += 1
-            return self._side, self._mark
+            return self._side, self._mark, self._mirror
 
     def _leave(self) -> None:
         with self._cond:
@@ -130,17 +163,31 @@ class TrackedSource(BlockHandle):
 
     def _write(self, offset: int, length: int, op: Callable[[_Side], int]) -> int:
         self._check(offset, length)
-        side, mark = self._enter()
+        side, mark, mirror = self._enter()
+        slot = -1
         try:
+            if mirror is not None and mark is not None and length:
+                # No copy of these chunks may be in flight while both sides
+                # are written, or an older read could land after this write.
+                slot = mirror[0](offset, length)
             try:
                 n = op(side)
             except OSError as e:
                 raise io_error(e.errno, side.path, offset, "write") from None
+            if mark is None or not n:
+                return n
+            if mirror is not None:
+                try:
+                    op(mirror[2])
+                    return n
+                except OSError:
+                    pass    # the target refused: let the background copy retry it
             # Invariant 2: the write has reached the source; mark it now.
-            if mark is not None and n:
-                mark(offset, n)
+            mark(offset, n)
             return n
         finally:
+            if slot >= 0:
+                mirror[1](slot)
             self._leave()
 
     def pwrite(self, data, offset: int) -> int:
@@ -175,7 +222,7 @@ class TrackedSource(BlockHandle):
 
     def pread(self, length: int, offset: int) -> bytes:
         self._check(offset, length)
-        side, _ = self._enter()   # reads pass the gate too: they never race a pivot
+        side, _, _ = self._enter()   # reads pass the gate too: they never race a pivot
         try:
             chunks = []
             done = 0
@@ -192,13 +239,16 @@ class TrackedSource(BlockHandle):
             self._leave()
 
     def flush(self) -> None:
-        side, _ = self._enter()
+        side, _, mirror = self._enter()
         try:
             os.fdatasync(side.fd)
+            if mirror is not None:
+                os.fdatasync(mirror[2].fd)
         finally:
             self._leave()
 
     def close(self) -> None:
+        self.stop_mirroring()
         with self._cond:
             self._closed = True
             side, self._side = self._side, None

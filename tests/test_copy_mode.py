@@ -1,0 +1,141 @@
+"""copy_mode: background, write-blocking and auto (QEMU's copy-mode, plus a
+switch made on measured rates)."""
+
+import os
+import random
+import threading
+import time
+
+import pytest
+
+import fastmirror
+from fastmirror.verify import first_difference
+
+SIZE = 8 << 20
+
+
+@pytest.fixture
+def images(tmp_path):
+    src, dst = tmp_path / "s.img", tmp_path / "d.img"
+    src.write_bytes(os.urandom(SIZE))
+    return str(src), str(dst)
+
+
+def test_bad_copy_mode_is_refused(images):
+    with pytest.raises(ValueError, match="copy_mode"):
+        fastmirror.MirrorJob(*images, copy_mode="active")
+    assert not os.path.exists(images[1])
+
+
+def test_write_blocking_write_is_on_the_target_when_it_returns(images):
+    src, dst = images
+    job = fastmirror.MirrorJob(src, dst, copy_mode="write-blocking")
+    job.start()
+    assert job.status().copy_mode == "write-blocking"
+    assert job.wait_ready(30)
+    rng = random.Random(3)
+    with open(dst, "rb") as target:
+        for _ in range(200):
+            length = rng.randrange(1, 70000)
+            offset = rng.randrange(0, SIZE - length)
+            data = rng.randbytes(length)
+            job.source.pwrite(data, offset)
+            # No chunk was dirtied, and the target already holds the data.
+            assert os.pread(target.fileno(), length, offset) == data
+    assert job._bitmap.dirty_count == 0
+    job.complete()
+    final = job.wait(30)
+    job.close()
+    job.source.close()
+    assert final.type == fastmirror.EventType.COMPLETED
+    assert final.copy_mode == "write-blocking"
+    assert first_difference(src, dst) == -1
+
+
+def test_write_blocking_in_bulk_phase_with_writers(images):
+    """Blocking writes racing the bulk copy of the same chunks: they wait for
+    copies in flight, so the target never ends with older data."""
+    src, dst = images
+    job = fastmirror.MirrorJob(src, dst, copy_mode="write-blocking", granularity=65536,
+                               speed=16 << 20)
+    stop = threading.Event()
+
+    def writer(seed):
+        rng = random.Random(seed)
+        while not stop.is_set():
+            length = rng.randrange(1, 100000)
+            offset = rng.randrange(0, SIZE - length)
+            job.source.pwrite(rng.randbytes(length), offset)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(3)]
+    job.start()
+    for t in threads:
+        t.start()
+    time.sleep(0.3)
+    job.set_speed(0)
+    assert job.wait_ready(30)
+    stop.set()
+    for t in threads:
+        t.join(30)
+    job.complete()
+    assert job.wait(30).type == fastmirror.EventType.COMPLETED
+    job.close()
+    job.source.close()
+    assert first_difference(src, dst) == -1
+
+
+def test_auto_switches_when_writes_outpace_the_copy(images):
+    src, dst = images
+    # A copy limited to 1 MiB/s cannot keep up with a writer dirtying chunks
+    # all over the disk: auto must switch to write-blocking, then converge.
+    job = fastmirror.MirrorJob(src, dst, copy_mode="auto", speed=1 << 20,
+                               granularity=65536)
+    events = []
+    job.add_listener(events.append)
+    stop = threading.Event()
+    written = [0]
+
+    def writer():
+        rng = random.Random(7)
+        while not stop.is_set():
+            offset = rng.randrange(0, SIZE - 4096)
+            job.source.pwrite(rng.randbytes(4096), offset)
+            written[0] += 1
+            time.sleep(0.0005)
+
+    t = threading.Thread(target=writer)
+    job.start()
+    t.start()
+    deadline = time.monotonic() + 30
+    while job.status().copy_mode != "write-blocking" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    st = job.status()
+    assert st.copy_mode == "write-blocking", "auto never switched"
+    switch = [e for e in events if e.type == fastmirror.EventType.COPY_MODE]
+    assert len(switch) == 1 and switch[0].copy_mode == "write-blocking"
+    job.set_speed(0)
+    assert job.wait_ready(30)
+    stop.set()
+    t.join(30)
+    job.complete()
+    final = job.wait(30)
+    job.close()
+    job.source.close()
+    assert final.type == fastmirror.EventType.COMPLETED
+    assert first_difference(src, dst) == -1
+    assert written[0] > 0
+
+
+def test_auto_stays_background_when_the_copy_keeps_up(images):
+    src, dst = images
+    job = fastmirror.MirrorJob(src, dst, copy_mode="auto")
+    job.start()
+    for i in range(50):
+        job.source.pwrite(b"x" * 4096, i * 65536)
+    assert job.wait_ready(30)
+    job.complete()
+    final = job.wait(30)
+    job.close()
+    assert final.type == fastmirror.EventType.COMPLETED
+    assert final.copy_mode == "background"
+    assert job.status().copy_mode == "background"
