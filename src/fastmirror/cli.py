@@ -127,7 +127,8 @@ def cmd_mirror(args) -> int:
             args.source, args.target, granularity=args.granularity,
             buf_size=args.buf_size, speed=args.speed, sync=args.sync,
             direct=not args.no_direct, target_is_zero=args.target_is_zero,
-            on_source_error=args.on_source_error, on_target_error=args.on_target_error)
+            on_source_error=args.on_source_error, on_target_error=args.on_target_error,
+            copy_mode=args.copy_mode)
     except (ValueError, OSError) as e:
         print("fastmirror: %s" % _describe(e), file=sys.stderr)
         return EXIT_USAGE
@@ -246,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="limit in bytes per second (0: none), e.g. 100M")
     m.add_argument("--sync", choices=("full", "none"), default="full")
     m.add_argument("--no-direct", action="store_true", help="use the page cache")
+    m.add_argument("--copy-mode", choices=("auto", "background", "write-blocking"),
+                   default="auto", help="how writes during the job are mirrored")
     m.add_argument("--target-is-zero", action="store_true",
                    help="promise the target already reads as zeros")
     m.add_argument("--on-source-error", choices=("report", "ignore", "stop", "enospc"),
