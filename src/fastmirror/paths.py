@@ -2,9 +2,11 @@
 
 Every check here runs before the first byte reaches the target (invariant 7):
 the source exists and is a regular file or a block device, the target is
-not the source (by inode, by device number, or as a loop device backed by
-the other side), the target is writable and at least as large as the source,
-and a missing target's folder exists.  The checks run on the descriptors
+not the source (by inode, by device number, as a loop device backed by
+the other side, or as two loop devices over one file), the target is
+writable (a read-only block device is refused too, though it opens for
+writing) and at least as large as the source, and a missing target's folder
+exists.  The checks run on the descriptors
 that the job will use, so a path swapped between check and use cannot slip
 through.
 """
@@ -12,8 +14,10 @@ through.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import stat
+import sys
 from typing import Optional
 
 from fastmirror import _io
@@ -104,11 +108,38 @@ def _backed_by(dev: os.stat_result, other: os.stat_result) -> bool:
         return False
 
 
+def _same_backing(a: os.stat_result, b: os.stat_result) -> bool:
+    """Are `a` and `b` two loop devices over the same file?"""
+    backing_a, backing_b = loop_backing_file(a), loop_backing_file(b)
+    if backing_a is None or backing_b is None:
+        return False
+    try:
+        return _same_object(os.stat(backing_a), os.stat(backing_b))
+    except OSError:
+        return False
+
+
 def check_not_same(src_path: str, src: os.stat_result, dst_path: str,
                    dst: os.stat_result) -> None:
-    if _same_object(src, dst) or _backed_by(src, dst) or _backed_by(dst, src):
+    if (_same_object(src, dst) or _backed_by(src, dst) or _backed_by(dst, src)
+            or _same_backing(src, dst)):
         raise ValueError("source %s and target %s are the same disk; refusing to "
                          "mirror a disk onto itself" % (src_path, dst_path))
+
+
+BLKROGET = 0x125E     # _IO(0x12, 94): is the block device read-only
+
+
+def check_writable_block(path: str, fd: int) -> None:
+    """A read-only block device (losetup --read-only, a write-protected
+    disk) opens for writing all the same; refuse it before any write."""
+    buf = bytearray(4)
+    try:
+        fcntl.ioctl(fd, BLKROGET, buf)
+    except OSError:
+        return          # cannot tell: the first write will say
+    if int.from_bytes(buf, sys.byteorder):
+        raise PermissionError(errno.EROFS, "target is a read-only block device", path)
 
 
 def open_source(path: str, direct: bool) -> Endpoint:
@@ -154,6 +185,8 @@ def validate_pair(src_path: str, dst_path: str, direct: bool) -> tuple[Endpoint,
         _refuse_kind(dst_path, fst, "target")
         check_not_same(src_path, src_st, dst_path, fst)
         info = _io.probe(dst_fd)
+        if info.is_block:
+            check_writable_block(dst_path, dst_fd)
         if info.size < src.info.size:
             raise ValueError("target %s (%d bytes) is smaller than source %s (%d bytes)"
                              % (dst_path, info.size, src_path, src.info.size))
