@@ -25,6 +25,7 @@ cdef class HBitmap:
     cdef int64_t level_words[HBITMAP_MAX_LEVELS]
     cdef int64_t count                  # dirty chunks (bits set in the bottom level)
     cdef pthread_mutex_t mutex
+    cdef bint mutex_ready               # mutex initialised: __dealloc__ destroys it only then
 
     cdef void lock(self) noexcept nogil
     cdef void unlock(self) noexcept nogil
@@ -41,3 +42,9 @@ cdef class HBitmap:
     cdef void c_set(self, int64_t first, int64_t n) noexcept nogil
     cdef void c_reset(self, int64_t first, int64_t n) noexcept nogil
     cdef int64_t c_count(self) noexcept nogil
+
+    # The first dirty run in [first, end): returns its first chunk (or -1) and
+    # stores its length in *n, at most max_n chunks when max_n > 0.
+    # O(log64 n) words to find it, plus the words of the run to measure it.
+    cdef int64_t next_dirty_area_locked(self, int64_t first, int64_t end,
+                                        int64_t max_n, int64_t *n) noexcept nogil
