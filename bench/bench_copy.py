@@ -1,0 +1,130 @@
+"""Bulk mirror throughput: fastmirror side by side with dd and qemu-img convert.
+
+One source file of FASTMIRROR_BENCH_SIZE bytes (default 1 GiB) of non-zero
+pseudo-random data with no holes, made once per session on the filesystem of
+pytest's temporary folder (ext4 on the reference machine), is copied to a
+target of the same size by each tool, in the same pytest run and the same
+benchmark group, so pytest-benchmark's table compares them directly:
+
+  fastmirror  MirrorJob: start, READY, complete, COMPLETED (target flushed)
+  dd          dd bs=4M iflag=direct oflag=direct conv=notrunc,fdatasync
+  qemu-img    qemu-img convert -n -f raw -O raw -t none -T none -m 16 -W
+
+Before every round (untimed): three marker blocks of the target are
+overwritten (so a tool that copied nothing fails the check after it), the
+page cache is dropped when running as root, and everything is synced.
+extra_info holds bytes, throughput (bytes/s, median of the rounds),
+cpu_s_per_gib (user + system CPU seconds per GiB), and for fastmirror the
+ratio of its median throughput to each baseline measured before it in the
+session.
+
+A missing baseline tool skips its benchmark with the reason, or fails it when
+FASTMIRROR_REQUIRE_ALL=1.  CI smoke-runs this module with --benchmark-disable
+and a small FASTMIRROR_BENCH_SIZE (e.g. 32M): then every tool runs once.
+
+    make bench                          # 1 GiB, 3 rounds per tool
+    FASTMIRROR_BENCH_SIZE=32M pytest bench/bench_copy.py --benchmark-disable
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+
+import pytest
+
+from fastmirror import benchmark as fmbench
+
+REQUIRE_ALL = os.environ.get("FASTMIRROR_REQUIRE_ALL") == "1"
+SIZE = fmbench.parse_size(os.environ.get("FASTMIRROR_BENCH_SIZE", "1G"))
+ROUNDS = 3
+# Baselines first, so that fastmirror's ratios can name them.
+TOOLS = ("dd", "qemu-img", "fastmirror")
+
+
+def _size_label(n: int) -> str:
+    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return "%d%s" % (n >> shift, unit)
+    return "%dB" % n
+
+
+GROUP = "copy-" + _size_label(SIZE)
+_medians: dict[str, float] = {}
+
+
+@pytest.fixture(scope="session")
+def copy_source(tmp_path_factory):
+    """The source image, made once per session."""
+    folder = tmp_path_factory.mktemp("bench-copy")
+    path = str(folder / "source.img")
+    fmbench.create_source(path, SIZE)
+    yield path
+    os.unlink(path)
+
+
+@pytest.fixture
+def copy_target(copy_source, tmp_path):
+    """A target file of the source's size, fully written once (untimed) so
+    every tool overwrites allocated blocks, as `fastmirror bench` does."""
+    path = str(tmp_path / "target.img")
+    with open(path, "wb") as f:
+        f.truncate(SIZE)
+    fill = fmbench.run_tool("fastmirror", copy_source, path, SIZE)
+    assert fill.ok, "filling the target failed: %s" % fill.error
+    yield path
+    os.unlink(path)
+
+
+def _tool_path(tool: str) -> str:
+    path, why = fmbench.find_tool(tool)
+    if path is None:
+        why = why or "%s is not available" % tool
+        if REQUIRE_ALL:
+            pytest.fail("FASTMIRROR_REQUIRE_ALL=1 but " + why, pytrace=False)
+        pytest.skip(why)
+    return path
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_copy(benchmark, tool, copy_source, copy_target):
+    path = _tool_path(tool)
+    runs: list[fmbench.Run] = []
+
+    def setup():
+        fmbench.reset_target(copy_target, SIZE)
+        fmbench.drop_caches()          # sync always; drops the cache as root
+
+    def copy():
+        r = fmbench.run_tool(tool, copy_source, copy_target, SIZE, path=path,
+                             timeout=fmbench.default_timeout(SIZE))
+        runs.append(r)
+        assert r.ok, "%s failed: %s" % (tool, r.error)
+
+    benchmark.group = GROUP
+    benchmark.pedantic(copy, setup=setup, rounds=ROUNDS, iterations=1)
+
+    bad = fmbench.check_markers(copy_source, copy_target, SIZE)
+    assert bad is None, "%s left the target different from the source at %d" % (tool, bad)
+
+    throughput = statistics.median(r.bytes_per_s for r in runs)
+    _medians[tool] = throughput
+    info = benchmark.extra_info
+    info["tool"] = tool
+    info["bytes"] = SIZE
+    info["rounds_measured"] = len(runs)
+    info["throughput"] = throughput                      # bytes/s, median
+    info["throughput_gbps"] = throughput / 1e9
+    info["throughput_min"] = min(r.bytes_per_s for r in runs)
+    info["throughput_max"] = max(r.bytes_per_s for r in runs)
+    info["cpu_s_per_gib"] = statistics.median(r.cpu_s_per_gib for r in runs)
+    if tool == "fastmirror":
+        ready = [r.ready_s for r in runs if r.ready_s]
+        if ready:
+            info["throughput_to_ready"] = SIZE / statistics.median(ready)
+        info.update({k: v for k, v in runs[-1].detail.items() if v is not None})
+        for base in TOOLS:
+            if base != tool and base in _medians:
+                info["ratio_vs_" + base] = throughput / _medians[base]
+    else:
+        info["command"] = " ".join(fmbench.tool_command(tool, "SRC", "DST", path))
