@@ -1,0 +1,129 @@
+"""Typed stub for fastmirror._engine (a Cython module): the copy engine of
+the mirror job.  Worker threads run ``run_worker()`` with the GIL released;
+the coordinator sleeps in ``wait_event()``."""
+
+from collections.abc import Callable
+from typing import Final
+
+from typing_extensions import disjoint_base
+
+from fastmirror._hbitmap import HBitmap
+
+# What wait_event() returns.
+EV_TIMEOUT: Final = 0
+"""The timeout passed, or kick() was called."""
+EV_CLEAN: Final = 1
+"""No dirty chunk and no copy in progress."""
+EV_ERROR: Final = 2
+"""At least one failure waits in take_failures()."""
+EV_STOPPED: Final = 3
+"""stop() was called and every worker has returned."""
+
+# Failure operations, as take_failures() reports them.
+OP_READ: Final = 0
+OP_WRITE: Final = 1
+
+@disjoint_base
+class CopyEngine:
+    """Copies the dirty chunks of ``bitmap`` from ``src_fd`` to ``dst_fd``.
+
+    The caller owns the descriptors and the worker threads: it starts
+    ``nworkers`` threads running ``run_worker(slot)`` and, to finish, calls
+    ``stop()`` and joins them."""
+
+    detect_zeroes: bool
+    """All-zero data becomes a zeroed range on the target."""
+    unmap: bool
+    """Zeroed file ranges are punched out (holes)."""
+    def __init__(
+        self,
+        bitmap: HBitmap,
+        src_fd: int,
+        dst_fd: int,
+        dst_tail_fd: int,
+        size: int,
+        align: int,
+        max_io: int,
+        nworkers: int,
+        dst_is_block: bool = False,
+        detect_zeroes: bool = True,
+        unmap: bool = True,
+    ) -> None: ...
+    @property
+    def bitmap(self) -> HBitmap: ...
+    @property
+    def size(self) -> int:
+        """Bytes mirrored: ``[0, size)``."""
+    @property
+    def align(self) -> int:
+        """O_DIRECT offset and length alignment of both sides."""
+    @property
+    def max_io(self) -> int:
+        """Largest single copy in bytes, a multiple of the granularity."""
+    @property
+    def nworkers(self) -> int: ...
+    @property
+    def bytes_copied(self) -> int: ...
+    @property
+    def bytes_zeroed(self) -> int:
+        """Holes of the source zeroed on the target."""
+    @property
+    def bytes_zero_detected(self) -> int:
+        """Zero data stored as zeroed ranges."""
+    @property
+    def chunks_copied(self) -> int: ...
+    @property
+    def copies(self) -> int: ...
+    @property
+    def busy_ns(self) -> int:
+        """Wall time with at least one copy in progress."""
+    @property
+    def speed(self) -> int:
+        """The speed limit in bytes per second; 0 means unlimited."""
+
+    # Marking (any thread)
+    def mark_dirty(self, offset: int, length: int) -> None:
+        """Dirty every chunk overlapping ``[offset, offset + length)`` and wake
+        a worker.  Call it after the write has reached the source."""
+
+    # Control (the job)
+    def set_paused(self, paused: bool) -> None: ...
+    def release(self) -> None:
+        """Let workers pick extents again after a failure was handled."""
+    def stop(self) -> None:
+        """Workers finish the copy in hand and return."""
+    def kick(self) -> None:
+        """Wake the coordinator from wait_event()."""
+    def claim(self, offset: int, length: int) -> int:
+        """Reserve the chunks of ``[offset, offset + length)`` for a write that
+        goes to both sides (write-blocking mode): wait until no copy and no
+        other claim overlaps them, then keep workers off them until
+        ``unclaim()``.  Returns the slot for unclaim(), or -1 once the engine
+        has stopped."""
+    def unclaim(self, slot: int) -> None:
+        """Release a claim; -1 (what claim() returns after stop) is a no-op."""
+    def set_speed(self, speed: int) -> None: ...
+    def set_trace(
+        self,
+        on_iteration: Callable[[int, int], object] | None,
+        on_iteration_done: Callable[[int, int, int], object] | None,
+    ) -> None:
+        """Per-copy tracepoints: ``on_iteration(sector_num, nb_sectors)``
+        before a copy, ``on_iteration_done(offset, nbytes, ret)`` after it."""
+    def wait_event(self, timeout: float, want_clean: bool = True) -> int:
+        """Sleep until something needs the coordinator; returns an ``EV_*``."""
+    def take_failures(self) -> tuple[list[tuple[int, int, int, int]], int]:
+        """``([(op, errno, offset, length), ...], dropped)``, oldest first."""
+    def flush(self) -> int:
+        """fdatasync the target: 0 or -errno."""
+    def zero_target(self, offset: int, length: int) -> int:
+        """Make a target range read as zeros: 0 or -errno; -EOPNOTSUPP means
+        the caller must copy the range instead."""
+    def snapshot(self) -> tuple[int, int, bool, bool]:
+        """``(busy, inflight_bytes, paused, held)``."""
+
+    # The workers
+    def run_worker(self, slot: int) -> None:
+        """Run one copy worker until stop().  Call from a dedicated thread."""
+
+def _log_callback_error(name: str) -> None: ...
