@@ -7,7 +7,7 @@ PIP    := $(PY) -m pip
 DEPS   := $(VENV)/.deps-stamp
 PYTEST_ARGS ?=
 
-.PHONY: all venv build debug test demo bench bench-smoke sdist wheel clean
+.PHONY: all venv build debug test demo bench bench-smoke sdist wheel packaging clean
 
 all: build
 
@@ -47,6 +47,13 @@ sdist: $(DEPS)
 wheel: $(DEPS)
 	$(PY) -m build --wheel --no-isolation
 
+# Proof of packaging without Docker (.ci/packaging): an sdist built with build
+# isolation, a wheel built from it, auditwheel show/repair, the test suite
+# against the wheel installed in a fresh venv, stubtest, cibuildwheel's build
+# list, validate-pyproject.  Work files go to build/packaging.
+packaging: $(DEPS)
+	PYTHON=$(PYTHON) VENV=$(VENV) bash .ci/packaging
+
 clean:
 	rm -rf build dist src/*.egg-info src/fastmirror/*.so src/fastmirror/_*.c \
-		src/fastmirror/*.html .pytest_cache
+		src/fastmirror/*.html .pytest_cache wheelhouse .mypy_cache
