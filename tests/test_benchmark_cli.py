@@ -68,6 +68,8 @@ def test_bench_runs_every_tool_and_copies(tmp_path, capsys):
         s = doc["summary"][tool]
         assert s["runs"] == 1 and s["median_gbps"] > 0 and s["median_mibps"] > 0
         assert s["fastmirror_ratio"] > 0
+        if tool != "fastmirror":
+            assert s["fastmirror_ratio_paired"] > 0
     fm = next(r for r in doc["rounds"] if r["tool"] == "fastmirror" and not r["warmup"])
     assert 0 < fm["ready_s"] <= fm["wall_s"]
 

@@ -61,6 +61,7 @@ GB = 1e9
 GiB = 1 << 30
 MiB = 1 << 20
 MARK = 4096                 # bytes of each marker block written before a run
+NOISY = 0.25                # a min-max spread above this (of the median) is noise
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
@@ -537,19 +538,30 @@ def summarize(runs: Sequence[Run], tools: Sequence[str]) -> dict:
                                                           if r.ready_s is not None))
         out[tool] = s
     fm = out.get("fastmirror", {}).get("median_gbps")
+    fm_by_round = {r.round: r.gbps for r in runs
+                   if r.tool == "fastmirror" and not r.warmup and r.ok}
     for tool, s in out.items():
         if fm and s.get("median_gbps"):
             s["fastmirror_ratio"] = fm / s["median_gbps"]
+        # Rounds run every tool back to back, so the ratio within a round is
+        # less exposed to a machine whose speed drifts between rounds.
+        paired = [fm_by_round[r.round] / r.gbps for r in runs
+                  if r.tool == tool and not r.warmup and r.ok and r.gbps > 0
+                  and r.round in fm_by_round]
+        if paired and tool != "fastmirror":
+            s["fastmirror_ratio_paired"] = statistics.median(paired)
+        if s.get("median_gbps"):
+            s["spread"] = (s["max_gbps"] - s["min_gbps"]) / s["median_gbps"]
     return out
 
 
 def format_table(summary: dict, skipped: dict) -> str:
     head = ("tool", "runs", "median GB/s", "min-max GB/s", "median MiB/s",
-            "min-max MiB/s", "CPU s/GiB", "fastmirror/tool")
+            "min-max MiB/s", "CPU s/GiB", "fastmirror/tool", "per round")
     rows = [head]
     for tool, s in summary.items():
         if not s.get("runs"):
-            rows.append((tool, "0/%d" % s["failed"], "-", "-", "-", "-", "-", "-"))
+            rows.append((tool, "0/%d" % s["failed"], "-", "-", "-", "-", "-", "-", "-"))
             continue
         runs = "%d" % s["runs"] if not s["failed"] else "%d (+%d failed)" % (s["runs"], s["failed"])
         ratio = s.get("fastmirror_ratio")
@@ -558,16 +570,17 @@ def format_table(summary: dict, skipped: dict) -> str:
             "%.3f-%.3f" % (s["min_gbps"], s["max_gbps"]),
             "%.0f" % s["median_mibps"], "%.0f-%.0f" % (s["min_mibps"], s["max_mibps"]),
             "%.3f" % s["median_cpu_s_per_gib"],
-            "-" if tool == "fastmirror" or ratio is None else "%.2fx" % ratio))
+            "-" if tool == "fastmirror" or ratio is None else "%.2fx" % ratio,
+            "%.2fx" % s["fastmirror_ratio_paired"] if "fastmirror_ratio_paired" in s else "-"))
         if "median_ready_gbps" in s:
             rows.append((
                 "  (to READY)", "", "%.3f" % s["median_ready_gbps"],
                 "%.3f-%.3f" % (s["min_ready_gbps"], s["max_ready_gbps"]),
                 "%.0f" % (s["median_ready_gbps"] * GB / MiB),
                 "%.0f-%.0f" % (s["min_ready_gbps"] * GB / MiB, s["max_ready_gbps"] * GB / MiB),
-                "", ""))
+                "", "", ""))
     for tool, why in skipped.items():
-        rows.append((tool, "skipped: " + why, "", "", "", "", "", ""))
+        rows.append((tool, "skipped: " + why, "", "", "", "", "", "", ""))
     widths = [max(len(r[i]) for r in rows if not r[1].startswith("skipped"))
               for i in range(len(head))]
     lines = []
@@ -771,7 +784,13 @@ def _bench(args) -> int:
                 d.get("nworkers"), _human(d["max_io"]) if d.get("max_io") else "?",
                 d.get("io_mode")))
     print("GB/s = 1e9 bytes/s; CPU = user + system seconds per GiB copied; "
-          "fastmirror/tool = ratio of median throughputs (>1: fastmirror faster)")
+          "fastmirror/tool = ratio of median throughputs (>1: fastmirror faster); "
+          "per round = median of the ratios within each round")
+    noisy = ["%s %.0f%%" % (t, 100 * s["spread"]) for t, s in summary.items()
+             if s.get("spread", 0) > NOISY and s.get("runs", 0) > 1]
+    if noisy:
+        print("note: noisy machine: min-max spread of %s around the median; "
+              "differences smaller than that need more --rounds" % ", ".join(noisy))
 
     if args.json:
         doc = {
