@@ -225,10 +225,8 @@ class MirrorJob:
             self._started_at = time.monotonic()
         trace._watch(self._refresh_trace)
         self._refresh_trace()
-        if self.copy_mode == "write-blocking":
-            self._enter_write_blocking()
         # The copy workers are started by the coordinator once the initial
-        # marking is done (see _start_workers).
+        # marking is done (see _start_workers); so is write-blocking mode.
         self._coordinator = threading.Thread(target=self._run, name="fastmirror-job",
                                              daemon=True)
         self._coordinator.start()
@@ -531,6 +529,12 @@ class MirrorJob:
             trace.emit("mirror_start", self.source, self, threading.current_thread(), self.opaque)
             self._initial_marking()
             self._marking = False
+            if self.copy_mode == "write-blocking":
+                # Only now: the initial marking zeroes target ranges that are
+                # clean, and a write that went to both sides leaves its chunks
+                # clean, so it would be zeroed away.  Until here writes are
+                # marked dirty and copied like in background mode.
+                self._enter_write_blocking()
             self._start_workers()
             final_type, error = self._loop()
         except BaseException as e:   # a bug must still end the job
