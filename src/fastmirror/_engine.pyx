@@ -130,7 +130,6 @@ cdef class CopyEngine:
     cdef int64_t cursor             # next chunk to look at: copy in one sweep, like QEMU
     cdef int64_t speed_limit        # bytes per second; 0 = unlimited
     cdef int64_t rate_next_ns       # when the next byte may be copied
-    cdef int64_t rate_gen           # bumped by set_speed to wake throttled workers
     cdef Failure failures[MAX_FAILURES]
     cdef int nfailures
     cdef int64_t failures_dropped
@@ -325,7 +324,6 @@ cdef class CopyEngine:
             pthread_mutex_lock(&self.mu)
             self.speed_limit = speed
             self.rate_next_ns = monotonic_ns()
-            self.rate_gen += 1
             pthread_cond_broadcast(&self.work_cv)
             pthread_mutex_unlock(&self.mu)
 
@@ -487,35 +485,36 @@ cdef class CopyEngine:
         self.bitmap.unlock()
         return found
 
-    cdef void _throttle(self, int64_t nbytes) noexcept nogil:
-        """Under mu: wait for this copy's turn under the speed limit.
-        set_speed() wakes throttled workers and re-reserves at the new rate."""
-        cdef int64_t now, wake, gen
+    cdef bint _turn(self) noexcept nogil:
+        """Under mu: may a copy start now under the speed limit?  If not,
+        sleep until it may (or until woken: set_speed, pause, stop, a mark)
+        and return False so that the caller checks everything again.
+
+        The wait comes *before* the pick: a worker sleeping on the limit
+        holds no extent, so its chunks are neither shown as in flight nor
+        kept from a write that goes to both sides (write-blocking mode)."""
+        cdef int64_t now
         cdef timespec ts
+        if self.speed_limit <= 0:
+            return True
+        now = monotonic_ns()
+        if now >= self.rate_next_ns:
+            return True
+        ts.tv_sec = self.rate_next_ns // 1000000000
+        ts.tv_nsec = self.rate_next_ns % 1000000000
+        pthread_cond_timedwait(&self.work_cv, &self.mu, &ts)
+        return False
+
+    cdef void _charge(self, int64_t nbytes) noexcept nogil:
+        """Under mu: a copy of nbytes starts now; the next may start once
+        the limit has paid for this one."""
+        cdef int64_t now
         if self.speed_limit <= 0:
             return
         now = monotonic_ns()
         if self.rate_next_ns < now:
             self.rate_next_ns = now
-        wake = self.rate_next_ns
         self.rate_next_ns += nbytes * 1000000000 // self.speed_limit
-        gen = self.rate_gen
-        while not self.stopping:
-            now = monotonic_ns()
-            if now >= wake:
-                return
-            ts.tv_sec = wake // 1000000000
-            ts.tv_nsec = wake % 1000000000
-            pthread_cond_timedwait(&self.work_cv, &self.mu, &ts)
-            if gen != self.rate_gen:
-                if self.speed_limit <= 0:
-                    return
-                now = monotonic_ns()
-                if self.rate_next_ns < now:
-                    self.rate_next_ns = now
-                wake = self.rate_next_ns
-                self.rate_next_ns += nbytes * 1000000000 // self.speed_limit
-                gen = self.rate_gen
 
     cdef void _fail(self, int op, int err, int64_t offset, int64_t length) noexcept nogil:
         """Under mu: queue a failure and hold all workers."""
@@ -638,6 +637,8 @@ cdef class CopyEngine:
         cdef int r, op
         pthread_mutex_lock(&self.mu)
         while not self.stopping:
+            if not (self.paused or self.held) and not self._turn():
+                continue                                 # woken: check again
             if self.paused or self.held or not self._pick(slot):
                 pthread_cond_broadcast(&self.event_cv)   # maybe clean now
                 pthread_cond_wait(&self.work_cv, &self.mu)
@@ -653,7 +654,7 @@ cdef class CopyEngine:
             self.busy += 1
             if self.bitmap.c_count() > 0:
                 pthread_cond_signal(&self.work_cv)       # more work: wake a peer
-            self._throttle(length)
+            self._charge(length)
             pthread_mutex_unlock(&self.mu)
 
             if self.trace_on:
