@@ -321,6 +321,10 @@ class Writers:
             t.start()
         return self
 
+    def set_pause(self, seconds: float) -> None:
+        """Change the pause between two writes of each writer, at once."""
+        self.pause = seconds
+
     def wait_for(self, count: int, timeout: float = 60.0) -> None:
         """Wait until at least `count` writes were made in total."""
         deadline = time.monotonic() + timeout
@@ -362,6 +366,31 @@ class Writers:
             for _, _, off, data, _, _ in sorted(self.log, key=lambda w: (w[0], w[1])):
                 buf[off:off + len(data)] = data
         return bytes(buf)
+
+
+def phase1_then_phase2(job, writers, writes: int = 100, timeout: float = 90.0,
+                       calm: float = 0.01) -> None:
+    """Start a throttled job and the writers; once `writes` writes landed in
+    phase 1, lift the limit and wait for READY, then let `writes` more land
+    in phase 2.  The writers never stop; while the job catches up with them
+    they pause `calm` seconds between writes, so that READY comes whatever
+    the load of the machine (writers flat out can outrun any copy, in QEMU
+    too).  Leaves the writers running at their own pace."""
+    from fastmirror.events import JobState
+
+    pace = writers.pause
+    job.start()
+    writers.start()
+    writers.wait_for(writes)
+    assert job.state in (JobState.RUNNING, JobState.PAUSED), \
+        "the job left phase 1 before the writers ran: %s" % (job.status(),)
+    writers.set_pause(calm)
+    job.set_speed(0)
+    assert job.wait_ready(timeout), "never ready: %s" % (job.status(),)
+    writers.set_pause(pace)
+    writers.wait_for(writers.count + writes, timeout)
+    assert writers.writes_in("running") > 0, "no write landed in phase 1"
+    assert writers.writes_in("ready") > 0, "no write landed in phase 2"
 
 
 # ---------------------------------------------------------------------------

@@ -27,8 +27,8 @@ import fastmirror
 from fastmirror import EventType, JobState, MirrorJob, trace
 
 from conftest import (KiB, MiB, Writers, allocated_bytes, assert_all_bytes,
-                      assert_qemu_equal, assert_same, make_image, read_bytes,
-                      require, require_root, sha256, write_bytes)
+                      assert_qemu_equal, assert_same, make_image, phase1_then_phase2,
+                      read_bytes, require, require_root, sha256, write_bytes)
 
 G = 64 * KiB
 TIMEOUT = 60          # generous: a shared 2-core machine; never a timing assertion
@@ -222,90 +222,148 @@ def test_inv2_mark_dirty_after_an_outside_write(tmp_path, mkjob):
 # 3. One copy of a chunk in flight
 # ---------------------------------------------------------------------------
 
-def test_inv3_two_copies_of_one_chunk_never_overlap(tmp_path, mkjob):
-    """Four writers hammer a small hot area through job.source in both phases;
-    every copy is recorded from mirror_one_iteration to mirror_iteration_done
-    on a logical clock.  No two copies of overlapping ranges may overlap in
-    time.  The test checks it really saw concurrent copies and recopies."""
-    size = 16 * MiB
-    hot = 2 * MiB
-    src = make_image(tmp_path / "src.img", size, seed=8)
-    dst = tmp_path / "dst.img"
-    job = mkjob(src, dst, granularity=G, speed=4 * MiB)
-    lock = threading.Lock()
-    clock = [0]
-    open_copies = {}      # thread id -> (start tick, offset, end)
-    intervals = []        # (start, end tick, offset, end offset)
-    problems = []
+class _FlightRecorder:
+    """Records every copy (mirror_one_iteration .. mirror_iteration_done) and,
+    in write-blocking mode, every claim of a write that goes to both sides,
+    as intervals on one logical clock, in chunks."""
 
-    def tick():
-        clock[0] += 1
-        return clock[0]
+    def __init__(self, job, granularity):
+        self.job = job
+        self.g = granularity
+        self.lock = threading.Lock()
+        self.clock = 0
+        self.open_copies = {}     # thread id -> (tick, first chunk, end chunk)
+        self.open_claims = {}     # slot -> (tick, first, end)
+        self.copies = []          # (start, end tick, first, end chunk)
+        self.claims = []
+        self.contended = 0        # claims asked for while an overlapping copy ran
+        self.problems = []
 
-    def on_iteration(j, sector_num, nb_sectors):
-        with lock:
+    def _tick(self):
+        self.clock += 1
+        return self.clock
+
+    def _chunks(self, off, length):
+        return off // self.g, max(off // self.g + 1, -(-(off + length) // self.g))
+
+    def on_iteration(self, j, sector_num, nb_sectors):
+        first, end = self._chunks(sector_num * 512, nb_sectors * 512)
+        with self.lock:
             tid = threading.get_ident()
-            if tid in open_copies:
-                problems.append("worker %d started a copy inside another" % tid)
-            open_copies[tid] = (tick(), sector_num * 512, (sector_num + nb_sectors) * 512)
-        # Widen the window in which another worker could wrongly copy the
-        # same chunk (the GIL is released while sleeping).
+            if tid in self.open_copies:
+                self.problems.append("worker %d started a copy inside another" % tid)
+            self.open_copies[tid] = (self._tick(), first, end)
+        # Widen the window in which another copy (or a write to both sides)
+        # could wrongly overlap this one; the GIL is released while waiting.
         threading.Event().wait(0.0005)
 
-    def on_done(j, offset, nbytes, ret):
-        with lock:
-            tid = threading.get_ident()
-            start = open_copies.pop(tid, None)
+    def on_done(self, j, offset, nbytes, ret):
+        with self.lock:
+            start = self.open_copies.pop(threading.get_ident(), None)
             if start is None:
-                problems.append("iteration_done without one_iteration")
+                self.problems.append("iteration_done without one_iteration")
                 return
-            if start[1] != offset:
-                problems.append("done offset %d != started %d" % (offset, start[1]))
-            intervals.append((start[0], tick(), offset, offset + nbytes))
+            if start[1] != offset // self.g:
+                self.problems.append("done at %d, started at chunk %d" % (offset, start[1]))
+            self.copies.append((start[0], self._tick(), start[1], start[2]))
 
-    trace.connect("mirror_one_iteration", on_iteration)
-    trace.connect("mirror_iteration_done", on_done)
-    # The writers breathe (0.5 ms) so that the job can catch up with them
-    # and become ready: 4 threads flat out on 32 chunks could starve it.
+    def wrap_claims(self):
+        # The job enters write-blocking mode once its initial marking is done.
+        for _ in range(TIMEOUT * 100):
+            if self.job.source.write_blocking:
+                break
+            threading.Event().wait(0.01)
+        claim, unclaim, side = self.job.source._mirror
+
+        def claim_w(off, length):
+            first, end = self._chunks(off, length)
+            with self.lock:
+                if any(f < end and first < e for _, f, e in self.open_copies.values()):
+                    self.contended += 1
+            slot = claim(off, length)
+            if slot >= 0:
+                with self.lock:
+                    self.open_claims[slot] = (self._tick(), first, end)
+            return slot
+
+        def unclaim_w(slot):
+            if slot >= 0:
+                with self.lock:
+                    s = self.open_claims.pop(slot)
+                    self.claims.append((s[0], self._tick(), s[1], s[2]))
+            unclaim(slot)
+
+        self.job.source._mirror = (claim_w, unclaim_w, side)
+
+    def overlaps(self):
+        """Pairs of intervals overlapping both in time and in chunks (a sweep
+        over start times); and how many intervals started while another was
+        open."""
+        tagged = sorted([(s, e, f, c, "copy") for s, e, f, c in self.copies] +
+                        [(s, e, f, c, "claim") for s, e, f, c in self.claims])
+        violations, concurrent, active = [], 0, []
+        for iv in tagged:
+            active = [a for a in active if a[1] > iv[0]]
+            if active:
+                concurrent += 1
+            for a in active:
+                if a[2] < iv[3] and iv[2] < a[3]:
+                    violations.append((a, iv))
+            active.append(iv)
+        return violations, concurrent
+
+
+@pytest.mark.parametrize("copy_mode", ["background", "write-blocking"])
+def test_inv3_two_copies_of_one_chunk_never_overlap(tmp_path, mkjob, copy_mode):
+    """Four writers hammer the source through job.source in both phases;
+    every copy is recorded from mirror_one_iteration to mirror_iteration_done
+    on a logical clock.  No two copies of overlapping chunks may overlap in
+    time; in write-blocking mode neither may a copy and a write that goes to
+    both sides, nor two such writes.  The test checks it really saw
+    concurrent copies, and recopies (background) or writes that had to wait
+    for a copy (write-blocking)."""
+    size = 16 * MiB
+    # Background: a small hot area, recopied again and again.  Write-blocking:
+    # writes never dirty, so they go everywhere to meet the bulk copy.
+    hot = 2 * MiB if copy_mode == "background" else size
+    src = make_image(tmp_path / "src.img", size, seed=8)
+    dst = tmp_path / "dst.img"
+    job = mkjob(src, dst, granularity=G, speed=4 * MiB, copy_mode=copy_mode)
+    rec = _FlightRecorder(job, G)
+    trace.connect("mirror_one_iteration", rec.on_iteration)
+    trace.connect("mirror_iteration_done", rec.on_done)
     writers = Writers(job.source, n=4, hi=hot, seed=9, job=job, min_len=512,
-                      max_len=64 * KiB, pause=0.0005)
+                      max_len=64 * KiB)
+    # Write-blocking mode begins after the initial marking, in the job's
+    # thread: wrap the claims as soon as it does.
+    wrapper = threading.Thread(target=rec.wrap_claims, daemon=True)
     try:
-        job.start()
-        writers.start()
-        writers.wait_for(300)          # phase 1: throttled, so still running
-        job.set_speed(0)
-        assert job.wait_ready(TIMEOUT)
-        n = writers.count
-        writers.wait_for(n + 300)      # phase 2
+        if copy_mode == "write-blocking":
+            wrapper.start()
+        phase1_then_phase2(job, writers, 300, timeout=TIMEOUT)
         writers.stop()
+        if copy_mode == "write-blocking":
+            wrapper.join(TIMEOUT)
+            assert job.source._mirror[0].__name__ == "claim_w"
     finally:
         writers.stop_event.set()
-        trace.disconnect("mirror_one_iteration", on_iteration)
-        trace.disconnect("mirror_iteration_done", on_done)
+        trace.disconnect("mirror_one_iteration", rec.on_iteration)
+        trace.disconnect("mirror_iteration_done", rec.on_done)
     run_to_completion(job)
 
-    assert not problems, problems[:5]
+    assert not rec.problems, rec.problems[:5]
     assert writers.writes_in("running") > 0 and writers.writes_in("ready") > 0
-    # Sweep in time order: at each start, every open interval overlapping it
-    # in space is a violation.
-    intervals.sort()
-    violations = []
-    concurrent = 0
-    active = []
-    for s, e, off, end in intervals:
-        active = [a for a in active if a[1] > s]
-        if active:
-            concurrent += 1
-        for a in active:
-            if a[2] < end and off < a[3]:
-                violations.append(((a[2], a[3]), (off, end)))
-        active.append((s, e, off, end))
-    assert not violations, "copies of the same chunk overlapped: %s" % violations[:5]
+    violations, concurrent = rec.overlaps()
+    assert not violations, "overlapping copies of the same chunks: %s" % violations[:5]
     # The test means something only if copies did run concurrently and the
-    # hot chunks were copied again and again.
+    # race it guards against had a chance to happen.
     assert concurrent > 0, "no two copies were ever in flight together"
-    hot_copies = sum(1 for _, _, off, _ in intervals if off < hot)
-    assert hot_copies > hot // G, "the hot area was not recopied (%d copies)" % hot_copies
+    if copy_mode == "background":
+        hot_copies = sum(1 for _, _, first, _ in rec.copies if first < hot // G)
+        assert hot_copies > hot // G, "the hot area was not recopied (%d copies)" % hot_copies
+    else:
+        assert len(rec.claims) > 0, "no write went to both sides"
+        assert rec.contended > 0, "no write ever met a copy of its chunks in flight"
     assert_same(src, dst)
 
 
@@ -435,8 +493,9 @@ def test_inv5_fresh_target_stays_sparse(tmp_path, mkjob):
 # 6. COMPLETED means consistent
 # ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("seed", [21, 22])
-def test_inv6_completed_target_equals_source(tmp_path, mkjob, seed):
+@pytest.mark.parametrize("seed,copy_mode", [(21, "background"), (22, "write-blocking"),
+                                            (23, "auto")])
+def test_inv6_completed_target_equals_source(tmp_path, mkjob, seed, copy_mode):
     """Writers in both phases; after COMPLETED the target equals the source
     (the writers stopped before complete(), so "some instant" is now)."""
     size = 16 * MiB
@@ -444,20 +503,13 @@ def test_inv6_completed_target_equals_source(tmp_path, mkjob, seed):
                      holes=[(4 * MiB, 2 * MiB), (15 * MiB, 1 * MiB)])
     dst = make_image(tmp_path / "dst.img", size, pattern=0xAB)
     # Throttled so that phase 1 lasts while the writers run.
-    job = mkjob(src, dst, granularity=G, speed=1 * MiB)
+    job = mkjob(src, dst, granularity=G, speed=1 * MiB, copy_mode=copy_mode)
     writers = Writers(job.source, n=4, seed=seed, job=job)
     try:
-        job.start()
-        writers.start()
-        writers.wait_for(200)
-        assert writers.writes_in("running") > 0
-        job.set_speed(0)
-        assert job.wait_ready(TIMEOUT)
-        writers.wait_for(writers.count + 200)
+        phase1_then_phase2(job, writers, 200, timeout=TIMEOUT)
     finally:
         writers.stop_event.set()
     final = run_to_completion(job, writers)
-    assert writers.writes_in("ready") > 0
     assert final.offset == final.len == size
     st = job.status()
     assert st.offset == size and st.dirty_bytes == 0 and st.io_status == "ok"

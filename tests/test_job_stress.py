@@ -17,29 +17,21 @@ import pytest
 from fastmirror import EventType, JobState
 
 from conftest import (KiB, MiB, Writers, assert_qemu_equal, assert_same, make_image,
-                      read_bytes)
+                      phase1_then_phase2, read_bytes)
 
 TIMEOUT = 90
 WRITES = 150          # per phase, all writers together
 
 
 def _phase1_then_phase2(job, writers, writes=WRITES):
-    """Writers run in phase 1 (throttled job), then the limit is lifted and
-    they go on in phase 2."""
-    job.start()
-    writers.start()
-    writers.wait_for(writes)
-    assert job.state in (JobState.RUNNING, JobState.PAUSED), job.status()
-    job.set_speed(0)
-    assert job.wait_ready(TIMEOUT), "never ready: %s" % (job.status(),)
-    writers.wait_for(writers.count + writes)
-    assert writers.writes_in("running") > 0, "no write landed in phase 1"
-    assert writers.writes_in("ready") > 0, "no write landed in phase 2"
+    phase1_then_phase2(job, writers, writes, timeout=TIMEOUT)
 
 
-@pytest.mark.parametrize("seed,granularity", [(1, 64 * KiB), (2, 4 * KiB), (3, 1 * MiB),
-                                              (4, 512)])
-def test_writers_in_both_phases_then_complete(tmp_path, mkjob, seed, granularity):
+@pytest.mark.parametrize("seed,granularity,copy_mode", [
+    (1, 64 * KiB, "background"), (2, 4 * KiB, "background"), (3, 1 * MiB, "background"),
+    (4, 512, "background"), (5, 64 * KiB, "write-blocking"), (6, 4 * KiB, "write-blocking"),
+    (7, 1 * MiB, "auto")])
+def test_writers_in_both_phases_then_complete(tmp_path, mkjob, seed, granularity, copy_mode):
     # With 1 MiB chunks every small write dirties a whole MiB: writers going
     # flat out could keep the job from ever catching up (as in QEMU), so they
     # breathe a little there.
@@ -49,7 +41,7 @@ def test_writers_in_both_phases_then_complete(tmp_path, mkjob, seed, granularity
     holes = sorted({(rng.randrange(0, size // MiB - 2) * MiB, MiB) for _ in range(4)})
     src = make_image(tmp_path / "src.img", size, seed=seed, holes=holes)
     dst = make_image(tmp_path / "dst.img", size, pattern=0xAB)
-    job = mkjob(src, dst, granularity=granularity, speed=2 * MiB)
+    job = mkjob(src, dst, granularity=granularity, speed=2 * MiB, copy_mode=copy_mode)
     writers = Writers(job.source, n=4, seed=seed, job=job, pause=pause)
     try:
         _phase1_then_phase2(job, writers)
@@ -64,8 +56,8 @@ def test_writers_in_both_phases_then_complete(tmp_path, mkjob, seed, granularity
     assert_qemu_equal(src, dst)
 
 
-@pytest.mark.parametrize("seed", [5, 6])
-def test_writers_go_on_through_complete_and_the_pivot(tmp_path, mkjob, seed):
+@pytest.mark.parametrize("seed,copy_mode", [(5, "background"), (6, "write-blocking")])
+def test_writers_go_on_through_complete_and_the_pivot(tmp_path, mkjob, seed, copy_mode):
     """The writers never stop: complete() holds them at the gate while it
     drains, then their writes go to the target.  Each writer owns a region,
     so the target must end equal to the source image with every write
@@ -74,7 +66,7 @@ def test_writers_go_on_through_complete_and_the_pivot(tmp_path, mkjob, seed):
     src = make_image(tmp_path / "src.img", size, seed=seed)
     base = read_bytes(src)
     dst = tmp_path / "dst.img"
-    job = mkjob(src, dst, granularity=64 * KiB, speed=2 * MiB)
+    job = mkjob(src, dst, granularity=64 * KiB, speed=2 * MiB, copy_mode=copy_mode)
     writers = Writers(job.source, n=4, seed=seed, job=job, regions=True)
     try:
         _phase1_then_phase2(job, writers)
@@ -127,6 +119,7 @@ def test_outside_writer_with_mark_dirty(tmp_path, mkjob):
                 outside["count"] += 1
                 if job.state.value == before:
                     outside["states"].add(before)
+                stop.wait(0.002)
         except BaseException as e:  # noqa: BLE001 - checked below
             outside["error"] = e
         finally:
@@ -168,8 +161,10 @@ def test_pause_resume_and_cancel_under_writers(tmp_path, mkjob):
             assert job.status().state == "paused"
             job.resume()
             writers.wait_for(writers.count + 30)
+        writers.set_pause(0.01)                  # let the job catch up
         job.set_speed(0)
         assert job.wait_ready(TIMEOUT)
+        writers.set_pause(0)
         for _ in range(3):                       # phase 2
             job.pause()
             writers.wait_for(writers.count + 30)
