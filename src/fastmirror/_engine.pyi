@@ -71,6 +71,9 @@ class CopyEngine:
     def bytes_zero_detected(self) -> int:
         """Zero data stored as zeroed ranges."""
     @property
+    def bytes_marked(self) -> int:
+        """Bytes reported written through mark_dirty."""
+    @property
     def chunks_copied(self) -> int: ...
     @property
     def copies(self) -> int: ...
@@ -119,6 +122,8 @@ class CopyEngine:
     def zero_target(self, offset: int, length: int) -> int:
         """Make a target range read as zeros: 0 or -errno; -EOPNOTSUPP means
         the caller must copy the range instead."""
+    def counters(self) -> dict[str, int]:
+        """A consistent snapshot of the counters."""
     def snapshot(self) -> tuple[int, int, bool, bool]:
         """``(busy, inflight_bytes, paused, held)``."""
 

@@ -27,6 +27,8 @@ I/O is in progress or while Python (a tracepoint) runs.
 
 import os
 
+cimport cython
+
 from libc.errno cimport ETIMEDOUT, ENXIO, EOPNOTSUPP, ENOTTY, EINVAL
 from libc.stdint cimport int64_t
 from posix.time cimport timespec
@@ -82,6 +84,8 @@ cdef extern from *:
     }
     """
     void fm_atomic_add(int64_t *p, int64_t v) nogil
+    int64_t __atomic_load_n(int64_t *p, int order) nogil
+    int __ATOMIC_RELAXED
 
 
 cdef inline void deadline_after(timespec *ts, int64_t ns) noexcept nogil:
@@ -138,6 +142,8 @@ cdef class CopyEngine:
     cdef readonly int64_t bytes_copied
     cdef readonly int64_t bytes_zeroed         # holes of the source zeroed on the target
     cdef readonly int64_t bytes_zero_detected  # zero data stored as zeroed ranges
+    cdef readonly int64_t bytes_marked         # bytes reported written through mark_dirty
+    cdef bint slot_running[MAX_WORKERS]        # run_worker() active per slot
     cdef readonly int64_t chunks_copied
     cdef readonly int64_t copies
     cdef readonly int64_t busy_ns    # wall time with at least one copy in progress
@@ -168,6 +174,8 @@ cdef class CopyEngine:
                  int64_t size, int64_t align, int64_t max_io, int nworkers,
                  bint dst_is_block=False, bint detect_zeroes=True, bint unmap=True):
         cdef int i
+        if self.bitmap is not None:
+            raise RuntimeError("CopyEngine is already initialised")
         if size != bitmap.size:
             raise ValueError("bitmap covers %d bytes, engine %d" % (bitmap.size, size))
         if align <= 0 or align & (align - 1) or bitmap.granularity % align:
@@ -229,6 +237,7 @@ cdef class CopyEngine:
         end = (offset + length + (<int64_t>1 << self.shift) - 1) >> self.shift
         with nogil:
             self.mark_chunks(first, end - first)
+            fm_atomic_add(&self.bytes_marked, length)
 
     # ------------------------------------------------------------------
     # Control (the job)
@@ -328,11 +337,14 @@ cdef class CopyEngine:
             pthread_mutex_unlock(&self.mu)
 
     def set_trace(self, on_iteration, on_iteration_done):
-        """Callables for the per-copy tracepoints, or None.  Workers read
-        them under the GIL, so swapping them is safe at any time."""
-        self.on_iteration = on_iteration
-        self.on_iteration_done = on_iteration_done
-        self.trace_on = on_iteration is not None or on_iteration_done is not None
+        """Callables for the per-copy tracepoints, or None.  Swapped and read
+        inside a critical section on the engine, so that a worker never holds
+        a callable that another thread is dropping (free-threaded Python has
+        no GIL to make the swap atomic)."""
+        with cython.critical_section(self):
+            self.on_iteration = on_iteration
+            self.on_iteration_done = on_iteration_done
+            self.trace_on = on_iteration is not None or on_iteration_done is not None
 
     def wait_event(self, double timeout, bint want_clean=True):
         """Sleep until something needs the coordinator; returns EV_*."""
@@ -404,20 +416,41 @@ cdef class CopyEngine:
         if r == -ENOTTY or r == -EINVAL:
             r = -EOPNOTSUPP
         if r == 0:
-            self.bytes_zeroed += length
+            fm_atomic_add(&self.bytes_zeroed, length)
         return r
 
     def snapshot(self):
         """(busy, inflight_bytes, paused, held) read under the engine lock."""
-        cdef int i
+        cdef int i, busy
+        cdef bint paused, held
         cdef int64_t inflight = 0
         with nogil:
             pthread_mutex_lock(&self.mu)
             for i in range(self.nworkers):
                 if self.inflight_first[i] >= 0:
                     inflight += (self.inflight_end[i] - self.inflight_first[i]) << self.shift
+            busy = self.busy
+            paused = self.paused
+            held = self.held
             pthread_mutex_unlock(&self.mu)
-        return self.busy, inflight, self.paused, self.held
+        return busy, inflight, paused, held
+
+    def counters(self):
+        """A consistent snapshot of the counters, as a dict."""
+        cdef int64_t copied, chunks, copies, busy_ns, zeroed, zero_detected, marked
+        with nogil:
+            pthread_mutex_lock(&self.mu)
+            copied = self.bytes_copied
+            chunks = self.chunks_copied
+            copies = self.copies
+            busy_ns = self.busy_ns
+            pthread_mutex_unlock(&self.mu)
+            zeroed = __atomic_load_n(&self.bytes_zeroed, __ATOMIC_RELAXED)
+            zero_detected = __atomic_load_n(&self.bytes_zero_detected, __ATOMIC_RELAXED)
+            marked = __atomic_load_n(&self.bytes_marked, __ATOMIC_RELAXED)
+        return {"bytes_copied": copied, "chunks_copied": chunks, "copies": copies,
+                "busy_ns": busy_ns, "bytes_zeroed": zeroed,
+                "bytes_zero_detected": zero_detected, "bytes_marked": marked}
 
     @property
     def speed(self):
@@ -428,13 +461,21 @@ cdef class CopyEngine:
     # ------------------------------------------------------------------
 
     def run_worker(self, int slot):
-        """Run one copy worker until stop().  Call from a dedicated thread."""
+        """Run one copy worker until stop().  Call from a dedicated thread,
+        once per slot: a slot owns one buffer."""
+        cdef bint taken
         if slot < 0 or slot >= self.nworkers:
             raise ValueError("slot out of range")
         with nogil:
             pthread_mutex_lock(&self.mu)
-            self.running += 1
+            taken = self.slot_running[slot]
+            if not taken:
+                self.slot_running[slot] = True
+                self.running += 1
             pthread_mutex_unlock(&self.mu)
+        if taken:
+            raise RuntimeError("a worker already runs in slot %d" % slot)
+        with nogil:
             self._worker(slot)
 
     cdef bint _conflicts(self, int64_t chunk, int64_t *end) noexcept nogil:
@@ -616,7 +657,8 @@ cdef class CopyEngine:
         return end
 
     cdef void _trace_before(self, int64_t off, int64_t length) noexcept with gil:
-        cb = self.on_iteration
+        with cython.critical_section(self):
+            cb = self.on_iteration        # a new reference: safe after the section
         if cb is not None:
             try:
                 cb(off >> 9, (length + 511) >> 9)
@@ -624,7 +666,8 @@ cdef class CopyEngine:
                 _log_callback_error("mirror_one_iteration")
 
     cdef void _trace_after(self, int64_t off, int64_t length, int ret) noexcept with gil:
-        cb = self.on_iteration_done
+        with cython.critical_section(self):
+            cb = self.on_iteration_done
         if cb is not None:
             try:
                 cb(off, length, ret)

@@ -60,6 +60,9 @@ def zero(fd: int, offset: int, length: int, is_block: bool, unmap: bool = True) 
     """Make a range read as zeros without writing a buffer.  False where no
     zeroing call is supported (the caller writes zeros instead)."""
 
+def preallocate(fd: int, offset: int, length: int) -> bool:
+    """Allocate a file range before writing it; False where not possible."""
+
 def flush(fd: int) -> None:
     """fdatasync, retrying EINTR."""
 

@@ -181,7 +181,6 @@ class MirrorJob:
         self._listeners: list[Callable[[JobEvent], object]] = []
         self._threads: list[threading.Thread] = []
         self._coordinator: Optional[threading.Thread] = None
-        self._marked_bytes = 0
         self._copy_rate = _Rate()
         self._dirty_rate = _Rate()
         self._started_at: Optional[float] = None
@@ -435,8 +434,7 @@ class MirrorJob:
     def _mark_write(self, offset: int, length: int) -> None:
         if self._final is not None:
             return
-        self._engine.mark_dirty(offset, length)
-        self._marked_bytes += length
+        self._engine.mark_dirty(offset, length)   # counts engine.bytes_marked
 
     def _refresh_trace(self) -> None:
         one = trace.listeners("mirror_one_iteration")
@@ -492,11 +490,11 @@ class MirrorJob:
             return
         _, inflight, _, _ = self._engine.snapshot()
         left = self._bitmap.dirty_bytes + inflight
-        self._progress.append((now, left, self._marked_bytes))
+        self._progress.append((now, left, self._engine.bytes_marked))
         while len(self._progress) > 2 and now - self._progress[1][0] >= AUTO_WINDOW:
             self._progress.pop(0)
         t0, left0, marked0 = self._progress[0]
-        if now - t0 < AUTO_WINDOW or self._marked_bytes == marked0:
+        if now - t0 < AUTO_WINDOW or self._engine.bytes_marked == marked0:
             return
         if left >= 0.9 * left0 and left > 4 * self._engine.max_io:
             self._enter_write_blocking()
@@ -577,9 +575,16 @@ class MirrorJob:
         unless it is known to be zero already (invariant 5)."""
         if self.sync != "full" or self.size == 0:
             return
-        for off, length in _io.data_extents(self._src.fd, 0, self.size):
+        extents = _io.data_extents(self._src.fd, 0, self.size)
+        for off, length in extents:
             self._bitmap.set(off, length)
         self._initial_chunks = self._bitmap.dirty_count
+        if not self._dst.info.is_block:
+            # Allocate the file target where data will go, so that the
+            # parallel direct writes do not serialize on allocation.
+            for off, length in extents:
+                if not _io.preallocate(self._dst.fd, off, length):
+                    break
         if self.target_is_zero:
             return
         pos = 0
@@ -592,7 +597,7 @@ class MirrorJob:
             if self._engine.zero_target(clean, end - clean) < 0:
                 # No zeroing call (or it failed): copy the zeros instead; the
                 # copy reports real errors under the target's policy.
-                self._engine.mark_dirty(clean, end - clean)
+                self._bitmap.set(clean, end - clean)
                 self._initial_chunks += (end - clean + self.granularity - 1) // self.granularity
             pos = end
 
@@ -618,7 +623,7 @@ class MirrorJob:
             ev = eng.wait_event(TICK, want_clean=not self._ready and not paused)
             now = time.monotonic()
             self._copy_rate.add(now, eng.bytes_copied)
-            self._dirty_rate.add(now, self._marked_bytes)
+            self._dirty_rate.add(now, self._engine.bytes_marked)
             self._auto_copy_mode(now)
 
             if ev == EV_ERROR:
