@@ -68,6 +68,7 @@ AUTO_WINDOW = 2.0
 MAX_IO = 1 << 20            # one copy request, as QEMU's mirror
 MAX_WORKERS = 16            # copies in flight, as QEMU's 16 operations
 MAX_BUF_SIZE = 1 << 30
+MAX_GRANULARITY = 64 << 20  # as QEMU's mirror: 512 bytes to 64 MiB
 MAX_SPEED = 1 << 50         # 1 PB/s: anything above is a typo
 TICK = 0.1                  # seconds between coordinator wake-ups
 RETRY_BACKOFF = (0.01, 1.0)  # "ignore": first and longest wait before retrying
@@ -115,7 +116,7 @@ class MirrorJob:
                  on_source_error: str = "report", on_target_error: str = "report",
                  opaque=None, detect_zeroes: bool = True, unmap: bool = True,
                  verify: bool = False, copy_mode: str = "auto"):
-        granularity = _positive_int("granularity", granularity, 512)
+        granularity = _positive_int("granularity", granularity, 512, MAX_GRANULARITY)
         if granularity & (granularity - 1):
             raise ValueError("granularity %d is not a power of two" % granularity)
         buf_size = _positive_int("buf_size", buf_size, 1, MAX_BUF_SIZE)
@@ -157,11 +158,15 @@ class MirrorJob:
 
         max_io = max(granularity, min(MAX_IO, self.buf_size) // granularity * granularity)
         nworkers = max(1, min(MAX_WORKERS, self.buf_size // max_io))
-        self._bitmap = HBitmap(self.size, granularity)
-        self._engine = CopyEngine(
-            self._bitmap, self._src.fd, self._dst.fd, self._dst.tail_fd,
-            self.size, align, max_io, nworkers, dst_is_block=self._dst.info.is_block,
-            detect_zeroes=detect_zeroes, unmap=unmap)
+        try:
+            self._bitmap = HBitmap(self.size, granularity)
+            self._engine = CopyEngine(
+                self._bitmap, self._src.fd, self._dst.fd, self._dst.tail_fd,
+                self.size, align, max_io, nworkers, dst_is_block=self._dst.info.is_block,
+                detect_zeroes=detect_zeroes, unmap=unmap)
+        except BaseException:      # e.g. MemoryError: leave nothing behind
+            self._close_endpoints(remove_created=True)
+            raise
         self._engine.set_speed(speed)
         self.source = TrackedSource(self._src.path, self.size, self._src.info.is_block,
                                     self._mark_write)

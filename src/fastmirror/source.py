@@ -173,7 +173,7 @@ class TrackedSource(BlockHandle):
             try:
                 n = op(side)
             except OSError as e:
-                raise io_error(e.errno, side.path, offset, "write") from None
+                raise io_error(e.errno or 5, side.path, offset, "write") from None
             if mark is None or not n:
                 return n
             if mirror is not None:
@@ -234,7 +234,7 @@ class TrackedSource(BlockHandle):
                 done += len(b)
             return b"".join(chunks)
         except OSError as e:
-            raise io_error(e.errno, side.path, offset, "read") from None
+            raise io_error(e.errno or 5, side.path, offset, "read") from None
         finally:
             self._leave()
 
