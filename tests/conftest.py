@@ -446,31 +446,49 @@ def _test_failed(request) -> bool:
     return rep is None or rep.failed
 
 
-@pytest.fixture
-def mkjob(request):
-    """mkjob(source, target, **kw) -> MirrorJob (not started).  A job that the
-    test left started but not concluded is force-cancelled at teardown and
-    the test fails: tests must end their jobs."""
-    from fastmirror import MirrorJob
+# Jobs made by mkjob in the current test, and those found still running when
+# they were closed (by mkjob's teardown, or earlier by loopdev's).
+_jobs: list = []
+_left_running: list[str] = []
+
+
+def _close_jobs() -> None:
+    """Close every job of the test and its job.source handle (which, after a
+    pivot, holds the target open: a loop device could not be detached)."""
     from fastmirror.events import JobState
 
-    jobs = []
+    while _jobs:
+        job = _jobs.pop()
+        if job.state not in (JobState.CREATED, JobState.CONCLUDED):
+            _left_running.append(repr(job))
+        for close in (job.close, job.source.close):
+            try:
+                close()
+            except Exception:  # noqa: BLE001 - teardown goes on
+                pass
+
+
+@pytest.fixture
+def mkjob(request):
+    """mkjob(source, target, **kw) -> MirrorJob (not started).  At teardown
+    every job and its job.source are closed; a job that the test left
+    started but not concluded is force-cancelled and the test fails: tests
+    must end their jobs."""
+    from fastmirror import MirrorJob
+
+    _jobs.clear()
+    _left_running.clear()
 
     def make(source, target, **kw):
         job = MirrorJob(source, target, **kw)
-        jobs.append(job)
+        _jobs.append(job)
         return job
 
     yield make
 
-    running = []
-    for job in jobs:
-        if job.state not in (JobState.CREATED, JobState.CONCLUDED):
-            running.append(repr(job))
-        try:
-            job.close()
-        except Exception:  # noqa: BLE001 - teardown goes on
-            pass
+    _close_jobs()
+    running = list(_left_running)
+    _left_running.clear()
     if running and not _test_failed(request):
         pytest.fail("test left jobs running: %s" % ", ".join(running), pytrace=False)
 
@@ -482,7 +500,7 @@ def loopdev():
     FASTMIRROR_REQUIRE_ALL=1).  Every device is detached at teardown, also
     when the test failed."""
     losetup = require_loop()
-    devices: list[str] = []
+    devices: list[tuple[str, str]] = []     # (device, backing file)
 
     def attach(image, sector_size: int = 512, read_only: bool = False,
                direct_io: bool = True) -> str:
@@ -495,7 +513,7 @@ def loopdev():
         if r.returncode != 0:
             pytest.fail("losetup failed: %s %s" % (" ".join(cmd), r.stderr), pytrace=False)
         dev = r.stdout.strip()
-        devices.append(dev)
+        devices.append((dev, os.path.realpath(image)))
         # Check what we got: the sector size and direct I/O we asked for.
         info = subprocess.run([losetup, "--list", "--noheadings", "--output",
                                "LOG-SEC,DIO", dev], capture_output=True, text=True,
@@ -506,15 +524,29 @@ def loopdev():
 
     yield attach
 
+    def backing(dev: str):
+        try:
+            with open("/sys/block/%s/loop/backing_file" % os.path.basename(dev)) as f:
+                return f.read().strip()
+        except OSError:
+            return None
+
+    _close_jobs()        # a job's descriptors would keep the devices busy
     errors = []
-    for dev in reversed(devices):
+    for dev, image in reversed(devices):
         for attempt in range(20):
             r = subprocess.run([losetup, "--detach", dev], capture_output=True,
                                text=True, timeout=60)
-            if r.returncode == 0:
+            if r.returncode == 0 or backing(dev) != image:
                 break
             time.sleep(0.1 * (attempt + 1))    # still open somewhere: retry
+        # The kernel detaches a device still open elsewhere (udev probing it,
+        # say) only at its last close: wait until it lets go of our image.
+        for _ in range(100):
+            if backing(dev) != image:
+                break
+            time.sleep(0.1)
         else:
-            errors.append("%s: %s" % (dev, r.stderr.strip()))
+            errors.append("%s still attached to %s: %s" % (dev, image, r.stderr.strip()))
     if errors:
         pytest.fail("could not detach loop devices: %s" % "; ".join(errors), pytrace=False)

@@ -146,9 +146,9 @@ def test_inv2_job_source_marks_after_the_write_reached_the_source(tmp_path, mkjo
     do("discard", 2 * MiB + 256 * KiB, 64 * KiB)
     run_to_completion(job)
 
-    assert [c[0] for c in checks] == ["pwrite", "pwrite", "pwrite", "write_zeroes", "discard"]
     early = [c for c in checks if not c[3]]
     assert not early, "marked before the data reached the source: %s" % early
+    assert [c[0] for c in checks] == ["pwrite", "pwrite", "pwrite", "write_zeroes", "discard"]
     assert_same(src, dst)
     assert read_bytes(dst, 2 * MiB, 128 * KiB) == bytes(128 * KiB)
 
@@ -185,11 +185,14 @@ def test_inv2_write_while_a_chunk_is_in_flight_is_not_lost(tmp_path, mkjob):
         trace.disconnect("mirror_iteration_done", on_done)
     run_to_completion(job)
 
-    assert len(writes) == 16
-    assert all(dirty for _, _, dirty in writes), writes
+    # One write per copy of the bulk (8 extents of 1 MiB) at least; each
+    # makes a recopy, which writes again, up to 16.
+    assert len(writes) >= 8, writes
     for w_off, length, _ in writes:
         assert read_bytes(dst, w_off, length) == read_bytes(src, w_off, length), \
             "write at %d during its chunk's copy was lost" % w_off
+    assert all(dirty for _, _, dirty in writes), writes
+    assert len(writes) == 16, "the writes made no recopy"
     assert_same(src, dst)
 
 

@@ -356,18 +356,57 @@ def test_pause_in_phase2_keeps_ready(images, mkjob):
 # ---------------------------------------------------------------------------
 
 def test_set_speed_wakes_a_throttled_job_at_once(big_images, mkjob):
-    """At 64 KiB/s the 32 MiB job has reserved minutes of copying; after
-    set_speed(0) it must become ready long before the first reservation would
-    expire (16 s for the second 1 MiB copy; the timeout is generous but the
-    reservations reach 4 minutes)."""
+    """At 16 KiB/s the first 1 MiB copy costs 64 s of the budget: the workers
+    sleep that long before the next one.  After set_speed(0) the job must
+    become ready well before (the 30 s timeout is generous, yet shorter), so
+    set_speed must wake the sleeping workers."""
     src, dst = big_images
-    job = mkjob(src, dst, granularity=G, speed=CRAWL)
+    slow = 16 * KiB
+    job = mkjob(src, dst, granularity=G, speed=slow)
     job.start()
-    assert job.status().speed == CRAWL
+    assert job.status().speed == slow
     assert not job.wait_ready(0.2)
     job.set_speed(0)
     assert job.status().speed == 0
     assert job.wait_ready(30), "set_speed(0) did not wake the throttled workers"
+    job.complete()
+    assert job.wait(TIMEOUT).type == EventType.COMPLETED
+    assert_same(src, dst)
+
+
+@pytest.mark.parametrize("copy_mode", ["background", "write-blocking"])
+def test_a_job_sleeping_on_the_limit_holds_no_chunk(big_images, mkjob, copy_mode):
+    """Under a speed limit the workers wait for their turn before they take
+    an extent: a throttled job is not busy, and in write-blocking mode a
+    write through job.source never waits for a copy that has not started.
+    At 16 KiB/s each 1 MiB copy costs 64 s: a job that held extents while
+    sleeping would stay busy, and block these writes, far beyond the
+    (generous) timeouts."""
+    src, dst = big_images
+    job = mkjob(src, dst, granularity=G, speed=16 * KiB, copy_mode=copy_mode)
+    job.start()
+    for _ in range(3000):
+        if job.status().chunks_copied > 0 and not job.status().busy:
+            break
+        threading.Event().wait(0.01)
+    st = job.status()
+    assert st.chunks_copied > 0 and not st.busy, "a throttled job stays busy: %s" % (st,)
+    assert st.dirty_bytes == 31 * MiB, "extents held while sleeping count as in flight"
+    if copy_mode == "write-blocking":
+        assert job.source.write_blocking
+    done = threading.Event()
+
+    def write_everywhere():
+        for off in range(0, 32 * MiB, 512 * KiB):
+            job.source.pwrite(b"\x77" * 4096, off + 4096)
+        done.set()
+
+    t = threading.Thread(target=write_everywhere, daemon=True)
+    t.start()
+    assert done.wait(30), "writes through job.source waited for a throttled job"
+    t.join(30)
+    job.set_speed(0)
+    assert job.wait_ready(TIMEOUT)
     job.complete()
     assert job.wait(TIMEOUT).type == EventType.COMPLETED
     assert_same(src, dst)

@@ -146,11 +146,15 @@ def test_unaligned_source_to_a_file(tmp_path, mkjob):
     assert_qemu_equal(src, dst)
 
 
+@pytest.mark.parametrize("tail", ["data", "hole"])
 @pytest.mark.parametrize("sector", SECTORS)
-def test_unaligned_source_to_a_bigger_loop_device(tmp_path, mkjob, loopdev, sector):
-    """Only [0, len) of the device is written: the rest keeps its 0xAB."""
+def test_unaligned_source_to_a_bigger_loop_device(tmp_path, mkjob, loopdev, sector, tail):
+    """Only [0, len) of the device is written: the rest keeps its 0xAB.  The
+    source's unaligned end is data, or a hole (zeros that cannot be zeroed
+    with BLKZEROOUT, as the range does not end on a sector)."""
     dev_size = 8 * MiB
-    src = make_image(tmp_path / "src.img", TAIL, seed=9, holes=[(1 * MiB, 1 * MiB)])
+    holes = [(1 * MiB, 1 * MiB)] + ([(4 * MiB, TAIL - 4 * MiB)] if tail == "hole" else [])
+    src = make_image(tmp_path / "src.img", TAIL, seed=9, holes=holes)
     dst_img = make_image(tmp_path / "dst.img", dev_size, pattern=0xAB)
     dst = loopdev(dst_img, sector)
     job = mkjob(src, dst, granularity=64 * KiB, speed=2 * MiB)
