@@ -31,8 +31,8 @@ def test_write_blocking_write_is_on_the_target_when_it_returns(images):
     src, dst = images
     job = fastmirror.MirrorJob(src, dst, copy_mode="write-blocking")
     job.start()
-    assert job.status().copy_mode == "write-blocking"
     assert job.wait_ready(30)
+    assert job.status().copy_mode == "write-blocking"
     rng = random.Random(3)
     with open(dst, "rb") as target:
         for _ in range(200):
