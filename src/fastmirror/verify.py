@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 from fastmirror import _io
+
+CHUNK = 8 << 20        # bytes per read
+SEGMENT = 64 << 20     # bytes one thread compares before taking the next segment
+THREADS = 4            # segments in flight: a single reader leaves the device idle
 
 
 def _open(path: str) -> tuple[int, int]:
@@ -17,25 +22,35 @@ def _open(path: str) -> tuple[int, int]:
         raise
 
 
-def first_difference(source: str, target: str, length: Optional[int] = None,
-                     chunk: int = 8 << 20) -> int:
+def _compare_range(sfd: int, tfd: int, start: int, end: int, chunk: int,
+                   source: str, target: str) -> int:
+    try:
+        return _io.compare(sfd, tfd, end, chunk, start)
+    except OSError as e:
+        path = source if getattr(e, "side", 0) == 0 else target
+        err = OSError(e.errno, e.strerror, os.fspath(path))
+        err.offset = getattr(e, "offset", None)    # type: ignore[attr-defined]
+        raise err from None
+
+
+def first_difference(source, target, length: Optional[int] = None,
+                     chunk: int = CHUNK, threads: int = THREADS) -> int:
     """The first offset in [0, length) where target differs from source, or -1.
 
     length defaults to the source's size; a target larger than that is
     compared only over [0, length) (a mirror writes only there), a shorter one
-    differs at its end.  Reads run with the GIL released, in large aligned
-    chunks, O_DIRECT where the filesystem allows it."""
+    differs at its end.  Several threads compare consecutive segments with the
+    GIL released, in large aligned reads, O_DIRECT where the filesystem allows
+    it; the first difference in file order wins, and later segments are
+    dropped as soon as it is known."""
     sfd, ssize = _open(os.fspath(source))
     try:
         tfd, tsize = _open(os.fspath(target))
         try:
             n = ssize if length is None else length
             common = min(n, tsize)
-            try:
-                first = _io.compare(sfd, tfd, common, chunk)
-            except OSError as e:
-                path = source if getattr(e, "side", 0) == 0 else target
-                raise OSError(e.errno, e.strerror, os.fspath(path)) from None
+            first = _compare_all(sfd, tfd, common, chunk, max(1, threads),
+                                 os.fspath(source), os.fspath(target))
             if first < 0 and common < n:
                 return common
             return first
@@ -43,3 +58,34 @@ def first_difference(source: str, target: str, length: Optional[int] = None,
             os.close(tfd)
     finally:
         os.close(sfd)
+
+
+def _compare_all(sfd: int, tfd: int, length: int, chunk: int, threads: int,
+                 source: str, target: str) -> int:
+    if length <= SEGMENT or threads == 1:
+        return _compare_range(sfd, tfd, 0, length, chunk, source, target)
+    starts = range(0, length, SEGMENT)
+    with ThreadPoolExecutor(threads, thread_name_prefix="fastmirror-verify") as pool:
+        # Keep `threads` segments in flight, in order; results are read in
+        # order, so the first difference found in file order is the answer.
+        pending = []
+        it = iter(starts)
+        for start in it:
+            pending.append(pool.submit(_compare_range, sfd, tfd, start,
+                                       min(start + SEGMENT, length), chunk, source, target))
+            if len(pending) >= threads:
+                break
+        try:
+            while pending:
+                r = pending.pop(0).result()
+                if r >= 0:
+                    return r
+                start = next(it, None)
+                if start is not None:
+                    pending.append(pool.submit(_compare_range, sfd, tfd, start,
+                                               min(start + SEGMENT, length), chunk,
+                                               source, target))
+            return -1
+        finally:
+            for f in pending:
+                f.cancel()
