@@ -205,25 +205,42 @@ def test_target_filesystem_full_stop_then_free_space_and_resume(tmp_path, small_
     job = fastmirror.MirrorJob(str(src), str(dst), on_target_error=policy)
     events = []
     job.add_listener(events.append)
-    job.start()
-    deadline = time.monotonic() + 60
-    while not job.status().paused and time.monotonic() < deadline:
-        assert job.wait(timeout=0.05) is None, "the job ended instead of pausing"
-    st = job.status()
-    assert st.paused and st.io_status == "nospace"
-    err_events = [e for e in events if e.type == fastmirror.EventType.ERROR]
-    assert err_events[0].error.errno == errno.ENOSPC
-    assert err_events[0].action == "stop" and err_events[0].operation == "write"
-    assert "No space left" in str(err_events[0].error)
-    off = err_events[0].error.offset
-    assert job._bitmap.get(off)                     # never left clean
-    os.unlink(ballast)
-    job.resume()
-    assert job.wait_ready(60)
-    job.complete()
-    final = job.wait(60)
-    job.close()
-    job.source.close()          # after the pivot it holds the target open
+    try:
+        job.start()
+        deadline = time.monotonic() + 60
+        while not job.status().paused and time.monotonic() < deadline:
+            assert job.wait(timeout=0.05) is None, "the job ended instead of pausing"
+        st = job.status()
+        assert st.paused and st.io_status == "nospace"
+        err_events = [e for e in events if e.type == fastmirror.EventType.ERROR]
+        assert err_events[0].error.errno == errno.ENOSPC
+        assert err_events[0].action == "stop" and err_events[0].operation == "write"
+        assert "No space left" in str(err_events[0].error)
+        off = err_events[0].error.offset
+        assert job._bitmap.get(off)                     # never left clean
+        os.unlink(ballast)
+        # ext4 returns the ballast's blocks when its journal commits: make
+        # that happen now rather than in up to five seconds.
+        os.sync()
+        job.resume()
+        # Copies that were already failing when space came back may stop
+        # the job once more; as a user would, resume again.
+        resumes = 1
+        deadline = time.monotonic() + 60
+        while not job.wait_ready(0.5):
+            assert time.monotonic() < deadline, "never ready after space was freed"
+            assert job.wait(0) is None, "the job ended after resume"
+            st = job.status()
+            if st.paused:
+                assert st.io_status == "nospace" and resumes < 5
+                os.sync()
+                job.resume()
+                resumes += 1
+        job.complete()
+        final = job.wait(60)
+    finally:
+        job.close()
+        job.source.close()          # after the pivot it holds the target open
     assert final.type == fastmirror.EventType.COMPLETED
     assert first_difference(str(src), str(dst)) == -1
 
@@ -235,9 +252,11 @@ def test_target_filesystem_full_report_fails(tmp_path, small_fs):
     with open(small_fs / "ballast", "wb") as f:
         f.write(b"\1" * (free - (8 << 20)))
     job = fastmirror.MirrorJob(str(src), str(small_fs / "target.img"))
-    job.start()
-    final = job.wait(60)
-    job.close()
+    try:
+        job.start()
+        final = job.wait(60)
+    finally:
+        job.close()
     assert final.type == fastmirror.EventType.FAILED
     assert final.error.errno == errno.ENOSPC
     assert job.status().io_status == "nospace"
