@@ -51,12 +51,15 @@ def test_bench_runs_every_tool_and_copies(tmp_path, capsys):
     doc = json.loads(out.read_text())
     assert doc["size"] == 16 * MiB
     tools = ["fastmirror", "dd"]
-    if shutil.which("qemu-img"):
-        tools.append("qemu-img")
-    elif REQUIRE_ALL:
-        pytest.fail("FASTMIRROR_REQUIRE_ALL=1 but qemu-img is not installed", pytrace=False)
-    else:
-        assert "qemu-img" in doc["skipped"]
+    for tool, binary in (("qemu-img", "qemu-img"), ("qemu-mirror", "qemu-storage-daemon"),
+                         ("fio", "fio")):
+        if shutil.which(binary):
+            tools.extend(benchmark.FIO_PARTS if tool == "fio" else [tool])
+        elif REQUIRE_ALL:
+            pytest.fail("FASTMIRROR_REQUIRE_ALL=1 but %s is not installed" % binary,
+                        pytrace=False)
+        else:
+            assert tool in doc["skipped"]
     for tool in tools:
         timed = [r for r in doc["rounds"] if r["tool"] == tool and not r["warmup"]]
         assert len(timed) == 1, (tool, doc["rounds"])
@@ -72,6 +75,16 @@ def test_bench_runs_every_tool_and_copies(tmp_path, capsys):
             assert s["fastmirror_ratio_paired"] > 0
     fm = next(r for r in doc["rounds"] if r["tool"] == "fastmirror" and not r["warmup"])
     assert 0 < fm["ready_s"] <= fm["wall_s"]
+    if "qemu-mirror" in tools:
+        q = next(r for r in doc["rounds"] if r["tool"] == "qemu-mirror" and not r["warmup"])
+        assert 0 < q["ready_s"] <= q["wall_s"]
+        assert q["detail"]["qemu_len"] == 16 * MiB
+        assert "fastmirror_cpu_ratio" in doc["summary"]["qemu-mirror"]
+    if "fio-rw" in tools:
+        rw = next(r for r in doc["rounds"] if r["tool"] == "fio-rw" and not r["warmup"])
+        assert rw["detail"]["read_gbps"] > 0 and rw["detail"]["write_gbps"] > 0
+        assert rw["detail"]["engine"] in ("io_uring", "libaio", "psync")
+        assert doc["settings"]["fio_engine"] == rw["detail"]["engine"]
 
     table = capsys.readouterr().out
     for tool in tools:
@@ -138,3 +151,182 @@ def test_bench_refuses_loop_device_backed_by_the_source(loop_target, capsys):
     assert benchmark.run(args) == 2
     assert "same" in capsys.readouterr().err
     assert _read(backing) == b"\x5a" * (16 * MiB)
+
+
+def test_bench_refuses_fio_on_block_device_without_destroy_target(tmp_path, loop_target,
+                                                                 capsys):
+    dev, _ = loop_target
+    src = tmp_path / "src.img"
+    args = _parse(["--create", "16M", "--rounds", "1", "--tools", "fio", src, dev])
+    assert benchmark.run(args) == 2
+    assert "--destroy-target" in capsys.readouterr().err
+    with open(dev, "rb") as f:
+        assert f.read() == b"\x5a" * (16 * MiB), "the block device was written"
+
+
+# ---------------------------------------------------------------------------
+# Writer rounds: time to READY while a writer writes to the source
+# ---------------------------------------------------------------------------
+
+def test_parse_writer_rates_and_buf_sizes():
+    assert benchmark.parse_rate("0") == 0
+    assert benchmark.parse_rate("50M") == 50 * MiB
+    assert benchmark.parse_rate("max") is None
+    args = _parse(["a", "b", "--writer-rates", "0,50M,200M,max", "--buf-sizes",
+                   "16M,64M:4M", "--copy-modes", "auto,write-blocking"])
+    assert args.writer_rates == [("0", 0), ("50M", 50 * MiB), ("200M", 200 * MiB),
+                                 ("max", None)]
+    assert args.buf_sizes == [(16 * MiB, None), (64 * MiB, 4 * MiB)]
+    bulk, writer = benchmark._variants(args, ["fastmirror", "qemu-mirror", "dd"])
+    assert [v.label for v in bulk] == ["fastmirror 16M", "fastmirror 64M/4M",
+                                       "qemu-mirror 16M", "qemu-mirror 64M", "dd"]
+    assert [(v.label, v.copy_mode) for v in writer] == [
+        ("fastmirror auto", "auto"), ("fastmirror write-blocking", "write-blocking"),
+        ("qemu-mirror write-blocking", "write-blocking")]
+    for bad in (["--writer-rates", "fast"], ["--copy-modes", "eager"],
+                ["--buf-sizes", "0"], ["--tools", "cp"]):
+        with pytest.raises(SystemExit):
+            _parse(["a", "b"] + bad)
+
+
+def test_bench_writer_rates(tmp_path, capsys):
+    """Every mirror, copy mode and rate runs once, reports the time to READY
+    (or that it did not converge), the rate its writer achieved, what was
+    copied again and the copy mode; the table, the JSON and the exit status
+    say the same."""
+    src, dst, out = tmp_path / "src.img", tmp_path / "dst.img", tmp_path / "w.json"
+    args = _parse(["--create", "16M", "--rounds", "1", "--no-bulk", "--writer-rates",
+                   "0,20M,max", "--copy-modes", "auto,background,write-blocking",
+                   "--writer-timeout", "3", src, dst, "--json", out])
+    assert benchmark.run(args) == 0, capsys.readouterr()
+    table = capsys.readouterr().out
+    doc = json.loads(out.read_text())
+    assert doc["rounds"] == [] and doc["writer"] is not None
+    w = doc["writer"]
+    labels = ["fastmirror auto", "fastmirror background", "fastmirror write-blocking"]
+    if shutil.which("qemu-storage-daemon"):
+        labels += ["qemu-mirror background", "qemu-mirror write-blocking"]
+        assert w["qemu_writer"] in ("fio", "qemu-io")
+        if REQUIRE_ALL:
+            assert w["qemu_writer"] == "fio", w["qemu_writer_note"]
+    else:
+        _missing("qemu-storage-daemon is not installed")
+    assert w["variants"] == labels
+    for label in labels:
+        assert label in table
+        for rate in ("0", "20M", "max"):
+            runs = [r for r in w["runs"] if r["tool"] == label and r["writer_rate"] == rate]
+            assert len(runs) == 1, (label, rate)
+            r = runs[0]
+            assert r["ok"], (label, rate, r["error"])
+            assert isinstance(r["converged"], bool)
+            if rate == "0":
+                assert r["converged"] and 0 < r["ready_s"] <= r["wall_s"], r
+                assert "writer_bytes" not in r["detail"]
+            else:
+                assert r["detail"]["writer_bytes"] >= 0
+                assert r["detail"]["writer_rate_asked"] == (20 * MiB if rate == "20M" else None)
+                assert "writer_rate_to_ready" in r["detail"]
+            assert r["detail"]["copy_mode_final"] in ("background", "write-blocking")
+            if label.startswith("fastmirror"):
+                assert r["detail"]["chunks_recopied"] >= 0
+            if label.endswith("write-blocking"):
+                assert r["detail"]["copy_mode_final"] == "write-blocking"
+            s = w["summary"][label][rate]
+            assert s["runs"] == 1 and s["converged"] == int(r["converged"])
+            if rate != "0" and r["converged"]:
+                assert s["ready_vs_idle"] > 0 and s["ready_vs_idle_paired"] > 0
+    assert "to READY" in table and "vs idle" in table
+
+
+def test_writer_round_that_does_not_converge_is_cancelled(tmp_path):
+    """A job that is not READY in time is cancelled, reported as not
+    converged, and leaves no thread or daemon behind."""
+    src, dst = tmp_path / "src.img", tmp_path / "dst.img"
+    benchmark.create_source(str(src), 16 * MiB)
+    with open(dst, "wb") as f:
+        f.truncate(16 * MiB)
+    variants = [benchmark.Variant("fastmirror background", "fastmirror",
+                                  copy_mode="background")]
+    if shutil.which("qemu-storage-daemon"):
+        variants.append(benchmark.Variant("qemu-mirror background", "qemu-mirror",
+                                          copy_mode="background"))
+    else:
+        _missing("qemu-storage-daemon is not installed")
+    for v in variants:
+        t0 = __import__("time").monotonic()
+        r = benchmark.run_writer(v, str(src), str(dst), 16 * MiB, "max", None,
+                                 timeout=60, ready_timeout=0.001)
+        assert r.ok, (v.label, r.error)
+        assert r.converged is False and r.ready_s is None, r
+        assert r.detail["ready_timeout"] == 0.001
+        assert __import__("time").monotonic() - t0 < 30
+    assert not [t for t in __import__("threading").enumerate()
+                if t.name.startswith("bench-")]
+
+
+def test_bench_writer_rates_refuse_to_write_an_existing_source(tmp_path, capsys):
+    src, dst = tmp_path / "src.img", tmp_path / "dst.img"
+    src.write_bytes(b"\x5a" * MiB)
+    args = _parse(["--no-bulk", "--writer-rates", "0,50M", "--rounds", "1", src, dst])
+    assert benchmark.run(args) == 2
+    assert "--destroy-source" in capsys.readouterr().err
+    assert _read(src) == b"\x5a" * MiB
+    assert not dst.exists()
+    # Writer rate 0 writes nothing to the source: allowed without the flag.
+    args = _parse(["--no-bulk", "--writer-rates", "0", "--rounds", "1", "--tools",
+                   "fastmirror", src, dst])
+    assert benchmark.run(args) == 0, capsys.readouterr().err
+    assert _read(src) == b"\x5a" * MiB
+    assert benchmark.run(_parse(["--no-bulk", src, dst])) == 2
+
+
+def test_bench_writer_rates_refuse_block_device_source(tmp_path, loop_target, capsys):
+    dev, _ = loop_target
+    dst = tmp_path / "dst.img"
+    args = _parse(["--no-bulk", "--writer-rates", "50M", "--rounds", "1", "--tools",
+                   "fastmirror", dev, dst])
+    assert benchmark.run(args) == 2
+    assert "--destroy-source" in capsys.readouterr().err
+    with open(dev, "rb") as f:
+        assert f.read() == b"\x5a" * (16 * MiB), "the source block device was written"
+
+
+def test_bench_buf_sizes_and_max_io(tmp_path, capsys):
+    """--buf-sizes runs a row per size; BUF:IO sets fastmirror's request size
+    for that job only."""
+    from fastmirror import job as jobmod
+    src, dst, out = tmp_path / "src.img", tmp_path / "dst.img", tmp_path / "b.json"
+    max_io = jobmod.MAX_IO
+    args = _parse(["--create", "16M", "--rounds", "1", "--warmup", "0", "--tools",
+                   "fastmirror", "--buf-sizes", "16M,32M:2M", src, dst, "--json", out])
+    assert benchmark.run(args) == 0, capsys.readouterr().err
+    assert jobmod.MAX_IO == max_io
+    doc = json.loads(out.read_text())
+    runs = {r["tool"]: r for r in doc["rounds"]}
+    assert runs["fastmirror 16M"]["detail"]["max_io"] == min(max_io, 16 * MiB)
+    assert runs["fastmirror 32M/2M"]["detail"]["max_io"] == 2 * MiB
+    assert runs["fastmirror 32M/2M"]["detail"]["nworkers"] == 16
+    assert "fastmirror_ratio_paired" in doc["summary"]["fastmirror 32M/2M"]
+
+
+def test_bench_chart(tmp_path, capsys, monkeypatch):
+    """--chart draws a PNG when matplotlib imports, and says why not when it
+    does not (it is an optional extra)."""
+    src, dst = tmp_path / "src.img", tmp_path / "dst.img"
+    png = tmp_path / "chart.png"
+    argv = ["--create", "8M", "--rounds", "1", "--warmup", "0", "--tools", "fastmirror,dd",
+            src, dst, "--chart", png]
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)
+    assert benchmark.run(_parse(argv)) == 0
+    assert "chart: not drawn: matplotlib is not available" in capsys.readouterr().out
+    assert not png.exists()
+    monkeypatch.undo()
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        pytest.skip("matplotlib is not installed (an optional extra)")
+    assert benchmark.run(_parse(argv)) == 0
+    assert "chart: wrote" in capsys.readouterr().out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert png.stat().st_size < 200_000

@@ -1,67 +1,124 @@
-"""`fastmirror bench SRC DST`: bulk mirror throughput, side by side with baselines.
+"""`fastmirror bench SRC DST`: mirror throughput and convergence, side by side
+with baselines, on the same source and target (files or block devices).
 
-Every round runs each tool once on the same source and target, in an order
-that rotates from round to round (so no tool always runs first or last):
+Bulk rounds.  Every round runs each tool once, in an order that rotates from
+round to round (so no tool always runs first or last):
 
-  fastmirror  MirrorJob(SRC, DST): start, wait for READY, complete, wait for
-              COMPLETED (in this process; timed from building the job to the
-              final event, and to READY).  The target is flushed (fdatasync)
-              before READY and again at the end.
-  dd          dd if=SRC of=DST bs=4M iflag=direct oflag=direct
-              conv=notrunc,fdatasync status=none
-  qemu-img    qemu-img convert -n -f raw -O raw -t none -T none -m 16 -W SRC DST
-              (O_DIRECT on both sides, 16 requests in flight, out-of-order
-              writes; flushes the target when it closes it)
+  fastmirror   MirrorJob(SRC, DST): start, wait for READY, complete, wait for
+               COMPLETED (in this process; timed from building the job to the
+               final event, and to READY).  The target is flushed (fdatasync)
+               before READY and again at the end.
+  qemu-mirror  QEMU's own mirror job: blockdev-mirror in qemu-storage-daemon
+               (both images opened with cache.direct=on, aio=native), driven
+               over its QMP socket; timed from the blockdev-mirror command to
+               the BLOCK_JOB_READY event, block-job-complete, and to
+               BLOCK_JOB_COMPLETED.  QEMU flushes the target before READY and
+               at the end too.  The daemon's start-up is not timed.
+  qemu-img     qemu-img convert -n -f raw -O raw -t none -T none -m 16 -W SRC DST
+  dd           dd if=SRC of=DST bs=4M iflag=direct oflag=direct
+               conv=notrunc,fdatasync status=none
+  fio          the device's ceilings, three runs: fio-read (a sequential
+               O_DIRECT read of SRC alone), fio-write (a sequential O_DIRECT
+               write of DST alone, fsynced at the end) and fio-rw (both at
+               once: two jobs in one fio run); bs=1M, iodepth=16, io_uring when
+               it works here, else libaio.  Throughput is fio's own (its
+               runtime, not its start-up); fio-rw counts SIZE bytes over the
+               longer of the two jobs, the best a copy could do.
 
 so every tool reads with O_DIRECT, writes with O_DIRECT and makes the target
-durable before it counts as done.  A baseline whose tool is not installed is
-skipped, and the report says so.
+durable before it counts as done.  A tool that is not installed is skipped,
+and the report says so.
+
+Writer rounds (--writer-rates 0,50M,200M,max).  The mirror jobs run while a
+writer writes random 4-64 KiB blocks (4 KiB aligned) to the source at each
+rate ("max": unthrottled; "0": no writer), and the report gives the time to
+READY, the total time to COMPLETED (complete() is asked at READY, the writer
+keeps writing until COMPLETED), the rate the writer actually achieved until
+READY, how much was copied again, and the copy mode in effect:
+
+  fastmirror   --writer-depth threads (default 4) of this process write
+               through job.source (buffered writes, as a VM's would go through
+               the handle), sharing the rate; one job per --copy-modes value
+               (auto, background, write-blocking).
+  qemu-mirror  the mirrored node is exported over NBD (a Unix socket) and
+               written by `fio --ioengine=nbd --iodepth=DEPTH` (--rate for paced
+               writes; started before the mirror so it is in its stride), or by
+               qemu-io (one write at a time) when fio or its nbd engine is
+               missing; copy-mode background and/or write-blocking
+               (blockdev-mirror copy-mode).
+
+Several writes in flight, because one synchronous writer on a disk that the
+bulk copy keeps busy waits behind the copy's queue on every write and reaches
+a few MB/s whatever the rate asked.  The report gives the rate each writer
+achieved.
+
+A job that does not reach READY within --writer-timeout is cancelled and
+reported as not converged (that is a result, not a failure).
 
 Before each run (untimed): sync, drop the page cache when running as root
 (echo 3 > /proc/sys/vm/drop_caches), and overwrite three 4 KiB blocks of the
 target (start, middle, end) with a marker, so that a tool that silently did
-nothing is caught: after each run those blocks must equal the source's.
---verify compares the whole target after each run (untimed).
+nothing is caught: after each copy those blocks must equal the source's.
+--verify compares the whole target after each bulk copy (untimed).
 
-Wall time is time.perf_counter(); CPU time is user + system seconds from
-getrusage(): RUSAGE_CHILDREN deltas for the baselines (the whole process,
-every thread), RUSAGE_SELF deltas for fastmirror (every thread of this
-process: copy workers, the job's coordinator and the waiting caller).
+Wall time is time.perf_counter(); CPU time is user + system seconds:
+RUSAGE_CHILDREN deltas for the command-line baselines (the whole process,
+every thread), the daemon's own counters (/proc/PID/stat) for qemu-mirror,
+RUSAGE_SELF deltas for fastmirror (every thread of this process: copy
+workers, the job's coordinator, the waiting caller and, in writer rounds, the
+writer thread).
 
 Safety: a regular-file target is overwritten (created when missing); a block
-device target is written only with --destroy-target, and never while mounted
-or otherwise held exclusively.  SRC is only read, except that --create makes
-it when it does not exist.
+device target is written (by any tool, fio included) only with
+--destroy-target, and never while mounted or otherwise held exclusively.  SRC
+is only read, except that --create makes it when it does not exist, and that
+writer rounds write random data into it: allowed for a source this run
+created, otherwise only with --destroy-source.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import mmap
 import os
 import platform
+import random
 import resource
 import shutil
+import signal
 import stat
 import statistics
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
-__all__ = ["add_arguments", "run", "main", "TOOLS", "Run", "create_source",
-           "tool_command", "find_tool", "run_tool", "reset_target", "check_markers",
-           "drop_caches", "summarize", "parse_size", "default_timeout"]
+__all__ = ["add_arguments", "run", "main", "TOOLS", "Run", "Variant", "create_source",
+           "tool_command", "find_tool", "run_tool", "run_writer", "reset_target",
+           "check_markers", "drop_caches", "summarize", "summarize_writer", "parse_size",
+           "parse_rate", "default_timeout", "default_writer_timeout", "fio_engine",
+           "qemu_writer", "draw_chart"]
 
-TOOLS = ("fastmirror", "dd", "qemu-img")
+TOOLS = ("fastmirror", "qemu-mirror", "qemu-img", "dd", "fio")
+FIO_PARTS = ("fio-read", "fio-write", "fio-rw")
+MIRRORS = ("fastmirror", "qemu-mirror")
+COPY_MODES = ("auto", "background", "write-blocking")
+QEMU_COPY_MODES = ("background", "write-blocking")
 GB = 1e9
+MB = 1e6
 GiB = 1 << 30
 MiB = 1 << 20
+KiB = 1 << 10
 MARK = 4096                 # bytes of each marker block written before a run
 NOISY = 0.25                # a min-max spread above this (of the median) is noise
+WRITE_ALIGN = 4096          # writer: offsets and lengths are multiples of this
+WRITE_MIN, WRITE_MAX = 4 * KiB, 64 * KiB
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
@@ -84,9 +141,18 @@ def parse_size(text: str) -> int:
         value = float(number) if "." in number else int(number)
     except ValueError:
         raise argparse.ArgumentTypeError("not a size: %r" % text) from None
-    if value < 0:
+    if value < 0 or value != value:
         raise argparse.ArgumentTypeError("size must not be negative: %r" % text)
     return int(value * _UNITS[unit])
+
+
+def parse_rate(text: str) -> Optional[int]:
+    """A writer rate: '0' (no writer), '50M' (bytes per second, binary units),
+    'max' (unthrottled) -> 0, bytes/s, or None for max."""
+    s = str(text).strip().lower()
+    if s in ("max", "unlimited", "inf"):
+        return None
+    return parse_size(s)
 
 
 def _human(n: float) -> str:
@@ -97,13 +163,60 @@ def _human(n: float) -> str:
     return "%.2f TiB" % n
 
 
+def _short(n: int) -> str:
+    """64 MiB -> '64M', 1.5 MiB -> '1536K'."""
+    for unit, shift in (("T", 40), ("G", 30), ("M", 20), ("K", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return "%d%s" % (n >> shift, unit)
+    return "%d" % n
+
+
+def _list(text: str) -> list[str]:
+    return list(dict.fromkeys(t.strip() for t in str(text).split(",") if t.strip()))
+
+
 def _tools_list(text: str) -> list[str]:
-    tools = [t.strip() for t in text.split(",") if t.strip()]
-    bad = [t for t in tools if t not in TOOLS]
+    tools = _list(text)
+    bad = [t for t in tools if t not in TOOLS + FIO_PARTS]
     if bad or not tools:
         raise argparse.ArgumentTypeError("tools are a comma-separated list of %s, got %r"
-                                         % (", ".join(TOOLS), text))
-    return list(dict.fromkeys(tools))
+                                         % (", ".join(TOOLS + FIO_PARTS), text))
+    return tools
+
+
+def _rates_list(text: str) -> list[tuple[str, Optional[int]]]:
+    out = []
+    for t in _list(text):
+        rate = parse_rate(t)
+        out.append(("max" if rate is None else "0" if rate == 0 else t, rate))
+    if not out:
+        raise argparse.ArgumentTypeError("writer rates are a comma-separated list such as "
+                                         "0,50M,200M,max")
+    return out
+
+
+def _modes_list(text: str) -> list[str]:
+    modes = _list(text)
+    bad = [m for m in modes if m not in COPY_MODES]
+    if bad or not modes:
+        raise argparse.ArgumentTypeError("copy modes are a comma-separated list of %s, got %r"
+                                         % (", ".join(COPY_MODES), text))
+    return modes
+
+
+def _buf_sizes_list(text: str) -> list[tuple[int, Optional[int]]]:
+    """'16M,64M,64M:4M' -> [(16M, None), (64M, None), (64M, 4M)]."""
+    out = []
+    for t in _list(text):
+        buf, _, io = t.partition(":")
+        b = parse_size(buf)
+        m = parse_size(io) if io else None
+        if b <= 0 or (m is not None and m <= 0):
+            raise argparse.ArgumentTypeError("buffer sizes must be positive: %r" % t)
+        out.append((b, m))
+    if not out:
+        raise argparse.ArgumentTypeError("a comma-separated list of BUF or BUF:IO sizes")
+    return out
 
 
 def _positive(text: str) -> int:
@@ -126,20 +239,37 @@ def _nonnegative(text: str) -> int:
     return n
 
 
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("not a number of seconds: %r" % text) from None
+    if not v > 0 or math.isinf(v):
+        raise argparse.ArgumentTypeError("must be a positive number of seconds: %r" % text)
+    return v
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `fastmirror bench`."""
     parser.description = "\n\n".join(textwrap.fill(p, 78) for p in (
-        "Bulk mirror throughput of fastmirror on SRC -> DST, side by side with dd and "
-        "qemu-img convert (all with O_DIRECT and a final flush of the target), in "
-        "interleaved rounds.",
+        "Mirror throughput of fastmirror on SRC -> DST, side by side with QEMU's mirror "
+        "job (qemu-storage-daemon over QMP), qemu-img convert, dd and fio's read and "
+        "write ceilings (all with O_DIRECT and a final flush of the target), in "
+        "interleaved rounds; with --writer-rates, the time to READY of fastmirror and "
+        "QEMU's mirror while a writer writes to the source at each rate.",
         "A regular-file DST IS OVERWRITTEN (and created when missing); a block device "
-        "DST is written only with --destroy-target."))
+        "DST is written only with --destroy-target.  Writer rounds WRITE RANDOM DATA "
+        "INTO SRC: allowed for a SRC that --create made in this run, otherwise only "
+        "with --destroy-source."))
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = "\n\n".join(textwrap.fill(p, 78) for p in (
         "Before each run the page cache is dropped when running as root (sync; echo 3 > "
         "/proc/sys/vm/drop_caches), and three 4 KiB marker blocks of DST are overwritten, "
         "so that a tool that copied nothing is caught.",
-        "Example: fastmirror bench --create 1G /var/tmp/src.img /var/tmp/dst.img"))
+        "Example: fastmirror bench --create 1G --rounds 5 /var/tmp/src.img "
+        "/var/tmp/dst.img --json bench.json --chart bench.png",
+        "Example: fastmirror bench --no-bulk --writer-rates 0,50M,max --copy-modes "
+        "auto,background,write-blocking --destroy-source /var/tmp/src.img /var/tmp/dst.img"))
     parser.add_argument("source", metavar="SRC", help="file or block device to read")
     parser.add_argument("target", metavar="DST",
                         help="file (overwritten; created when missing) or block device "
@@ -150,14 +280,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rounds", type=_positive, default=3,
                         help="timed rounds; each runs every tool once (default 3)")
     parser.add_argument("--warmup", type=_nonnegative, default=1,
-                        help="untimed rounds first (default 1): they load the tools and "
-                             "leave the target fully allocated")
+                        help="untimed bulk rounds first (default 1): they load the tools "
+                             "and leave the target fully allocated")
     parser.add_argument("--tools", type=_tools_list, default=list(TOOLS),
-                        help="comma-separated subset of %s (default: all)" % ",".join(TOOLS))
+                        help="comma-separated subset of %s; fio runs fio-read, fio-write "
+                             "and fio-rw, which can also be named alone (default: all)"
+                             % ",".join(TOOLS))
     parser.add_argument("--granularity", type=parse_size, default=65536,
-                        help="fastmirror: bytes per dirty-bitmap chunk (default 64K)")
+                        help="fastmirror and qemu-mirror: bytes per dirty-bitmap chunk "
+                             "(default 64K)")
     parser.add_argument("--buf-size", type=parse_size, default=16 << 20,
-                        help="fastmirror: bytes of copy buffers in flight (default 16M)")
+                        help="fastmirror and qemu-mirror: bytes of copy buffers in flight "
+                             "(default 16M, QEMU's default)")
+    parser.add_argument("--buf-sizes", type=_buf_sizes_list, default=None, metavar="LIST",
+                        help="run fastmirror and qemu-mirror once per buffer size, e.g. "
+                             "16M,64M; an entry BUF:IO (e.g. 64M:4M) runs fastmirror with "
+                             "copy requests of up to IO bytes (EXPERIMENTAL: it overrides "
+                             "fastmirror.job.MAX_IO for that job; QEMU derives its own, "
+                             "max(BUF/16, 1M))")
     parser.add_argument("--fresh-target", action="store_true",
                         help="truncate a file DST to zero and back to size before every "
                              "run, so each tool writes into unallocated space (default: "
@@ -165,38 +305,85 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-drop-caches", dest="drop_caches", action="store_false",
                         help="do not drop the page cache between runs")
     parser.add_argument("--verify", action="store_true",
-                        help="compare the whole target with the source after every run "
-                             "(untimed)")
-    parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                        help="compare the whole target with the source after every bulk "
+                             "copy (untimed)")
+    parser.add_argument("--timeout", type=_seconds, default=None, metavar="SECONDS",
                         help="give up on one run after this long (default: 60 s plus "
                              "1 s per 20 MB)")
+    parser.add_argument("--fio-engine", choices=("auto", "io_uring", "libaio", "psync"),
+                        default="auto",
+                        help="fio's I/O engine for the ceilings (default: io_uring when it "
+                             "works here, else libaio)")
+    w = parser.add_argument_group("writer rounds")
+    w.add_argument("--writer-rates", type=_rates_list, default=None, metavar="LIST",
+                   help="measure time to READY of fastmirror and qemu-mirror while a writer "
+                        "writes random 4-64 KiB blocks to SRC at each rate: bytes/s with "
+                        "binary units (50M = 50 MiB/s), 0 for none, max for unthrottled; "
+                        "e.g. 0,50M,200M,max")
+    w.add_argument("--copy-modes", type=_modes_list, default=["auto"], metavar="LIST",
+                   help="writer rounds: fastmirror copy modes to run, of %s (default auto); "
+                        "qemu-mirror runs those of background,write-blocking listed, or "
+                        "background (its default) when none is" % ",".join(COPY_MODES))
+    w.add_argument("--writer-timeout", type=_seconds, default=None, metavar="SECONDS",
+                   help="writer rounds: a job not READY after this long is cancelled and "
+                        "reported as not converged (default: 10 s plus 1 s per 50 MB)")
+    w.add_argument("--qemu-writer", choices=("auto", "fio", "qemu-io"), default="auto",
+                   help="what writes to QEMU's NBD export (default: fio --ioengine=nbd "
+                        "when it works, else qemu-io)")
+    w.add_argument("--writer-depth", type=_positive, default=4,
+                   help="writes in flight: fastmirror's writer threads (the rate is shared "
+                        "between them), fio's iodepth for QEMU (qemu-io: always 1); "
+                        "default 4 (one synchronous writer on a disk that the copy keeps "
+                        "busy reaches a few MB/s, whatever the rate asked)")
+    w.add_argument("--no-bulk", dest="bulk", action="store_false",
+                   help="with --writer-rates: skip the bulk rounds")
     parser.add_argument("--destroy-target", action="store_true",
                         help="allow writing to a block device DST: ITS DATA WILL BE "
                              "DESTROYED")
+    parser.add_argument("--destroy-source", action="store_true",
+                        help="allow writer rounds to write random data into an existing "
+                             "SRC (file or block device): ITS DATA WILL BE DESTROYED")
     parser.add_argument("--json", metavar="FILE", default=None,
                         help="write every raw run and the summary as JSON to FILE "
                              "('-' for stdout)")
+    parser.add_argument("--chart", metavar="FILE.png", default=None,
+                        help="draw a bar chart (throughput per tool with min-max whiskers; "
+                             "time to READY per writer rate) when matplotlib is installed")
 
 
 # ---------------------------------------------------------------------------
-# One run of one tool
+# What runs
 # ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of the report: a tool with its settings."""
+    label: str
+    tool: str                          # a TOOLS entry or a FIO_PARTS one
+    buf_size: int = 16 << 20
+    max_io: Optional[int] = None       # fastmirror: override job.MAX_IO
+    copy_mode: Optional[str] = None    # writer rounds: the mirror's copy mode
+
 
 @dataclass
 class Run:
-    tool: str
+    tool: str                       # the variant's label
     round: int                      # 1-based; 0 for warm-up rounds
     warmup: bool
     bytes: int
     ok: bool = False
     wall_s: float = 0.0
-    ready_s: Optional[float] = None  # fastmirror: seconds to READY
+    ready_s: Optional[float] = None  # mirrors: seconds to READY
     user_s: float = 0.0
     sys_s: float = 0.0
     returncode: Optional[int] = None
     error: Optional[str] = None
     command: Optional[list] = None
     detail: dict = field(default_factory=dict)
+    # writer rounds
+    writer_rate: Optional[str] = None      # the rate's label ("0", "50M", "max")
+    copy_mode: Optional[str] = None        # the copy mode asked for
+    converged: Optional[bool] = None       # READY reached within the writer timeout
 
     @property
     def cpu_s(self) -> float:
@@ -240,21 +427,105 @@ def find_tool(tool: str) -> tuple[Optional[str], Optional[str]]:
         except ImportError as e:     # pragma: no cover - we are fastmirror
             return None, "fastmirror does not import: %s" % e
         return "fastmirror", None
+    if tool == "qemu-mirror":
+        path = shutil.which("qemu-storage-daemon")
+        if path is None:
+            return None, ("qemu-storage-daemon is not installed (Debian: "
+                          "qemu-system-common)")
+        return path, None
+    if tool in FIO_PARTS:
+        tool = "fio"
     path = shutil.which(tool)
     if path is None:
         return None, "%s is not installed (not on PATH)" % tool
     return path, None
 
 
-def tool_command(tool: str, src: str, dst: str, path: Optional[str] = None) -> list[str]:
-    """The baseline's command line, as run."""
+def _fio_filename(path: str) -> str:
+    return path.replace("\\", "\\\\").replace(":", "\\:")
+
+
+def tool_command(tool: str, src: str, dst: str, path: Optional[str] = None, *,
+                 size: Optional[int] = None, engine: str = "libaio",
+                 buf_size: int = 16 << 20, granularity: int = 65536,
+                 copy_mode: str = "background") -> list[str]:
+    """The baseline's command line, as run (for qemu-mirror: the QMP command)."""
     if tool == "dd":
         return [path or "dd", "if=" + src, "of=" + dst, "bs=4M", "iflag=direct",
                 "oflag=direct", "conv=notrunc,fdatasync", "status=none"]
     if tool == "qemu-img":
         return [path or "qemu-img", "convert", "-n", "-f", "raw", "-O", "raw",
                 "-t", "none", "-T", "none", "-m", "16", "-W", src, dst]
+    if tool == "qemu-mirror":
+        return [path or "qemu-storage-daemon", "--blockdev",
+                "file,filename=%s,cache.direct=on,aio=native (+raw)" % src,
+                "--blockdev", "file,filename=%s,cache.direct=on,aio=native (+raw)" % dst,
+                "QMP:", "blockdev-mirror", "sync=full", "granularity=%d" % granularity,
+                "buf-size=%d" % buf_size, "copy-mode=%s" % copy_mode,
+                "; at BLOCK_JOB_READY:", "block-job-complete"]
+    if tool in FIO_PARTS:
+        cmd = [path or "fio", "--output-format=json", "--direct=1", "--bs=1M",
+               "--iodepth=16", "--ioengine=%s" % engine,
+               "--size=%s" % (size if size is not None else "SIZE")]
+        read = ["--name=read", "--filename=%s" % _fio_filename(src), "--rw=read"]
+        write = ["--name=write", "--filename=%s" % _fio_filename(dst), "--rw=write",
+                 "--end_fsync=1", "--fallocate=none"]
+        if tool == "fio-read":
+            return cmd + ["--readonly"] + read
+        if tool == "fio-write":
+            return cmd + write
+        return cmd + read + write
     raise ValueError("no command for %r" % tool)
+
+
+def fio_engine(fio: str, src: str, want: str = "auto") -> str:
+    """The fio engine for the ceilings: `want`, or with "auto" the first of
+    io_uring and libaio that reads 4 KiB of SRC with O_DIRECT here."""
+    if want != "auto":
+        return want
+    for engine in ("io_uring", "libaio"):
+        try:
+            p = subprocess.run([fio, "--output-format=json", "--name=probe", "--readonly",
+                                "--filename=%s" % _fio_filename(src), "--rw=read",
+                                "--bs=4k", "--size=4k", "--direct=1",
+                                "--ioengine=%s" % engine], capture_output=True, timeout=30)
+            if p.returncode == 0 and not _fio_jobs(p.stdout)[0].get("error"):
+                return engine
+        except (OSError, subprocess.SubprocessError, ValueError, IndexError, KeyError):
+            continue
+    return "psync"
+
+
+def _fio_jobs(out: bytes) -> list[dict]:
+    text = out.decode(errors="replace")
+    return json.loads(text[text.index("{"):])["jobs"]
+
+
+def qemu_writer(want: str = "auto") -> tuple[Optional[str], Optional[str], str]:
+    """What writes to QEMU's NBD export: (kind, path, note); kind None when
+    nothing can."""
+    notes = []
+    if want in ("auto", "fio"):
+        fio = shutil.which("fio")
+        if fio is None:
+            notes.append("fio is not installed")
+        else:
+            try:
+                p = subprocess.run([fio, "--enghelp"], capture_output=True, text=True,
+                                   timeout=30)
+                engines = {line.strip() for line in p.stdout.splitlines()}
+            except (OSError, subprocess.SubprocessError):
+                engines = set()
+            if "nbd" in engines:
+                return "fio", fio, "fio --ioengine=nbd"
+            notes.append("fio has no nbd engine")
+        if want == "fio":
+            return None, None, "; ".join(notes)
+    qio = shutil.which("qemu-io")
+    if qio is not None:
+        return "qemu-io", qio, "qemu-io (%s)" % "; ".join(notes) if notes else "qemu-io"
+    notes.append("qemu-io is not installed (Debian: qemu-utils)")
+    return None, None, "; ".join(notes)
 
 
 def _rusage(who: int) -> tuple[float, float]:
@@ -262,7 +533,8 @@ def _rusage(who: int) -> tuple[float, float]:
     return r.ru_utime, r.ru_stime
 
 
-def _run_command(tool: str, cmd: list[str], size: int, timeout: Optional[float]) -> Run:
+def _run_command(tool: str, cmd: list[str], size: int,
+                 timeout: Optional[float]) -> tuple[Run, bytes]:
     run = Run(tool, 0, False, size, command=cmd)
     u0, s0 = _rusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
@@ -272,10 +544,10 @@ def _run_command(tool: str, cmd: list[str], size: int, timeout: Optional[float])
     except subprocess.TimeoutExpired:
         run.wall_s = time.perf_counter() - t0
         run.error = "timed out after %.0f s" % (timeout or 0)
-        return run
+        return run, b""
     except OSError as e:
         run.error = "cannot run %s: %s" % (cmd[0], e)
-        return run
+        return run, b""
     run.wall_s = time.perf_counter() - t0
     u1, s1 = _rusage(resource.RUSAGE_CHILDREN)
     run.user_s, run.sys_s = u1 - u0, s1 - s0
@@ -284,16 +556,381 @@ def _run_command(tool: str, cmd: list[str], size: int, timeout: Optional[float])
     if not run.ok:
         msg = (p.stderr or p.stdout or b"").decode(errors="replace").strip()
         run.error = "exit status %d%s" % (p.returncode, (": " + msg[-500:]) if msg else "")
+    return run, p.stdout
+
+
+def _run_fio(part: str, src: str, dst: str, size: int, timeout: Optional[float],
+             path: Optional[str], engine: str) -> Run:
+    cmd = tool_command(part, src, dst, path, size=size, engine=engine)
+    run, out = _run_command(part, cmd, size, timeout)
+    if not run.ok:
+        return run
+    try:
+        jobs = {j["jobname"]: j for j in _fio_jobs(out)}
+        runtimes = []
+        for name in ("read", "write"):
+            j = jobs.get(name)
+            if j is None:
+                continue
+            if j.get("error"):
+                raise ValueError("fio job %s failed with error %s" % (name, j["error"]))
+            d = j[name]
+            if d["io_bytes"] < size:
+                raise ValueError("fio job %s moved %d bytes, not %d" % (name, d["io_bytes"],
+                                                                       size))
+            runtimes.append(d["runtime"] / 1000.0)
+            run.detail[name + "_gbps"] = d["bw_bytes"] / GB
+            run.detail[name + "_runtime_s"] = d["runtime"] / 1000.0
+        if not runtimes or min(runtimes) <= 0:
+            raise ValueError("fio reported no runtime")
+    except (ValueError, KeyError, IndexError) as e:
+        run.ok = False
+        run.error = "cannot read fio's report: %s" % e
+        return run
+    run.detail.update(engine=engine, process_wall_s=run.wall_s)
+    run.wall_s = max(runtimes)   # fio's own time, without its start-up
     return run
 
 
-def _run_fastmirror(src: str, dst: str, size: int, granularity: int, buf_size: int,
-                    timeout: Optional[float]) -> Run:
-    from fastmirror import EventType, MirrorJob
+@contextlib.contextmanager
+def _max_io(max_io: Optional[int]):
+    """EXPERIMENTAL: fastmirror jobs built inside get copy requests of up to
+    max_io bytes (job.MAX_IO is read when a job is built)."""
+    if max_io is None:
+        yield
+        return
+    from fastmirror import job as jobmod
+    old = jobmod.MAX_IO
+    jobmod.MAX_IO = max_io
+    try:
+        yield
+    finally:
+        jobmod.MAX_IO = old
 
-    run = Run("fastmirror", 0, False, size,
-              command=["MirrorJob(%r, %r, granularity=%d, buf_size=%d)"
-                       % (src, dst, granularity, buf_size)])
+
+# ---------------------------------------------------------------------------
+# Writers: random 4-64 KiB blocks, paced to a rate
+# ---------------------------------------------------------------------------
+
+def _blocks(size: int, seed: int):
+    """Endless (offset, length): lengths uniform over 4..64 KiB in 4 KiB
+    steps, offsets 4 KiB aligned and uniform over the disk."""
+    rng = random.Random(seed)
+    top = max(WRITE_ALIGN, min(WRITE_MAX, size // WRITE_ALIGN * WRITE_ALIGN))
+    steps = top // WRITE_ALIGN
+    while True:
+        n = rng.randint(WRITE_MIN // WRITE_ALIGN, steps) * WRITE_ALIGN if steps >= 1 else top
+        slots = (size - n) // WRITE_ALIGN + 1
+        yield rng.randrange(slots) * WRITE_ALIGN, n
+
+
+class _Writer:
+    """Bytes written over time, as samples (perf_counter, bytes)."""
+
+    kind = "writer"
+
+    def __init__(self, size: int, rate: Optional[int]):
+        self.size = size
+        self.rate = rate                  # bytes/s; None: unthrottled
+        self.samples: list[tuple[float, float]] = []
+        self.bytes = 0
+        self.writes = 0
+        self.error: Optional[str] = None
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+
+    def _sample(self, force: bool = False) -> None:
+        now = time.perf_counter()
+        with self._lock:
+            if force or not self.samples or now - self.samples[-1][0] >= 0.01:
+                self.samples.append((now, float(self.bytes)))
+
+    def bytes_at(self, t: float) -> float:
+        """Bytes written by time t (linear between samples)."""
+        with self._lock:
+            s = list(self.samples)
+        if not s or t <= s[0][0]:
+            return s[0][1] if s else 0.0
+        for (t0, b0), (t1, b1) in zip(s, s[1:]):
+            if t <= t1:
+                return b0 + (b1 - b0) * (t - t0) / (t1 - t0) if t1 > t0 else b1
+        return s[-1][1]
+
+    def rate_between(self, a: float, b: float) -> Optional[float]:
+        if b <= a or not self.samples:
+            return None
+        return (self.bytes_at(b) - self.bytes_at(a)) / (b - a)
+
+    def _pace(self, t0: float) -> None:
+        if self.rate:
+            delay = t0 + self.bytes / self.rate - time.perf_counter()
+            if delay > 0:
+                self._stop.wait(delay)
+
+    def describe(self) -> str:
+        return self.kind
+
+
+class _ThreadWriter(_Writer):
+    """fastmirror: `depth` threads of this process writing through
+    job.source, each paced to rate/depth."""
+
+    kind = "threads writing through job.source"
+
+    def __init__(self, write: Callable, size: int, rate: Optional[int], depth: int = 1,
+                 seed: int = 1):
+        super().__init__(size, rate)
+        self._write = write
+        self.depth = depth
+        self._threads = [threading.Thread(target=self._run, args=(seed + i,),
+                                          name="bench-writer-%d" % i, daemon=True)
+                         for i in range(depth)]
+
+    def start(self) -> None:
+        self._sample(force=True)
+        for t in self._threads:
+            t.start()
+
+    def _run(self, seed: int) -> None:
+        data = memoryview(os.urandom(WRITE_MAX))
+        rate = self.rate / self.depth if self.rate else None
+        mine = 0
+        t0 = time.perf_counter()
+        for off, n in _blocks(self.size, seed):
+            if self._stop.is_set():
+                break
+            try:
+                self._write(data[:n], off)
+            except (OSError, ValueError) as e:
+                if not self._stop.is_set():
+                    self.error = "write of %d bytes at %d failed: %s" % (n, off, e)
+                break
+            mine += n
+            with self._lock:
+                self.bytes += n
+                self.writes += 1
+            self._sample()
+            if rate:
+                delay = t0 + mine / rate - time.perf_counter()
+                if delay > 0:
+                    self._stop.wait(delay)
+        self._sample(force=True)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            if t.ident is not None:
+                t.join(60)
+
+    def describe(self) -> str:
+        return "%d thread%s writing through job.source" % (self.depth,
+                                                            "s" if self.depth != 1 else "")
+
+
+class _FioNbdWriter(_Writer):
+    """QEMU: fio --ioengine=nbd writing to the daemon's export; its progress
+    comes from fio's JSON status every 100 ms."""
+
+    kind = "fio --ioengine=nbd"
+
+    def __init__(self, fio: str, uri: str, size: int, rate: Optional[int], iodepth: int = 1):
+        super().__init__(size, rate)
+        self.command = [fio, "--name=writer", "--ioengine=nbd", "--uri=" + uri,
+                        "--rw=randwrite", "--bsrange=%d-%d" % (WRITE_MIN, WRITE_MAX),
+                        "--blockalign=%d" % WRITE_ALIGN, "--size=%d" % size,
+                        "--norandommap", "--randrepeat=0", "--time_based", "--runtime=86400",
+                        "--iodepth=%d" % iodepth, "--status-interval=100ms",
+                        "--output-format=json"]
+        if rate:
+            self.command.append("--rate=%d" % rate)
+        self.depth = iodepth
+        self.proc: Optional[subprocess.Popen] = None
+        self._reader: Optional[threading.Thread] = None
+        self._stderr = b""
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.command, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self._reader = threading.Thread(target=self._read, name="bench-fio-status",
+                                        daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        dec = json.JSONDecoder()
+        buf = ""
+        for chunk in iter(lambda: self.proc.stdout.read1(65536), b""):
+            now = time.perf_counter()
+            buf += chunk.decode(errors="replace")
+            while True:
+                i = buf.find("{")
+                if i < 0:
+                    buf = ""
+                    break
+                try:
+                    obj, end = dec.raw_decode(buf, i)
+                except ValueError:
+                    buf = buf[i:]
+                    break
+                buf = buf[end:]
+                try:
+                    job = obj["jobs"][0]
+                    io_bytes = job["write"]["io_bytes"]
+                except (KeyError, IndexError, TypeError):
+                    continue
+                # fio's stdout is a pipe, so its reports arrive in bursts:
+                # date each by fio's own clock (wall time when it was made).
+                at = now
+                if isinstance(obj.get("timestamp_ms"), (int, float)):
+                    at = min(now, obj["timestamp_ms"] / 1000.0 - time.time()
+                             + time.perf_counter())
+                with self._lock:
+                    self.bytes = io_bytes
+                    self.writes = job["write"].get("total_ios", self.writes)
+                    if not self.samples or at > self.samples[-1][0]:
+                        self.samples.append((at, float(io_bytes)))
+                if job.get("error"):
+                    self.error = "fio writer: error %s" % job["error"]
+
+    def describe(self) -> str:
+        return "fio --ioengine=nbd --iodepth=%d" % self.depth
+
+    def wait_started(self, timeout: float) -> bool:
+        """True once fio reported writes (it is in its stride)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.bytes > 0:
+                return True
+            if self.proc is not None and self.proc.poll() is not None:
+                break
+            time.sleep(0.01)
+        return False
+
+    def stop(self) -> None:
+        if self.proc is None or self._stop.is_set():
+            return
+        self._stop.set()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)   # fio stops and prints its report
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self._reader is not None:
+            self._reader.join(15)
+        if self.proc.stderr is not None:
+            self._stderr = self.proc.stderr.read()
+            self.proc.stderr.close()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        if not self.samples and self.error is None:
+            self.error = "fio writer wrote nothing: %s" % (
+                self._stderr.decode(errors="replace").strip()[-300:] or
+                "exit status %s" % self.proc.returncode)
+
+
+class _QemuIoWriter(_Writer):
+    """QEMU, when fio cannot: qemu-io on the export, fed one write command at
+    a time (it prints its prompt when the write is done): one write in flight."""
+
+    kind = "qemu-io"
+    PROMPT = b"qemu-io> "
+
+    def __init__(self, qemu_io: str, uri: str, size: int, rate: Optional[int], seed: int = 2):
+        super().__init__(size, rate)
+        self.command = [qemu_io, "-f", "raw", uri]
+        self._seed = seed
+        self.proc: Optional[subprocess.Popen] = None
+        self._thread = threading.Thread(target=self._run, name="bench-qemu-io", daemon=True)
+        self._started = threading.Event()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.command, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self._thread.start()
+
+    def _wait_prompt(self, seen: bytes) -> bytes:
+        assert self.proc is not None and self.proc.stdout is not None
+        while self.PROMPT not in seen:
+            b = self.proc.stdout.read1(4096)
+            if not b:
+                raise OSError("qemu-io exited: %s" % seen.decode(errors="replace")[-300:])
+            seen += b
+        return seen[seen.index(self.PROMPT) + len(self.PROMPT):]
+
+    def _run(self) -> None:
+        assert self.proc is not None and self.proc.stdin is not None
+        try:
+            rest = self._wait_prompt(b"")
+            self._sample(force=True)
+            t0 = time.perf_counter()
+            for off, n in _blocks(self.size, self._seed):
+                if self._stop.is_set():
+                    break
+                self.proc.stdin.write(b"write -q %d %d\n" % (off, n))
+                self.proc.stdin.flush()
+                rest = self._wait_prompt(rest)
+                self.bytes += n
+                self.writes += 1
+                self._started.set()
+                self._sample()
+                self._pace(t0)
+        except (OSError, ValueError) as e:
+            if not self._stop.is_set():
+                self.error = "qemu-io writer: %s" % e
+        finally:
+            self._started.set()
+            self._sample(force=True)
+
+    def wait_started(self, timeout: float) -> bool:
+        return self._started.wait(timeout) and self.bytes > 0
+
+    def stop(self) -> None:
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        if self._thread.ident is not None:
+            self._thread.join(30)
+        if self.proc is None:
+            return
+        try:
+            if self.proc.stdin is not None:
+                self.proc.stdin.write(b"quit\n")
+                self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+# ---------------------------------------------------------------------------
+# The mirror jobs
+# ---------------------------------------------------------------------------
+
+def _run_fastmirror(src: str, dst: str, size: int, granularity: int, buf_size: int,
+                    timeout: Optional[float], *, max_io: Optional[int] = None,
+                    copy_mode: str = "auto", writer: Optional[tuple[str, Optional[int]]] = None,
+                    ready_timeout: Optional[float] = None, writer_depth: int = 4,
+                    label: str = "fastmirror") -> Run:
+    """One fastmirror job.  writer=None: a bulk run, timed from building the
+    job.  writer=(label, rate): a writer round, timed from start(); a job not
+    READY after ready_timeout is cancelled (converged=False)."""
+    from fastmirror import EventType, JobStateError, MirrorJob
+
+    rate_label, rate = writer if writer is not None else (None, 0)
+    run = Run(label, 0, False, size,
+              command=["MirrorJob(%r, %r, granularity=%d, buf_size=%d, copy_mode=%r)%s"
+                       % (src, dst, granularity, buf_size, copy_mode,
+                          "  [job.MAX_IO=%d]" % max_io if max_io else "")],
+              writer_rate=rate_label, copy_mode=copy_mode if writer is not None else None)
+    if ready_timeout is None:
+        ready_timeout = timeout
     u0, s0 = _rusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -302,51 +939,303 @@ def _run_fastmirror(src: str, dst: str, size: int, granularity: int, buf_size: i
         return None if deadline is None else max(0.0, deadline - time.monotonic())
 
     try:
-        job = MirrorJob(src, dst, granularity=granularity, buf_size=buf_size)
+        with _max_io(max_io):
+            job = MirrorJob(src, dst, granularity=granularity, buf_size=buf_size,
+                            copy_mode=copy_mode)
     except (OSError, ValueError) as e:
         run.error = "MirrorJob refused: %s" % e
         return run
+    events: list[tuple[float, object]] = []
+    job.add_listener(lambda ev: events.append((time.perf_counter(), ev)))
+    w: Optional[_ThreadWriter] = None
+    if writer is not None and rate != 0 and size >= WRITE_ALIGN:
+        w = _ThreadWriter(job.source.pwrite, size, rate, writer_depth)
+    final = None
+    t_ready = None
     try:
         t_start = time.perf_counter()
+        if writer is not None:
+            t0 = t_start
         job.start()
-        if job.wait_ready(left()):
-            job.complete()
+        if w is not None:
+            w.start()
+        ready = job.wait_ready(ready_timeout)
+        t_stop = time.perf_counter()
+        if ready:
+            t_ready = next((t for t, ev in events if ev.type == EventType.READY), t_stop)
+            try:
+                job.complete()
+            except JobStateError:
+                pass            # it ended meanwhile: wait() says how
             final = job.wait(left())
         else:
-            final = job.wait(0)
-        run.wall_s = time.perf_counter() - t0
+            if w is not None:
+                w.stop()        # first: a busy writer can hold up the job's end
+            if job.wait(0) is None:
+                job.cancel(force=True)
+            final = job.wait(60)
+        t_end = time.perf_counter()
+        run.wall_s = t_end - t0
         st = job.status()
-        if st.time_to_ready is not None:
-            run.ready_s = (t_start - t0) + st.time_to_ready
+        run.ready_s = (t_ready - t0) if t_ready is not None else None
         engine = getattr(job, "_engine", None)
         run.detail = {
             "io_mode": getattr(st, "io_mode", None),
             "bytes_copied": getattr(st, "bytes_copied", None),
             "nworkers": getattr(engine, "nworkers", None),
             "max_io": getattr(engine, "max_io", None),
+            "buf_size": buf_size,
             "bytes_zero_detected": getattr(engine, "bytes_zero_detected", None),
         }
+        if writer is not None:
+            run.converged = bool(ready)
+            switch = next((t for t, ev in events if ev.type == EventType.COPY_MODE), None)
+            run.detail.update(
+                copy_mode_final=getattr(st, "copy_mode", None),
+                copy_mode_switch_s=(switch - t0) if switch is not None else None,
+                chunks_copied=getattr(st, "chunks_copied", None),
+                chunks_recopied=getattr(st, "chunks_recopied", None),
+                extra_bytes_copied=max(0, (getattr(st, "bytes_copied", None) or 0) - size),
+                ready_timeout=ready_timeout,
+            )
         if final is None:
             run.error = "timed out after %.0f s (state %s)" % (timeout or 0, st.state)
-        elif final.type != EventType.COMPLETED:
+        elif ready and final.type != EventType.COMPLETED:
             run.error = "job ended %s%s" % (final.type.value,
                                              (": %s" % final.error) if final.error else "")
+        elif not ready and final.type == EventType.FAILED:
+            run.error = "job FAILED before READY: %s" % final.error
+        elif not ready and writer is None:
+            run.error = "no READY within %.0f s; cancelled" % (ready_timeout or 0)
         else:
             run.ok = True
     finally:
+        if w is not None:
+            w.stop()
         job.close()       # a job still running is cancelled (force) and joined
     u1, s1 = _rusage(resource.RUSAGE_SELF)
     run.user_s, run.sys_s = u1 - u0, s1 - s0
+    if w is not None:
+        _writer_detail(run, w, t0, t_ready if t_ready is not None else t_stop)
+        if w.error and run.ok:
+            run.ok = False
+            run.error = w.error
+    return run
+
+
+def _writer_detail(run: Run, w: _Writer, t0: float, t1: float) -> None:
+    """The writer's achieved rate from the job's start to READY (or to the
+    timeout), and over its whole life."""
+    to_ready = w.rate_between(t0, t1)
+    whole = w.rate_between(w.samples[0][0], w.samples[-1][0]) if len(w.samples) > 1 else None
+    run.detail.update(
+        writer=w.describe(),
+        writer_rate_asked=w.rate,
+        writer_bytes=w.bytes,
+        writer_writes=w.writes,
+        writer_bytes_to_ready=(w.bytes_at(t1) - w.bytes_at(t0)),
+        writer_rate_to_ready=to_ready,
+        writer_rate_whole=whole,
+        writer_error=w.error,
+    )
+
+
+def _qemu_daemon_class():
+    from fastmirror import qemu
+
+    class BenchDaemon(qemu.StorageDaemon):
+        """StorageDaemon plus what the bench needs: a mirror to a target
+        larger than the source (a raw node of the source's size on top of
+        it: QEMU refuses different sizes), waiting on events with select()
+        (a timed-out socket read would break the QMP connection), a forced
+        cancel, and user and system CPU apart."""
+
+        def start_mirror(self, size: int, granularity: int, buf_size: int,
+                         copy_mode: str) -> None:
+            target = "dst"
+            if _device_size(self.target) > size:
+                self.qmp.execute("blockdev-add", driver="raw", node_name="dst-sized",
+                                 file="dst-file", offset=0, size=size)
+                target = "dst-sized"
+            self.qmp.execute("blockdev-mirror", job_id="mirror", device="src",
+                             target=target, sync="full", granularity=granularity,
+                             buf_size=buf_size, copy_mode=copy_mode, auto_finalize=True,
+                             auto_dismiss=True)
+
+        def wait_for(self, names: Sequence[str], timeout: Optional[float]) -> Optional[dict]:
+            import select
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while True:
+                for i, ev in enumerate(self.qmp.events):
+                    if ev.get("event") in names and \
+                            ev.get("data", {}).get("device") in ("mirror", None):
+                        return self.qmp.events.pop(i)
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return None
+                readable, _, _ = select.select([self.qmp.sock], [], [], left)
+                if readable:
+                    self.qmp.sock.settimeout(60)
+                    self.qmp.events.append(self.qmp._read())
+
+        def complete_job(self, timeout: Optional[float]) -> Optional[dict]:
+            self.qmp.execute("block-job-complete", device="mirror")
+            return self.wait_for(("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"), timeout)
+
+        def cancel_job(self, timeout: Optional[float]) -> Optional[dict]:
+            try:
+                self.qmp.execute("block-job-cancel", device="mirror", force=True)
+            except qemu.QMPError:
+                pass        # already gone: its event is queued
+            return self.wait_for(("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"), timeout)
+
+        def cpu(self) -> tuple[float, float]:
+            with open("/proc/%d/stat" % self.proc.pid) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            ticks = os.sysconf("SC_CLK_TCK")
+            return int(fields[11]) / ticks, int(fields[12]) / ticks
+
+    return BenchDaemon
+
+
+def _run_qemu_mirror(src: str, dst: str, size: int, granularity: int, buf_size: int,
+                     timeout: Optional[float], *, copy_mode: str = "background",
+                     writer: Optional[tuple[str, Optional[int]]] = None,
+                     ready_timeout: Optional[float] = None, writer_kind: Optional[str] = None,
+                     writer_path: Optional[str] = None, writer_depth: int = 4,
+                     label: str = "qemu-mirror") -> Run:
+    """QEMU's mirror job in qemu-storage-daemon: blockdev-mirror, READY,
+    block-job-complete, COMPLETED.  writer=(label, rate): with the source
+    exported over NBD and written by fio (or qemu-io) at that rate."""
+    from fastmirror import qemu
+
+    rate_label, rate = writer if writer is not None else (None, 0)
+    run = Run(label, 0, False, size, writer_rate=rate_label,
+              copy_mode=copy_mode if writer is not None else None,
+              command=tool_command("qemu-mirror", src, dst, buf_size=buf_size,
+                                   granularity=granularity, copy_mode=copy_mode))
+    if ready_timeout is None:
+        ready_timeout = timeout
+    t_launch = time.perf_counter()
+    try:
+        d = _qemu_daemon_class()(src, dst, export=writer is not None)
+    except (OSError, qemu.QMPError) as e:
+        run.error = "qemu-storage-daemon: %s" % e
+        return run
+    w: Optional[_Writer] = None
+    t0 = t_ready = t_stop = None
+    try:
+        run.detail["daemon_start_s"] = time.perf_counter() - t_launch
+        if writer is not None and rate != 0 and size >= WRITE_ALIGN:
+            uri = "nbd+unix:///src?socket=%s" % d.nbd_path
+            if writer_kind == "fio":
+                w = _FioNbdWriter(writer_path or "fio", uri, size, rate, writer_depth)
+            elif writer_kind == "qemu-io":
+                w = _QemuIoWriter(writer_path or "qemu-io", uri, size, rate)
+            else:
+                run.error = "no writer for QEMU's NBD export (fio with nbd, or qemu-io)"
+                return run
+            w.start()
+            if not w.wait_started(30):
+                w.stop()
+                run.error = w.error or "the %s writer did not start writing" % w.kind
+                return run
+        u0, s0 = d.cpu()
+        t0 = time.perf_counter()
+        d.start_mirror(size, granularity, buf_size, copy_mode)
+        ready = d.wait_for(("BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"),
+                           ready_timeout)
+        t_stop = time.perf_counter()
+        if ready is not None and ready["event"] == "BLOCK_JOB_READY":
+            t_ready = t_stop
+            run.ready_s = t_ready - t0
+            left = None if timeout is None else max(1.0, timeout - (t_stop - t0))
+            done = d.complete_job(left)
+        elif ready is not None:
+            done = ready          # ended before READY
+        else:
+            if w is not None:
+                w.stop()
+            done = d.cancel_job(60)
+        t_end = time.perf_counter()
+        u1, s1 = d.cpu()
+        run.wall_s = t_end - t0
+        run.user_s, run.sys_s = u1 - u0, s1 - s0
+        data = (done or {}).get("data", {})
+        run.detail.update(buf_size=buf_size, max_io=max(buf_size // 16, MiB),
+                          qemu_len=data.get("len"), qemu_offset=data.get("offset"))
+        if writer is not None:
+            run.converged = t_ready is not None
+            run.detail.update(
+                copy_mode_final=copy_mode,
+                extra_bytes_copied=max(0, (data.get("len") or size) - size),
+                ready_timeout=ready_timeout)
+        if done is None:
+            run.error = "timed out after %.0f s waiting for the job to end" % (timeout or 0)
+        elif data.get("error"):
+            run.error = "job ended %s: %s" % (done["event"], data["error"])
+        elif t_ready is not None and done["event"] != "BLOCK_JOB_COMPLETED":
+            run.error = "job ended %s after READY" % done["event"]
+        elif t_ready is None and ready is not None:
+            run.error = "job ended %s before READY" % ready["event"]
+        elif t_ready is None and writer is None:
+            run.error = "no READY within %.0f s; cancelled" % (ready_timeout or 0)
+        else:
+            run.ok = True
+    except (OSError, qemu.QMPError, ValueError) as e:
+        run.ok = False
+        run.error = "QMP: %s" % e
+    finally:
+        if w is not None:
+            w.stop()
+        d.close()
+    if w is not None and t0 is not None:
+        _writer_detail(run, w, t0, t_ready if t_ready is not None else (t_stop or t0))
+        if w.error and run.ok:
+            run.ok = False
+            run.error = w.error
     return run
 
 
 def run_tool(tool: str, src: str, dst: str, size: int, *, granularity: int = 65536,
              buf_size: int = 16 << 20, timeout: Optional[float] = None,
-             path: Optional[str] = None) -> Run:
-    """Run one tool once, copying [0, size) of src to dst; timed."""
+             path: Optional[str] = None, max_io: Optional[int] = None,
+             engine: str = "libaio", label: Optional[str] = None) -> Run:
+    """Run one tool once, copying [0, size) of src to dst; timed (fio parts:
+    the ceilings, not a copy)."""
     if tool == "fastmirror":
-        return _run_fastmirror(src, dst, size, granularity, buf_size, timeout)
-    return _run_command(tool, tool_command(tool, src, dst, path), size, timeout)
+        return _run_fastmirror(src, dst, size, granularity, buf_size, timeout,
+                               max_io=max_io, label=label or tool)
+    if tool == "qemu-mirror":
+        return _run_qemu_mirror(src, dst, size, granularity, buf_size, timeout,
+                                label=label or tool)
+    if tool in FIO_PARTS:
+        return _run_fio(tool, src, dst, size, timeout, path, engine)
+    run, _ = _run_command(label or tool, tool_command(tool, src, dst, path), size, timeout)
+    return run
+
+
+def run_writer(variant: Variant, src: str, dst: str, size: int, rate_label: str,
+               rate: Optional[int], *, granularity: int = 65536,
+               timeout: Optional[float] = None, ready_timeout: Optional[float] = None,
+               writer_kind: Optional[str] = None, writer_path: Optional[str] = None,
+               writer_depth: int = 4) -> Run:
+    """One writer round of a mirror: the job runs while a writer writes at
+    `rate` (0: none; None: unthrottled)."""
+    if variant.tool == "fastmirror":
+        return _run_fastmirror(src, dst, size, granularity, variant.buf_size, timeout,
+                               max_io=variant.max_io, copy_mode=variant.copy_mode or "auto",
+                               writer=(rate_label, rate), ready_timeout=ready_timeout,
+                               writer_depth=writer_depth, label=variant.label)
+    if variant.tool == "qemu-mirror":
+        if writer_kind is None and rate != 0:
+            writer_kind, writer_path, _ = qemu_writer()
+        return _run_qemu_mirror(src, dst, size, granularity, variant.buf_size, timeout,
+                                copy_mode=variant.copy_mode or "background",
+                                writer=(rate_label, rate), ready_timeout=ready_timeout,
+                                writer_kind=writer_kind, writer_path=writer_path,
+                                writer_depth=writer_depth, label=variant.label)
+    raise ValueError("%s is not a mirror job" % variant.tool)
 
 
 # ---------------------------------------------------------------------------
@@ -511,9 +1400,11 @@ def _tool_version(tool: str, path: Optional[str]) -> Optional[str]:
 # Statistics and the report
 # ---------------------------------------------------------------------------
 
-def summarize(runs: Sequence[Run], tools: Sequence[str]) -> dict:
-    """Per tool over the timed, successful runs: medians and ranges; and the
-    ratio of fastmirror's median throughput to each tool's."""
+def summarize(runs: Sequence[Run], tools: Sequence[str], base: str = "fastmirror") -> dict:
+    """Per tool (variant label) over the timed, successful bulk runs: medians
+    and ranges; and the ratio of `base`'s median throughput to each tool's,
+    also per round (paired)."""
+    runs = [r for r in runs if r.writer_rate is None]
     out: dict = {}
     for tool in tools:
         ok = [r for r in runs if r.tool == tool and not r.warmup and r.ok]
@@ -537,27 +1428,107 @@ def summarize(runs: Sequence[Run], tools: Sequence[str]) -> dict:
                          median_ready_s=statistics.median(r.ready_s for r in ok
                                                           if r.ready_s is not None))
         out[tool] = s
-    fm = out.get("fastmirror", {}).get("median_gbps")
-    fm_by_round = {r.round: r.gbps for r in runs
-                   if r.tool == "fastmirror" and not r.warmup and r.ok}
+    fm = out.get(base, {}).get("median_gbps")
+    fm_by_round = {r.round: r for r in runs if r.tool == base and not r.warmup and r.ok}
+    fm_cpu = out.get(base, {}).get("median_cpu_s_per_gib")
     for tool, s in out.items():
         if fm and s.get("median_gbps"):
             s["fastmirror_ratio"] = fm / s["median_gbps"]
         # Rounds run every tool back to back, so the ratio within a round is
         # less exposed to a machine whose speed drifts between rounds.
-        paired = [fm_by_round[r.round] / r.gbps for r in runs
-                  if r.tool == tool and not r.warmup and r.ok and r.gbps > 0
-                  and r.round in fm_by_round]
-        if paired and tool != "fastmirror":
-            s["fastmirror_ratio_paired"] = statistics.median(paired)
+        mine = [r for r in runs if r.tool == tool and not r.warmup and r.ok
+                and r.gbps > 0 and r.round in fm_by_round]
+        if mine and tool != base:
+            s["fastmirror_ratio_paired"] = statistics.median(
+                fm_by_round[r.round].gbps / r.gbps for r in mine)
+            s["fastmirror_ratio_paired_min"] = min(fm_by_round[r.round].gbps / r.gbps
+                                                   for r in mine)
+            s["fastmirror_ratio_paired_max"] = max(fm_by_round[r.round].gbps / r.gbps
+                                                   for r in mine)
+            both = [r for r in mine if r.ready_s and fm_by_round[r.round].ready_s]
+            if both:
+                s["fastmirror_ready_ratio_paired"] = statistics.median(
+                    r.ready_s / fm_by_round[r.round].ready_s for r in both)
+            cpu = [r for r in mine if r.cpu_s > 0]
+            if cpu:
+                s["fastmirror_cpu_ratio_paired"] = statistics.median(
+                    fm_by_round[r.round].cpu_s / r.cpu_s for r in cpu)
+        if fm_cpu is not None and s.get("median_cpu_s_per_gib"):
+            s["fastmirror_cpu_ratio"] = fm_cpu / s["median_cpu_s_per_gib"]
         if s.get("median_gbps"):
             s["spread"] = (s["max_gbps"] - s["min_gbps"]) / s["median_gbps"]
     return out
 
 
-def format_table(summary: dict, skipped: dict) -> str:
+def summarize_writer(runs: Sequence[Run], labels: Sequence[str],
+                     rates: Sequence[str]) -> dict:
+    """Per variant and writer rate: how many runs reached READY, the medians
+    and ranges of the time to READY and of the total time, the rate the
+    writer achieved until READY, what was copied again, the copy mode; and
+    the time to READY against the same variant with no writer ("0"), as the
+    ratio of medians and the median of the per-round ratios."""
+    runs = [r for r in runs if r.writer_rate is not None and not r.warmup]
+    out: dict = {}
+    for label in labels:
+        per: dict = {}
+        idle = {r.round: r for r in runs if r.tool == label and r.writer_rate == "0"
+                and r.ok and r.converged}
+        for rate in rates:
+            mine = [r for r in runs if r.tool == label and r.writer_rate == rate]
+            if not mine:
+                continue
+            ok = [r for r in mine if r.ok]
+            conv = [r for r in ok if r.converged and r.ready_s is not None]
+            s: dict = {"runs": len(mine), "converged": len(conv), "failed": len(mine) - len(ok),
+                       "errors": sorted({r.error for r in mine if r.error})}
+            if conv:
+                rs = [r.ready_s for r in conv]
+                s.update(median_ready_s=statistics.median(rs), min_ready_s=min(rs),
+                         max_ready_s=max(rs),
+                         median_total_s=statistics.median(r.wall_s for r in conv),
+                         min_total_s=min(r.wall_s for r in conv),
+                         max_total_s=max(r.wall_s for r in conv))
+            if ok:
+                s["median_cpu_s"] = statistics.median(r.cpu_s for r in ok)
+            timeouts = [r.detail.get("ready_timeout") for r in ok if not r.converged]
+            if timeouts:
+                s["ready_timeout"] = max(t for t in timeouts if t is not None)
+            for key, name in (("writer_rate_to_ready", "median_writer_bps"),
+                              ("writer_rate_whole", "median_writer_bps_whole"),
+                              ("extra_bytes_copied", "median_extra_bytes_copied"),
+                              ("chunks_recopied", "median_chunks_recopied"),
+                              ("copy_mode_switch_s", "median_copy_mode_switch_s")):
+                vals = [r.detail[key] for r in ok if r.detail.get(key) is not None]
+                if vals:
+                    s[name] = statistics.median(vals)
+            modes = sorted({r.detail.get("copy_mode_final") for r in ok
+                            if r.detail.get("copy_mode_final")})
+            if modes:
+                s["copy_modes_final"] = modes
+            if rate != "0" and idle:
+                base = statistics.median(r.ready_s for r in idle.values())
+                if conv and base > 0:
+                    s["ready_vs_idle"] = s["median_ready_s"] / base
+                paired = [r.ready_s / idle[r.round].ready_s for r in conv
+                          if r.round in idle and idle[r.round].ready_s]
+                if paired:
+                    s["ready_vs_idle_paired"] = statistics.median(paired)
+                    s["ready_vs_idle_paired_min"] = min(paired)
+                    s["ready_vs_idle_paired_max"] = max(paired)
+            per[rate] = s
+        out[label] = per
+    return out
+
+
+def _align(rows: list[tuple], head: tuple) -> list[str]:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(head))]
+    return ["  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
+                      for i, (c, w) in enumerate(zip(r, widths))).rstrip() for r in rows]
+
+
+def format_table(summary: dict, skipped: dict, base: str = "fastmirror") -> str:
     head = ("tool", "runs", "median GB/s", "min-max GB/s", "median MiB/s",
-            "min-max MiB/s", "CPU s/GiB", "fastmirror/tool", "per round")
+            "min-max MiB/s", "CPU s/GiB", "%s/tool" % base.split()[0], "per round")
     rows = [head]
     for tool, s in summary.items():
         if not s.get("runs"):
@@ -570,7 +1541,7 @@ def format_table(summary: dict, skipped: dict) -> str:
             "%.3f-%.3f" % (s["min_gbps"], s["max_gbps"]),
             "%.0f" % s["median_mibps"], "%.0f-%.0f" % (s["min_mibps"], s["max_mibps"]),
             "%.3f" % s["median_cpu_s_per_gib"],
-            "-" if tool == "fastmirror" or ratio is None else "%.2fx" % ratio,
+            "-" if tool == base or ratio is None else "%.2fx" % ratio,
             "%.2fx" % s["fastmirror_ratio_paired"] if "fastmirror_ratio_paired" in s else "-"))
         if "median_ready_gbps" in s:
             rows.append((
@@ -579,31 +1550,143 @@ def format_table(summary: dict, skipped: dict) -> str:
                 "%.0f" % (s["median_ready_gbps"] * GB / MiB),
                 "%.0f-%.0f" % (s["min_ready_gbps"] * GB / MiB, s["max_ready_gbps"] * GB / MiB),
                 "", "", ""))
+    lines = _align(rows, head)
+    width = max(len(r[0]) for r in rows)
     for tool, why in skipped.items():
-        rows.append((tool, "skipped: " + why, "", "", "", "", "", "", ""))
-    widths = [max(len(r[i]) for r in rows if not r[1].startswith("skipped"))
-              for i in range(len(head))]
-    lines = []
-    for r in rows:
-        if r[1].startswith("skipped"):
-            lines.append("%-*s  %s" % (widths[0], r[0], r[1]))
-            continue
-        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                               for i, (c, w) in enumerate(zip(r, widths))).rstrip())
+        lines.append("%-*s  skipped: %s" % (width, tool, why))
     return "\n".join(lines)
+
+
+def format_writer_table(wsummary: dict, skipped: dict) -> str:
+    head = ("mirror", "writer", "READY", "to READY s (min-max)", "vs idle",
+            "per round", "total s", "writer MB/s", "copied again", "copy mode")
+    rows = [head]
+    for label, per in wsummary.items():
+        for rate, s in per.items():
+            ready = "%d/%d" % (s["converged"], s["runs"])
+            if s.get("median_ready_s") is not None:
+                t = "%.3f (%.3f-%.3f)" % (s["median_ready_s"], s["min_ready_s"], s["max_ready_s"])
+                total = "%.3f" % s["median_total_s"]
+            else:
+                t = "none in %.0f s" % s.get("ready_timeout", 0) if s.get("ready_timeout") \
+                    else "-"
+                total = "-"
+            vs = "%.2fx" % s["ready_vs_idle"] if "ready_vs_idle" in s else "-"
+            pr = "%.2fx" % s["ready_vs_idle_paired"] if "ready_vs_idle_paired" in s else "-"
+            wb = "%.1f" % (s["median_writer_bps"] / MB) if s.get("median_writer_bps") else "-"
+            if rate == "0":
+                wb = "-"
+            again = "-"
+            if s.get("median_extra_bytes_copied") is not None:
+                again = _human(s["median_extra_bytes_copied"])
+                if s.get("median_chunks_recopied") is not None:
+                    again += " (%d chunks)" % s["median_chunks_recopied"]
+            mode = ",".join(s.get("copy_modes_final", [])) or "-"
+            if s.get("median_copy_mode_switch_s") is not None:
+                mode += " @%.1fs" % s["median_copy_mode_switch_s"]
+            if s["failed"]:
+                ready += " (%d failed)" % s["failed"]
+            rows.append((label, rate, ready, t, vs, pr, total, wb, again, mode))
+    lines = _align(rows, head)
+    for tool, why in skipped.items():
+        lines.append("%s  skipped: %s" % (tool, why))
+    return "\n".join(lines)
+
+
+def draw_chart(path: str, summary: Optional[dict], wsummary: Optional[dict],
+               title: str = "") -> Optional[str]:
+    """A PNG: bulk throughput per tool (median, min-max whiskers) and time to
+    READY per writer rate.  Returns None when drawn, else why not."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception as e:   # ImportError, or a broken install
+        return "matplotlib is not available (%s: %s); pip install matplotlib" % (
+            type(e).__name__, e)
+    panels = []
+    if summary and any(s.get("runs") for s in summary.values()):
+        panels.append("bulk")
+    if wsummary and any(per for per in wsummary.values()):
+        panels.append("writer")
+    if not panels:
+        return "nothing to draw"
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.2), dpi=100,
+                             squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        if panel == "bulk":
+            items = [(t, s) for t, s in summary.items() if s.get("runs")]
+            names = [t for t, _ in items][::-1]
+            med = [s["median_gbps"] for _, s in items][::-1]
+            lo = [s["median_gbps"] - s["min_gbps"] for _, s in items][::-1]
+            hi = [s["max_gbps"] - s["median_gbps"] for _, s in items][::-1]
+            colors = ["#d62728" if n.startswith("fastmirror") else
+                      "#1f77b4" if n.startswith("qemu-mirror") else
+                      "#7f7f7f" if n.startswith("fio") else "#2ca02c" for n in names]
+            ax.barh(names, med, xerr=[lo, hi], color=colors, capsize=3)
+            for y, (v, h) in enumerate(zip(med, hi)):
+                ax.text(v + h, y, "  %.2f" % v, va="center", ha="left", fontsize=8)
+            ax.set_xlabel("GB/s (median of rounds; whiskers min-max)")
+            ax.set_title("Bulk mirror / copy throughput")
+            ax.set_xlim(0, max(m + h for m, h in zip(med, hi)) * 1.18)
+        else:
+            labels = [lab for lab, per in wsummary.items() if per]
+            rates: list[str] = []
+            for lab in labels:
+                for r in wsummary[lab]:
+                    if r not in rates:
+                        rates.append(r)
+            width = 0.8 / max(1, len(labels))
+            top = max([s.get("max_ready_s", 0) for lab in labels
+                       for s in wsummary[lab].values()] + [0.001])
+            for i, lab in enumerate(labels):
+                xs, ys, lo, hi, miss = [], [], [], [], []
+                for j, r in enumerate(rates):
+                    s = wsummary[lab].get(r)
+                    if not s:
+                        continue
+                    x = j + (i - (len(labels) - 1) / 2) * width
+                    if s.get("median_ready_s") is not None:
+                        xs.append(x)
+                        ys.append(s["median_ready_s"])
+                        lo.append(s["median_ready_s"] - s["min_ready_s"])
+                        hi.append(s["max_ready_s"] - s["median_ready_s"])
+                    else:
+                        miss.append(x)
+                bars = ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=lab)
+                for x in miss:
+                    ax.bar([x], [top * 1.1], width, color="none", hatch="//",
+                           edgecolor=bars.patches[0].get_facecolor() if bars.patches
+                           else "k")
+                    ax.text(x, top * 1.12, "no\nREADY", ha="center", va="bottom", fontsize=6)
+            ax.set_xticks(range(len(rates)))
+            ax.set_xticklabels(["writer %s%s" % (r, "" if r in ("0", "max") else "/s")
+                                for r in rates])
+            ax.set_ylabel("seconds to READY (median; whiskers min-max)")
+            ax.set_title("Time to READY under a random 4-64 KiB writer")
+            ax.set_ylim(0, top * 1.35)
+            ax.legend(fontsize=7, loc="upper left")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return None
 
 
 # ---------------------------------------------------------------------------
 # The command
 # ---------------------------------------------------------------------------
 
-def _check_paths(args) -> tuple[str, str, int, bool, list[str]]:
+def _check_paths(args) -> tuple[str, str, int, bool, list[str], bool]:
     """Validate (and with --create, make) the source and the target; returns
-    (src, dst, size, dst_is_block, notes).  Raises BenchError on a refusal."""
+    (src, dst, size, dst_is_block, notes, source_created).  Raises BenchError
+    on a refusal."""
     from fastmirror.paths import check_not_same
 
     src, dst = os.path.abspath(args.source), os.path.abspath(args.target)
     notes: list[str] = []
+    created = False
     if not os.path.exists(src):
         if args.create is None:
             raise BenchError("source %s does not exist (use --create SIZE to make one)" % src)
@@ -613,6 +1696,7 @@ def _check_paths(args) -> tuple[str, str, int, bool, list[str]]:
             raise BenchError("folder of source %s does not exist" % src)
         t0 = time.monotonic()
         create_source(src, args.create)
+        created = True
         notes.append("created source %s: %s of pseudo-random data in %.1f s"
                      % (src, _human(args.create), time.monotonic() - t0))
     elif args.create is not None:
@@ -631,7 +1715,7 @@ def _check_paths(args) -> tuple[str, str, int, bool, list[str]]:
     if dst_st is None:
         if not os.path.isdir(os.path.dirname(dst)):
             raise BenchError("folder of target %s does not exist" % dst)
-        return src, dst, size, False, notes
+        return src, dst, size, False, notes, created
     try:
         check_not_same(src, sst, dst, dst_st)
     except ValueError as e:
@@ -650,15 +1734,22 @@ def _check_paths(args) -> tuple[str, str, int, bool, list[str]]:
         if dsize < size:
             raise BenchError("target %s (%d bytes) is smaller than source %s (%d bytes)"
                              % (dst, dsize, src, size))
-        return src, dst, size, True, notes
+        return src, dst, size, True, notes, created
     if not stat.S_ISREG(dst_st.st_mode):
         raise BenchError("target %s is not a regular file or a block device" % dst)
-    return src, dst, size, False, notes
+    return src, dst, size, False, notes, created
+
+
 
 
 def default_timeout(size: int) -> float:
     """Seconds one run may take before it counts as hung."""
     return 60.0 + size / 20e6
+
+
+def default_writer_timeout(size: int) -> float:
+    """Writer rounds: seconds to wait for READY before cancelling the job."""
+    return 10.0 + size / 50e6
 
 
 def run(args) -> int:
@@ -670,24 +1761,86 @@ def run(args) -> int:
         return EXIT_USAGE
 
 
-def _bench(args) -> int:
-    from fastmirror import MirrorJob  # noqa: F401  (fail early if the build is broken)
+def _variants(args, base_tools: Sequence[str]) -> tuple[list[Variant], list[Variant]]:
+    """The rows of the bulk rounds and of the writer rounds."""
+    bufs = args.buf_sizes or [(args.buf_size, None)]
+    multi = args.buf_sizes is not None
+    bulk: list[Variant] = []
+    for tool in base_tools:
+        if tool == "fastmirror":
+            for b, m in bufs:
+                label = "fastmirror" if not multi else "fastmirror %s%s" % (
+                    _short(b), "/%s" % _short(m) if m else "")
+                bulk.append(Variant(label, tool, b, m))
+        elif tool == "qemu-mirror":
+            for b in dict.fromkeys(b for b, _ in bufs):
+                bulk.append(Variant("qemu-mirror" if not multi else "qemu-mirror %s" % _short(b),
+                                    tool, b))
+        else:
+            bulk.append(Variant(tool, tool))
+    writer: list[Variant] = []
+    b, m = bufs[0]
+    if "fastmirror" in base_tools:
+        for mode in args.copy_modes:
+            writer.append(Variant("fastmirror %s" % mode, "fastmirror", b, m, mode))
+    if "qemu-mirror" in base_tools:
+        for mode in [m_ for m_ in args.copy_modes if m_ in QEMU_COPY_MODES] or ["background"]:
+            writer.append(Variant("qemu-mirror %s" % mode, "qemu-mirror", b, None, mode))
+    return bulk, writer
 
-    tools: list[str] = list(args.tools)
-    paths: dict[str, Optional[str]] = {}
+
+def _prepare(args):
+    """Tools, paths and refusals, before anything is written."""
+    tools: list[str] = []
+    for t in args.tools:
+        tools.extend(FIO_PARTS if t == "fio" else [t])
+    tools = list(dict.fromkeys(tools))
+    paths: dict[str, str] = {}
     skipped: dict[str, str] = {}
     for tool in tools:
         path, why = find_tool(tool)
         if path is None:
-            skipped[tool] = why or "not available"
+            skipped["fio" if tool in FIO_PARTS else tool] = why or "not available"
         else:
             paths[tool] = path
-    tools = [t for t in tools if t in paths]
-    if not tools:
-        raise BenchError("no tool to run: %s" % "; ".join(skipped.values()))
+    return [t for t in tools if t in paths], paths, skipped
 
-    src, dst, size, dst_is_block, notes = _check_paths(args)
+
+def _bench(args) -> int:
+    from fastmirror import MirrorJob  # noqa: F401  (fail early if the build is broken)
+
+    if not args.bulk and not args.writer_rates:
+        raise BenchError("--no-bulk needs --writer-rates")
+    tools, paths, skipped = _prepare(args)
+    bulk_variants, writer_variants = _variants(args, tools)
+    if not args.bulk:
+        bulk_variants = []
+    if args.writer_rates and not writer_variants:
+        if not bulk_variants:
+            raise BenchError("writer rounds need fastmirror or qemu-mirror: %s"
+                             % ("; ".join(skipped.values()) or "none selected"))
+    if not bulk_variants and not writer_variants:
+        raise BenchError("no tool to run: %s" % ("; ".join(skipped.values()) or "none"))
+    rates = args.writer_rates or []
+    writes_source = any(rate != 0 for _, rate in rates) and bool(writer_variants)
+
+    src, dst, size, dst_is_block, notes, created = _check_paths(args)
+    if writes_source:
+        src_is_block = stat.S_ISBLK(os.stat(src).st_mode)
+        if not created and not args.destroy_source:
+            raise BenchError("writer rounds write random data into the source %s: refusing "
+                             "without --destroy-source (only a source that --create made in "
+                             "this run is written without it)" % src)
+        if src_is_block:
+            try:   # O_EXCL on a block device: fails with EBUSY while mounted or held
+                os.close(os.open(src, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC))
+            except OSError as e:
+                raise BenchError("source %s is in use (mounted or held open exclusively): %s"
+                                 % (src, e.strerror)) from None
+        notes.append("writer rounds write random data into the source %s" % src)
     timeout = args.timeout if args.timeout is not None else default_timeout(size)
+    wtimeout = (args.writer_timeout if args.writer_timeout is not None
+                else default_writer_timeout(size))
 
     # A target file that is missing or too small is made the source's size;
     # the warm-up round (or, without one, an untimed copy) then writes all
@@ -704,13 +1857,26 @@ def _bench(args) -> int:
             os.truncate(dst, size)
             notes.append("extended target %s to %s" % (dst, _human(size)))
             fill = True
-    if fill and args.warmup == 0 and not args.fresh_target:
+    if fill and (args.warmup == 0 or not bulk_variants) and not args.fresh_target:
         reset_target(dst, size)
         r = run_tool("fastmirror", src, dst, size, granularity=args.granularity,
                      buf_size=args.buf_size, timeout=timeout)
         if not r.ok:
             print("fastmirror bench: filling the target failed: %s" % r.error, file=sys.stderr)
             return EXIT_FAIL
+
+    engine = "libaio"
+    fio_path = next((paths[t] for t in FIO_PARTS if t in paths), None)
+    if fio_path is not None:
+        engine = fio_engine(fio_path, src, args.fio_engine)
+    wkind = wpath = None
+    wnote = ""
+    wskipped: dict[str, str] = {}
+    if writes_source and any(v.tool == "qemu-mirror" for v in writer_variants):
+        wkind, wpath, wnote = qemu_writer(args.qemu_writer)
+        if wkind is None:
+            wskipped["qemu-mirror with a writer"] = "nothing can write to QEMU's NBD " \
+                                                    "export: %s" % wnote
 
     dropping = args.drop_caches and os.geteuid() == 0 and os.access(
         "/proc/sys/vm/drop_caches", os.W_OK)
@@ -719,112 +1885,241 @@ def _bench(args) -> int:
     fresh = args.fresh_target and not dst_is_block
 
     header = [
-        "fastmirror bench: %s -> %s, %s (%d bytes), %d round%s + %d warm-up, tool order "
-        "rotated each round" % (src, dst, _human(size), size, args.rounds,
-                                "s" if args.rounds != 1 else "", args.warmup),
+        "fastmirror bench: %s -> %s, %s (%d bytes), %d round%s%s, order rotated each round"
+        % (src, dst, _human(size), size, args.rounds, "s" if args.rounds != 1 else "",
+           " + %d warm-up" % args.warmup if bulk_variants else ""),
         "target: %s, %s; page cache: %s" % (
             "block device" if dst_is_block else "regular file (%s)" % (_fs_type(dst) or "?"),
             "truncated before every run" if fresh else "overwritten in place",
             "dropped before every run (sync; echo 3 > /proc/sys/vm/drop_caches)"
             if dropping else "not dropped (%s), sync before every run"
             % ("--no-drop-caches" if not args.drop_caches else "not root")),
-        "fastmirror: granularity %s, buf-size %s" % (_human(args.granularity),
-                                                     _human(args.buf_size)),
+        "machine: %d CPUs, load average %.2f %.2f %.2f" % ((os.cpu_count() or 0,)
+                                                          + os.getloadavg()),
+        "fastmirror and qemu-mirror: granularity %s, buf-size %s" % (
+            _human(args.granularity), ", ".join(
+                _human(b) + (" (fastmirror requests of %s: job.MAX_IO overridden)" % _human(m)
+                             if m else "")
+                for b, m in (args.buf_sizes or [(args.buf_size, None)]))),
     ]
-    for tool in tools:
-        if tool != "fastmirror":
-            header.append("%s: %s" % (tool, " ".join(tool_command(tool, "SRC", "DST"))))
+    described = set()
+    for v in bulk_variants + writer_variants:
+        if v.tool == "fastmirror" or v.tool in described:
+            continue
+        described.add(v.tool)
+        if v.tool == "qemu-mirror":
+            header.append("qemu-mirror: qemu-storage-daemon, both images cache.direct=on, "
+                          "aio=native; QMP blockdev-mirror sync=full granularity=%d "
+                          "buf-size=BUF copy-mode=background (writer rounds: as listed), "
+                          "block-job-complete at READY; QEMU copies up to max(BUF/16, 1 MiB) "
+                          "per request, 16 in flight" % args.granularity)
+        else:
+            header.append("%s: %s" % (v.tool, " ".join(tool_command(
+                v.tool, "SRC", "DST", size=size, engine=engine))))
+    if writer_variants and rates:
+        header.append("writer rounds: rates %s; random %d-%d KiB writes, %d KiB aligned; "
+                      "READY within %.0f s or cancelled; %d writes in flight: fastmirror: "
+                      "%d threads writing through job.source; qemu-mirror: %s%s on an NBD "
+                      "export of the source node" % (
+                          ",".join(label for label, _ in rates), WRITE_MIN // KiB,
+                          WRITE_MAX // KiB, WRITE_ALIGN // KiB, wtimeout, args.writer_depth,
+                          args.writer_depth, wnote or "no writer needed",
+                          " --iodepth=%d" % args.writer_depth if wkind == "fio" else ""))
     for line in notes + header:
         print(line)
     sys.stdout.flush()
 
+    def before_run() -> None:
+        reset_target(dst, size, fresh)
+        if dropping:
+            drop_caches()
+        else:
+            os.sync()
+
     runs: list[Run] = []
     failed = 0
-    schedule = [(0, True)] * args.warmup + [(i + 1, False) for i in range(args.rounds)]
-    for n, (rnd, warm) in enumerate(schedule):
-        k = n % len(tools)
-        for tool in tools[k:] + tools[:k]:
-            reset_target(dst, size, fresh)
-            if dropping:
-                drop_caches()
-            else:
-                os.sync()
-            r = run_tool(tool, src, dst, size, granularity=args.granularity,
-                         buf_size=args.buf_size, timeout=timeout, path=paths[tool])
-            r.round, r.warmup = rnd, warm
-            if r.ok:
-                bad = check_markers(src, dst, size)
-                if bad is None and args.verify:
-                    diff = _full_compare(src, dst, size)
-                    bad = diff if diff >= 0 else None
-                if bad is not None:
-                    r.ok = False
-                    r.error = "target differs from source at offset %d after the run" % bad
-            runs.append(r)
-            label = "warm-up" if warm else "round %d" % rnd
-            if r.ok:
-                extra = (", READY at %.3f s (%.3f GB/s)" % (r.ready_s, r.ready_gbps)
-                         if r.ready_s is not None and r.ready_gbps else "")
-                print("  %-8s %-10s %7.3f s  %6.3f GB/s  %7.1f MiB/s  CPU %.2f s (user %.2f, "
-                      "sys %.2f)%s" % (label, tool, r.wall_s, r.gbps, r.mibps, r.cpu_s,
-                                       r.user_s, r.sys_s, extra))
-            else:
-                failed += 1
-                print("  %-8s %-10s FAILED: %s" % (label, tool, r.error))
-            sys.stdout.flush()
+    if bulk_variants:
+        schedule = [(0, True)] * args.warmup + [(i + 1, False) for i in range(args.rounds)]
+        for n, (rnd, warm) in enumerate(schedule):
+            k = n % len(bulk_variants)
+            for v in bulk_variants[k:] + bulk_variants[:k]:
+                before_run()
+                r = run_tool(v.tool, src, dst, size, granularity=args.granularity,
+                             buf_size=v.buf_size, timeout=timeout, path=paths[v.tool],
+                             max_io=v.max_io, engine=engine, label=v.label)
+                r.tool = v.label
+                r.round, r.warmup = rnd, warm
+                if r.ok and v.tool not in FIO_PARTS:
+                    bad = check_markers(src, dst, size)
+                    if bad is None and args.verify:
+                        diff = _full_compare(src, dst, size)
+                        bad = diff if diff >= 0 else None
+                    if bad is not None:
+                        r.ok = False
+                        r.error = "target differs from source at offset %d after the run" % bad
+                runs.append(r)
+                label = "warm-up" if warm else "round %d" % rnd
+                if r.ok:
+                    extra = (", READY at %.3f s (%.3f GB/s)" % (r.ready_s, r.ready_gbps)
+                             if r.ready_s is not None and r.ready_gbps else "")
+                    if v.tool == "fio-rw":
+                        extra = ", read %.3f GB/s, write %.3f GB/s at once" % (
+                            r.detail.get("read_gbps", 0), r.detail.get("write_gbps", 0))
+                    print("  %-8s %-16s %7.3f s  %6.3f GB/s  %7.1f MiB/s  CPU %.2f s (user "
+                          "%.2f, sys %.2f)%s" % (label, v.label, r.wall_s, r.gbps, r.mibps,
+                                                 r.cpu_s, r.user_s, r.sys_s, extra))
+                else:
+                    failed += 1
+                    print("  %-8s %-16s FAILED: %s" % (label, v.label, r.error))
+                sys.stdout.flush()
 
-    summary = summarize(runs, tools)
-    print()
-    print(format_table(summary, skipped))
-    if "fastmirror" in summary:
-        fm = next((r for r in runs if r.tool == "fastmirror" and r.detail), None)
+    wruns: list[Run] = []
+    if writer_variants and rates:
+        for rnd in range(1, args.rounds + 1):
+            for ri, (rlabel, rate) in enumerate(rates):
+                k = (rnd - 1 + ri) % len(writer_variants)
+                for v in writer_variants[k:] + writer_variants[:k]:
+                    if v.tool == "qemu-mirror" and rate != 0 and wkind is None:
+                        continue
+                    before_run()
+                    r = run_writer(v, src, dst, size, rlabel, rate,
+                                   granularity=args.granularity, timeout=timeout,
+                                   ready_timeout=wtimeout, writer_kind=wkind,
+                                   writer_path=wpath, writer_depth=args.writer_depth)
+                    r.round = rnd
+                    if r.ok and rate == 0 and r.converged:
+                        bad = check_markers(src, dst, size)
+                        if bad is not None:
+                            r.ok = False
+                            r.error = "target differs from source at offset %d" % bad
+                    wruns.append(r)
+                    if not r.ok:
+                        failed += 1
+                    print("  round %-2d %-26s writer %-5s %s" % (rnd, v.label, rlabel,
+                                                                 _writer_line(r)))
+                    sys.stdout.flush()
+
+    base = next((v.label for v in bulk_variants if v.tool == "fastmirror"), "fastmirror")
+    summary = summarize(runs, [v.label for v in bulk_variants], base=base)
+    wlabels = [v.label for v in writer_variants]
+    wsummary = summarize_writer(wruns, wlabels, [label for label, _ in rates]) \
+        if wruns else {}
+    if bulk_variants:
+        print()
+        print(format_table(summary, skipped, base=base))
+        fm = next((r for r in runs if r.tool == base and r.detail), None)
         if fm is not None:
             d = fm.detail
-            print("fastmirror ran with %s workers x %s per copy, I/O %s" % (
-                d.get("nworkers"), _human(d["max_io"]) if d.get("max_io") else "?",
+            print("%s ran with %s workers x %s per copy, I/O %s" % (
+                base, d.get("nworkers"), _human(d["max_io"]) if d.get("max_io") else "?",
                 d.get("io_mode")))
-    print("GB/s = 1e9 bytes/s; CPU = user + system seconds per GiB copied; "
-          "fastmirror/tool = ratio of median throughputs (>1: fastmirror faster); "
-          "per round = median of the ratios within each round")
-    noisy = ["%s %.0f%%" % (t, 100 * s["spread"]) for t, s in summary.items()
-             if s.get("spread", 0) > NOISY and s.get("runs", 0) > 1]
-    if noisy:
-        print("note: noisy machine: min-max spread of %s around the median; "
-              "differences smaller than that need more --rounds" % ", ".join(noisy))
+        print("GB/s = 1e9 bytes/s; CPU = user + system seconds per GiB copied; "
+              "%s/tool = ratio of median throughputs (>1: %s faster; for fio: the share "
+              "of the ceiling); per round = median of the ratios within each round"
+              % (base, base))
+        noisy = ["%s %.0f%%" % (t, 100 * s["spread"]) for t, s in summary.items()
+                 if s.get("spread", 0) > NOISY and s.get("runs", 0) > 1]
+        if noisy:
+            print("note: noisy machine: min-max spread of %s around the median; "
+                  "differences smaller than that need more --rounds" % ", ".join(noisy))
+    if wruns or wskipped:
+        print()
+        print(format_writer_table(wsummary, {} if wruns else wskipped))
+        for k_, why in wskipped.items():
+            if wruns:
+                print("%s: skipped: %s" % (k_, why))
+        print("to READY: from the job's start (fastmirror: start(); QEMU: blockdev-mirror) "
+              "to READY; total: to COMPLETED (complete() at READY, the writer still "
+              "writing); vs idle: against the same job with writer 0 (ratio of medians, "
+              "then the median of per-round ratios); writer MB/s: what the writer achieved "
+              "until READY (1 MB = 1e6 bytes); copied again: bytes copied beyond the "
+              "source's size (QEMU: the job's len minus the size, its own writes in "
+              "write-blocking mode included)")
+
+    chart_note = None
+    if args.chart:
+        why = draw_chart(args.chart, summary if bulk_variants else None, wsummary or None,
+                         title="fastmirror bench: %s, %s -> %s, %s" % (
+                             _human(size), _fs_type(src) or "?", _fs_type(dst) or "?",
+                             time.strftime("%Y-%m-%d")))
+        chart_note = "chart: wrote %s" % args.chart if why is None else \
+            "chart: not drawn: %s" % why
+        print(chart_note)
 
     if args.json:
         doc = {
-            "version": 1,
+            "version": 2,
             "source": src,
             "target": dst,
             "size": size,
             "target_kind": "block" if dst_is_block else "file",
             "settings": {
-                "rounds": args.rounds, "warmup": args.warmup, "tools": tools,
+                "rounds": args.rounds, "warmup": args.warmup,
+                "tools": [v.label for v in bulk_variants],
                 "granularity": args.granularity, "buf_size": args.buf_size,
+                "buf_sizes": [list(x) for x in args.buf_sizes] if args.buf_sizes else None,
                 "fresh_target": fresh, "drop_caches": bool(dropping),
-                "verify": bool(args.verify), "timeout": timeout,
+                "verify": bool(args.verify), "timeout": timeout, "fio_engine": engine,
             },
-            "commands": {t: tool_command(t, src, dst, paths[t]) for t in tools
-                         if t != "fastmirror"},
+            "commands": {v.label: tool_command(v.tool, src, dst, paths.get(v.tool), size=size,
+                                               engine=engine, buf_size=v.buf_size,
+                                               granularity=args.granularity)
+                         for v in bulk_variants if v.tool != "fastmirror"},
             "skipped": skipped,
             "machine": {
                 "kernel": platform.release(), "cpus": os.cpu_count(),
-                "python": platform.python_version(),
+                "python": platform.python_version(), "loadavg_end": os.getloadavg(),
                 "fs_source": _fs_type(src), "fs_target": _fs_type(dst),
-                "versions": {t: _tool_version(t, paths[t]) for t in tools},
+                "versions": {t: _tool_version("fio" if t in FIO_PARTS else t, paths[t])
+                             for t in tools},
             },
             "notes": notes,
             "rounds": [r.to_dict() for r in runs],
             "summary": summary,
+            "writer": {
+                "rates": [{"label": label, "bytes_per_s": rate} for label, rate in rates],
+                "copy_modes": list(args.copy_modes),
+                "variants": wlabels,
+                "ready_timeout": wtimeout,
+                "qemu_writer": wkind, "qemu_writer_note": wnote,
+                "writer_depth": args.writer_depth,
+                "skipped": wskipped,
+                "runs": [r.to_dict() for r in wruns],
+                "summary": wsummary,
+            } if rates else None,
+            "chart": chart_note,
         }
-        text = json.dumps(doc, indent=2)
+        text = json.dumps(doc, indent=2, default=str)
         if args.json == "-":
             print(text)
         else:
             with open(args.json, "w") as f:
                 f.write(text + "\n")
     return EXIT_FAIL if failed else EXIT_OK
+
+
+def _writer_line(r: Run) -> str:
+    d = r.detail
+    parts = []
+    if r.converged:
+        parts.append("READY %.3f s, total %.3f s" % (r.ready_s or 0, r.wall_s))
+    elif r.converged is False:
+        parts.append("no READY in %.0f s (cancelled)" % (d.get("ready_timeout") or 0))
+    if d.get("writer_rate_to_ready") is not None:
+        parts.append("writer %.1f MB/s" % (d["writer_rate_to_ready"] / MB))
+    if d.get("extra_bytes_copied") is not None:
+        again = "copied again %s" % _human(d["extra_bytes_copied"])
+        if d.get("chunks_recopied") is not None:
+            again += " (%d chunks)" % d["chunks_recopied"]
+        parts.append(again)
+    if d.get("copy_mode_final"):
+        parts.append("mode %s%s" % (d["copy_mode_final"],
+                                    " from %.1f s" % d["copy_mode_switch_s"]
+                                    if d.get("copy_mode_switch_s") is not None else ""))
+    parts.append("CPU %.2f s" % r.cpu_s)
+    if not r.ok:
+        parts.append("FAILED: %s" % r.error)
+    return ", ".join(parts)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
