@@ -30,7 +30,10 @@ def _missing(reason: str) -> None:
 def _parse(argv):
     parser = argparse.ArgumentParser(prog="fastmirror bench")
     benchmark.add_arguments(parser)
-    return parser.parse_args([str(a) for a in argv])
+    argv = [str(a) for a in argv]
+    if "--settle" not in argv:
+        argv += ["--settle", "0"]      # no pause between runs: these are not timed
+    return parser.parse_args(argv)
 
 
 def _read(path, length=None) -> bytes:
@@ -326,7 +329,12 @@ def test_bench_chart(tmp_path, capsys, monkeypatch):
         import matplotlib  # noqa: F401
     except ImportError:
         pytest.skip("matplotlib is not installed (an optional extra)")
-    assert benchmark.run(_parse(argv)) == 0
+    assert benchmark.run(_parse(argv + ["--json", tmp_path / "run.json"])) == 0
     assert "chart: wrote" in capsys.readouterr().out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert png.stat().st_size < 200_000
+    # ... and again from the saved JSON, without running anything.
+    again = tmp_path / "again.png"
+    assert benchmark.main(["chart", str(again), str(tmp_path / "run.json")]) == 0
+    assert again.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert benchmark.main(["chart", str(again)]) == 2

@@ -1,8 +1,9 @@
 """`fastmirror bench SRC DST`: mirror throughput and convergence, side by side
 with baselines, on the same source and target (files or block devices).
 
-Bulk rounds.  Every round runs each tool once, in an order that rotates from
-round to round (so no tool always runs first or last):
+Bulk rounds.  Every round runs each tool once, in an order shuffled from
+round to round with a fixed seed (--order rotate: rotated), so that no tool
+always runs first or last, or right after the same other tool:
 
   fastmirror   MirrorJob(SRC, DST): start, wait for READY, complete, wait for
                COMPLETED (in this process; timed from building the job to the
@@ -56,7 +57,8 @@ A job that does not reach READY within --writer-timeout is cancelled and
 reported as not converged (that is a result, not a failure).
 
 Before each run (untimed): sync, drop the page cache when running as root
-(echo 3 > /proc/sys/vm/drop_caches), and overwrite three 4 KiB blocks of the
+(echo 3 > /proc/sys/vm/drop_caches), wait --settle seconds (default 1), and
+overwrite three 4 KiB blocks of the
 target (start, middle, end) with a marker, so that a tool that silently did
 nothing is caught: after each copy those blocks must equal the source's.
 --verify compares the whole target after each bulk copy (untimed).
@@ -103,7 +105,7 @@ __all__ = ["add_arguments", "run", "main", "TOOLS", "Run", "Variant", "create_so
            "tool_command", "find_tool", "run_tool", "run_writer", "reset_target",
            "check_markers", "drop_caches", "summarize", "summarize_writer", "parse_size",
            "parse_rate", "default_timeout", "default_writer_timeout", "fio_engine",
-           "qemu_writer", "draw_chart"]
+           "qemu_writer", "draw_chart", "chart_from_json"]
 
 TOOLS = ("fastmirror", "qemu-mirror", "qemu-img", "dd", "fio")
 FIO_PARTS = ("fio-read", "fio-write", "fio-rw")
@@ -249,6 +251,16 @@ def _seconds(text: str) -> float:
     return v
 
 
+def _nonneg_seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("not a number of seconds: %r" % text) from None
+    if not v >= 0 or math.isinf(v):
+        raise argparse.ArgumentTypeError("must be zero or more seconds: %r" % text)
+    return v
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `fastmirror bench`."""
     parser.description = "\n\n".join(textwrap.fill(p, 78) for p in (
@@ -310,6 +322,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timeout", type=_seconds, default=None, metavar="SECONDS",
                         help="give up on one run after this long (default: 60 s plus "
                              "1 s per 20 MB)")
+    parser.add_argument("--order", choices=("shuffle", "rotate"), default="shuffle",
+                        help="order of the tools within a round: shuffled with --seed "
+                             "(default; no tool always follows the same one) or rotated")
+    parser.add_argument("--seed", type=_nonnegative, default=1,
+                        help="seed of the shuffled order (default 1)")
+    parser.add_argument("--settle", type=_nonneg_seconds, default=1.0, metavar="SECONDS",
+                        help="pause after syncing and dropping the cache, before each run "
+                             "(default 1 s), so that a run does not pay for the previous "
+                             "one's writeback")
     parser.add_argument("--fio-engine", choices=("auto", "io_uring", "libaio", "psync"),
                         default="auto",
                         help="fio's I/O engine for the ceilings (default: io_uring when it "
@@ -1478,21 +1499,21 @@ def summarize_writer(runs: Sequence[Run], labels: Sequence[str],
             if not mine:
                 continue
             ok = [r for r in mine if r.ok]
-            conv = [r for r in ok if r.converged and r.ready_s is not None]
+            # READY is READY even when the run failed later (e.g. no COMPLETED in time).
+            conv = [r for r in mine if r.converged and r.ready_s is not None]
+            done = [r for r in conv if r.ok]
             s: dict = {"runs": len(mine), "converged": len(conv), "failed": len(mine) - len(ok),
                        "errors": sorted({r.error for r in mine if r.error})}
             if conv:
                 rs = [r.ready_s for r in conv]
                 s.update(median_ready_s=statistics.median(rs), min_ready_s=min(rs),
-                         max_ready_s=max(rs),
-                         median_total_s=statistics.median(r.wall_s for r in conv),
-                         min_total_s=min(r.wall_s for r in conv),
-                         max_total_s=max(r.wall_s for r in conv))
+                         max_ready_s=max(rs))
+            if done:
+                s.update(median_total_s=statistics.median(r.wall_s for r in done),
+                         min_total_s=min(r.wall_s for r in done),
+                         max_total_s=max(r.wall_s for r in done))
             if ok:
                 s["median_cpu_s"] = statistics.median(r.cpu_s for r in ok)
-            timeouts = [r.detail.get("ready_timeout") for r in ok if not r.converged]
-            if timeouts:
-                s["ready_timeout"] = max(t for t in timeouts if t is not None)
             for key, name in (("writer_rate_to_ready", "median_writer_bps"),
                               ("writer_rate_whole", "median_writer_bps_whole"),
                               ("extra_bytes_copied", "median_extra_bytes_copied"),
@@ -1505,6 +1526,9 @@ def summarize_writer(runs: Sequence[Run], labels: Sequence[str],
                             if r.detail.get("copy_mode_final")})
             if modes:
                 s["copy_modes_final"] = modes
+            timeouts = [r.detail.get("ready_timeout") for r in mine if not r.converged]
+            if timeouts and any(t is not None for t in timeouts):
+                s["ready_timeout"] = max(t for t in timeouts if t is not None)
             if rate != "0" and idle:
                 base = statistics.median(r.ready_s for r in idle.values())
                 if conv and base > 0:
@@ -1566,7 +1590,7 @@ def format_writer_table(wsummary: dict, skipped: dict) -> str:
             ready = "%d/%d" % (s["converged"], s["runs"])
             if s.get("median_ready_s") is not None:
                 t = "%.3f (%.3f-%.3f)" % (s["median_ready_s"], s["min_ready_s"], s["max_ready_s"])
-                total = "%.3f" % s["median_total_s"]
+                total = "%.3f" % s["median_total_s"] if "median_total_s" in s else "-"
             else:
                 t = "none in %.0f s" % s.get("ready_timeout", 0) if s.get("ready_timeout") \
                     else "-"
@@ -1636,6 +1660,14 @@ def draw_chart(path: str, summary: Optional[dict], wsummary: Optional[dict],
                 for r in wsummary[lab]:
                     if r not in rates:
                         rates.append(r)
+            reds = ["#d62728", "#ff7f0e", "#8c564b", "#e377c2"]
+            blues = ["#1f77b4", "#17becf", "#9467bd", "#7f7f7f"]
+            palette = {}
+            for lab in labels:
+                pool = reds if lab.startswith("fastmirror") else blues
+                palette[lab] = pool[sum(1 for x in palette if (x.startswith("fastmirror")
+                                                               == lab.startswith("fastmirror")))
+                                    % len(pool)]
             width = 0.8 / max(1, len(labels))
             top = max([s.get("max_ready_s", 0) for lab in labels
                        for s in wsummary[lab].values()] + [0.001])
@@ -1651,13 +1683,17 @@ def draw_chart(path: str, summary: Optional[dict], wsummary: Optional[dict],
                         ys.append(s["median_ready_s"])
                         lo.append(s["median_ready_s"] - s["min_ready_s"])
                         hi.append(s["max_ready_s"] - s["median_ready_s"])
+                        if s["converged"] < s["runs"]:     # some never got READY
+                            ax.text(x, s["max_ready_s"] + top * 0.02, "%d/%d\nREADY"
+                                    % (s["converged"], s["runs"]), ha="center",
+                                    va="bottom", fontsize=6)
                     else:
                         miss.append(x)
-                bars = ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=lab)
+                ax.bar(xs, ys, width, yerr=[lo, hi], capsize=2, label=lab,
+                       color=palette[lab])
                 for x in miss:
                     ax.bar([x], [top * 1.1], width, color="none", hatch="//",
-                           edgecolor=bars.patches[0].get_facecolor() if bars.patches
-                           else "k")
+                           edgecolor=palette[lab])
                     ax.text(x, top * 1.12, "no\nREADY", ha="center", va="bottom", fontsize=6)
             ax.set_xticks(range(len(rates)))
             ax.set_xticklabels(["writer %s%s" % (r, "" if r in ("0", "max") else "/s")
@@ -1665,7 +1701,7 @@ def draw_chart(path: str, summary: Optional[dict], wsummary: Optional[dict],
             ax.set_ylabel("seconds to READY (median; whiskers min-max)")
             ax.set_title("Time to READY under a random 4-64 KiB writer")
             ax.set_ylim(0, top * 1.35)
-            ax.legend(fontsize=7, loc="upper left")
+            ax.legend(fontsize=7, loc="upper left", ncol=2)
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
@@ -1885,9 +1921,11 @@ def _bench(args) -> int:
     fresh = args.fresh_target and not dst_is_block
 
     header = [
-        "fastmirror bench: %s -> %s, %s (%d bytes), %d round%s%s, order rotated each round"
+        "fastmirror bench: %s -> %s, %s (%d bytes), %d round%s%s, %s"
         % (src, dst, _human(size), size, args.rounds, "s" if args.rounds != 1 else "",
-           " + %d warm-up" % args.warmup if bulk_variants else ""),
+           " + %d warm-up" % args.warmup if bulk_variants else "",
+           "order rotated each round" if args.order == "rotate" else
+           "order shuffled each round (seed %d)" % args.seed),
         "target: %s, %s; page cache: %s" % (
             "block device" if dst_is_block else "regular file (%s)" % (_fs_type(dst) or "?"),
             "truncated before every run" if fresh else "overwritten in place",
@@ -1935,20 +1973,34 @@ def _bench(args) -> int:
             drop_caches()
         else:
             os.sync()
+        if args.settle:
+            time.sleep(args.settle)
+
+    def ordered(items: list, n: int) -> list:
+        """Round n's order: rotated by n, or shuffled (seeded) so that no
+        tool always follows the same one (a run can slow the next, e.g.
+        while a host flushes what it wrote)."""
+        if args.order == "rotate" or n == 0:
+            k = n % len(items)
+            return items[k:] + items[:k]
+        out = list(items)
+        random.Random(args.seed * 1000003 + n).shuffle(out)
+        return out
 
     runs: list[Run] = []
     failed = 0
     if bulk_variants:
         schedule = [(0, True)] * args.warmup + [(i + 1, False) for i in range(args.rounds)]
         for n, (rnd, warm) in enumerate(schedule):
-            k = n % len(bulk_variants)
-            for v in bulk_variants[k:] + bulk_variants[:k]:
+            for v in ordered(bulk_variants, n):
                 before_run()
+                load = os.getloadavg()[0]
                 r = run_tool(v.tool, src, dst, size, granularity=args.granularity,
                              buf_size=v.buf_size, timeout=timeout, path=paths[v.tool],
                              max_io=v.max_io, engine=engine, label=v.label)
                 r.tool = v.label
                 r.round, r.warmup = rnd, warm
+                r.detail["loadavg_1m"] = load
                 if r.ok and v.tool not in FIO_PARTS:
                     bad = check_markers(src, dst, size)
                     if bad is None and args.verify:
@@ -1977,16 +2029,17 @@ def _bench(args) -> int:
     if writer_variants and rates:
         for rnd in range(1, args.rounds + 1):
             for ri, (rlabel, rate) in enumerate(rates):
-                k = (rnd - 1 + ri) % len(writer_variants)
-                for v in writer_variants[k:] + writer_variants[:k]:
+                for v in ordered(writer_variants, (rnd - 1) * len(rates) + ri + 1):
                     if v.tool == "qemu-mirror" and rate != 0 and wkind is None:
                         continue
                     before_run()
+                    load = os.getloadavg()[0]
                     r = run_writer(v, src, dst, size, rlabel, rate,
                                    granularity=args.granularity, timeout=timeout,
                                    ready_timeout=wtimeout, writer_kind=wkind,
                                    writer_path=wpath, writer_depth=args.writer_depth)
                     r.round = rnd
+                    r.detail["loadavg_1m"] = load
                     if r.ok and rate == 0 and r.converged:
                         bad = check_markers(src, dst, size)
                         if bad is not None:
@@ -2054,7 +2107,8 @@ def _bench(args) -> int:
             "size": size,
             "target_kind": "block" if dst_is_block else "file",
             "settings": {
-                "rounds": args.rounds, "warmup": args.warmup,
+                "rounds": args.rounds, "warmup": args.warmup, "order": args.order,
+                "seed": args.seed, "settle": args.settle,
                 "tools": [v.label for v in bulk_variants],
                 "granularity": args.granularity, "buf_size": args.buf_size,
                 "buf_sizes": [list(x) for x in args.buf_sizes] if args.buf_sizes else None,
@@ -2122,8 +2176,44 @@ def _writer_line(r: Run) -> str:
     return ", ".join(parts)
 
 
+def chart_from_json(png: str, json_paths: Sequence[str]) -> Optional[str]:
+    """Draw the chart of earlier runs from their --json files: the bulk
+    table of the first that has one, the writer table of the first that has
+    one.  Returns None when drawn, else why not."""
+    summary = wsummary = None
+    sizes, fs, dates = set(), set(), set()
+    for path in json_paths:
+        with open(path) as f:
+            doc = json.load(f)
+        if summary is None and any(s.get("runs") for s in (doc.get("summary") or {}).values()):
+            summary = doc["summary"]
+        w = doc.get("writer") or {}
+        if wsummary is None and w.get("summary"):
+            wsummary = w["summary"]
+        sizes.add(_human(doc["size"]))
+        m = doc.get("machine", {})
+        fs.add("%s -> %s" % (m.get("fs_source") or "?", m.get("fs_target") or "?"))
+        dates.add(time.strftime("%Y-%m-%d", time.localtime(os.path.getmtime(path))))
+    return draw_chart(png, summary, wsummary, title="fastmirror bench: %s, %s, %s" % (
+        ", ".join(sorted(sizes)), ", ".join(sorted(fs)), ", ".join(sorted(dates))))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """`python -m fastmirror.benchmark SRC DST ...` (the same as `fastmirror bench`)."""
+    """`python -m fastmirror.benchmark SRC DST ...` (the same as `fastmirror bench`);
+    `python -m fastmirror.benchmark chart OUT.png RUN.json...` redraws the
+    chart of earlier runs."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["chart"]:
+        if len(argv) < 3:
+            print("usage: python -m fastmirror.benchmark chart OUT.png RUN.json...",
+                  file=sys.stderr)
+            return EXIT_USAGE
+        why = chart_from_json(argv[1], argv[2:])
+        if why is not None:
+            print("chart: not drawn: %s" % why, file=sys.stderr)
+            return EXIT_FAIL
+        print("chart: wrote %s" % argv[1])
+        return EXIT_OK
     parser = argparse.ArgumentParser(prog="fastmirror bench")
     add_arguments(parser)
     args = parser.parse_args(argv)
