@@ -300,14 +300,14 @@ def test_bench_buf_sizes_and_max_io(tmp_path, capsys):
     for that job only."""
     from fastmirror import job as jobmod
     src, dst, out = tmp_path / "src.img", tmp_path / "dst.img", tmp_path / "b.json"
-    max_io = jobmod.MAX_IO
     args = _parse(["--create", "16M", "--rounds", "1", "--warmup", "0", "--tools",
                    "fastmirror", "--buf-sizes", "16M,32M:2M", src, dst, "--json", out])
     assert benchmark.run(args) == 0, capsys.readouterr().err
-    assert jobmod.MAX_IO == max_io
     doc = json.loads(out.read_text())
     runs = {r["tool"]: r for r in doc["rounds"]}
-    assert runs["fastmirror 16M"]["detail"]["max_io"] == min(max_io, 16 * MiB)
+    # The default split of 16 MiB: copies of buf_size / IO_SPLIT.
+    assert runs["fastmirror 16M"]["detail"]["max_io"] == \
+        min(jobmod.MAX_IO, max(jobmod.MIN_IO, 16 * MiB // jobmod.IO_SPLIT))
     assert runs["fastmirror 32M/2M"]["detail"]["max_io"] == 2 * MiB
     assert runs["fastmirror 32M/2M"]["detail"]["nworkers"] == 16
     assert "fastmirror_ratio_paired" in doc["summary"]["fastmirror 32M/2M"]
@@ -338,3 +338,31 @@ def test_bench_chart(tmp_path, capsys, monkeypatch):
     assert benchmark.main(["chart", str(again), str(tmp_path / "run.json")]) == 0
     assert again.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert benchmark.main(["chart", str(again)]) == 2
+
+
+def test_qemu_writer_round_not_completed_is_a_result(tmp_path, monkeypatch):
+    """A QEMU job that is READY but does not complete in time (its writer
+    keeps the source dirty) is cancelled and reported as not COMPLETED."""
+    if not shutil.which("qemu-storage-daemon"):
+        _missing("qemu-storage-daemon is not installed")
+    src, dst = tmp_path / "src.img", tmp_path / "dst.img"
+    benchmark.create_source(str(src), 16 * MiB)
+    with open(dst, "wb") as f:
+        f.truncate(16 * MiB)
+    real = benchmark._qemu_daemon_class
+
+    def stuck_class():
+        class Stuck(real()):
+            def complete_job(self, timeout):
+                return None          # as if the drain never ended
+        return Stuck
+    monkeypatch.setattr(benchmark, "_qemu_daemon_class", stuck_class)
+    v = benchmark.Variant("qemu-mirror background", "qemu-mirror", copy_mode="background")
+    r = benchmark.run_writer(v, str(src), str(dst), 16 * MiB, "0", 0, timeout=30,
+                             ready_timeout=30)
+    assert r.ok, r.error
+    assert r.converged and r.ready_s > 0
+    assert r.detail["completed"] is False and "no COMPLETED" in r.detail["note"]
+    s = benchmark.summarize_writer([r], [v.label], ["0"])[v.label]["0"]
+    assert s["converged"] == 1 and s["not_completed"] == 1 and "median_total_s" not in s
+    assert "not COMPLETED" in benchmark.format_writer_table({v.label: {"0": s}}, {})

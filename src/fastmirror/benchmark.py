@@ -54,7 +54,10 @@ a few MB/s whatever the rate asked.  The report gives the rate each writer
 achieved.
 
 A job that does not reach READY within --writer-timeout is cancelled and
-reported as not converged (that is a result, not a failure).
+reported as not converged; a QEMU job that reaches READY but does not
+complete before --timeout (QEMU lets a busy writer go on during the final
+drain) is cancelled and reported as not COMPLETED.  Both are results, not
+failures.
 
 Before each run (untimed): sync, drop the page cache when running as root
 (echo 3 > /proc/sys/vm/drop_caches), wait --settle seconds (default 1), and
@@ -81,7 +84,6 @@ created, otherwise only with --destroy-source.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import mmap
@@ -308,7 +310,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run fastmirror and qemu-mirror once per buffer size, e.g. "
                              "16M,64M; an entry BUF:IO (e.g. 64M:4M) runs fastmirror with "
                              "copy requests of up to IO bytes (EXPERIMENTAL: it overrides "
-                             "fastmirror.job.MAX_IO for that job; QEMU derives its own, "
+                             "fastmirror's io_size for that job; QEMU derives its own, "
                              "max(BUF/16, 1M))")
     parser.add_argument("--fresh-target", action="store_true",
                         help="truncate a file DST to zero and back to size before every "
@@ -382,7 +384,7 @@ class Variant:
     label: str
     tool: str                          # a TOOLS entry or a FIO_PARTS one
     buf_size: int = 16 << 20
-    max_io: Optional[int] = None       # fastmirror: override job.MAX_IO
+    max_io: Optional[int] = None       # fastmirror: io_size (bytes per copy)
     copy_mode: Optional[str] = None    # writer rounds: the mirror's copy mode
 
 
@@ -611,22 +613,6 @@ def _run_fio(part: str, src: str, dst: str, size: int, timeout: Optional[float],
     run.detail.update(engine=engine, process_wall_s=run.wall_s)
     run.wall_s = max(runtimes)   # fio's own time, without its start-up
     return run
-
-
-@contextlib.contextmanager
-def _max_io(max_io: Optional[int]):
-    """EXPERIMENTAL: fastmirror jobs built inside get copy requests of up to
-    max_io bytes (job.MAX_IO is read when a job is built)."""
-    if max_io is None:
-        yield
-        return
-    from fastmirror import job as jobmod
-    old = jobmod.MAX_IO
-    jobmod.MAX_IO = max_io
-    try:
-        yield
-    finally:
-        jobmod.MAX_IO = old
 
 
 # ---------------------------------------------------------------------------
@@ -948,7 +934,7 @@ def _run_fastmirror(src: str, dst: str, size: int, granularity: int, buf_size: i
     run = Run(label, 0, False, size,
               command=["MirrorJob(%r, %r, granularity=%d, buf_size=%d, copy_mode=%r)%s"
                        % (src, dst, granularity, buf_size, copy_mode,
-                          "  [job.MAX_IO=%d]" % max_io if max_io else "")],
+                          ", io_size=%d" % max_io if max_io else "")],
               writer_rate=rate_label, copy_mode=copy_mode if writer is not None else None)
     if ready_timeout is None:
         ready_timeout = timeout
@@ -960,9 +946,8 @@ def _run_fastmirror(src: str, dst: str, size: int, granularity: int, buf_size: i
         return None if deadline is None else max(0.0, deadline - time.monotonic())
 
     try:
-        with _max_io(max_io):
-            job = MirrorJob(src, dst, granularity=granularity, buf_size=buf_size,
-                            copy_mode=copy_mode)
+        job = MirrorJob(src, dst, granularity=granularity, buf_size=buf_size,
+                        copy_mode=copy_mode, io_size=max_io)
     except (OSError, ValueError) as e:
         run.error = "MirrorJob refused: %s" % e
         return run
@@ -1019,6 +1004,8 @@ def _run_fastmirror(src: str, dst: str, size: int, granularity: int, buf_size: i
                 extra_bytes_copied=max(0, (getattr(st, "bytes_copied", None) or 0) - size),
                 ready_timeout=ready_timeout,
             )
+        if writer is not None and ready:
+            run.detail["completed"] = final is not None and final.type == EventType.COMPLETED
         if final is None:
             run.error = "timed out after %.0f s (state %s)" % (timeout or 0, st.state)
         elif ready and final.type != EventType.COMPLETED:
@@ -1032,6 +1019,8 @@ def _run_fastmirror(src: str, dst: str, size: int, granularity: int, buf_size: i
             run.ok = True
     finally:
         if w is not None:
+            if job.wait(0) is None:
+                job.cancel(force=True)   # a drain holds writers at its gate: let them go
             w.stop()
         job.close()       # a job still running is cancelled (force) and joined
     u1, s1 = _rusage(resource.RUSAGE_SELF)
@@ -1172,6 +1161,17 @@ def _run_qemu_mirror(src: str, dst: str, size: int, granularity: int, buf_size: 
             run.ready_s = t_ready - t0
             left = None if timeout is None else max(1.0, timeout - (t_stop - t0))
             done = d.complete_job(left)
+            if done is None and writer is not None:
+                # QEMU lets the writer go on until the source is clean, which
+                # a busy writer may never allow: a result, not a failure.
+                if w is not None:
+                    w.stop()
+                not_completed = "no COMPLETED within %.0f s of READY (writer still " \
+                                "writing); cancelled" % (left or 0)
+                done = d.cancel_job(60)
+                if done is not None:
+                    run.detail["completed"] = False
+                    run.detail["note"] = not_completed
         elif ready is not None:
             done = ready          # ended before READY
         else:
@@ -1195,7 +1195,8 @@ def _run_qemu_mirror(src: str, dst: str, size: int, granularity: int, buf_size: 
             run.error = "timed out after %.0f s waiting for the job to end" % (timeout or 0)
         elif data.get("error"):
             run.error = "job ended %s: %s" % (done["event"], data["error"])
-        elif t_ready is not None and done["event"] != "BLOCK_JOB_COMPLETED":
+        elif t_ready is not None and done["event"] != "BLOCK_JOB_COMPLETED" \
+                and run.detail.get("completed") is not False:
             run.error = "job ended %s after READY" % done["event"]
         elif t_ready is None and ready is not None:
             run.error = "job ended %s before READY" % ready["event"]
@@ -1203,6 +1204,8 @@ def _run_qemu_mirror(src: str, dst: str, size: int, granularity: int, buf_size: 
             run.error = "no READY within %.0f s; cancelled" % (ready_timeout or 0)
         else:
             run.ok = True
+            if writer is not None and t_ready is not None:
+                run.detail.setdefault("completed", True)
     except (OSError, qemu.QMPError, ValueError) as e:
         run.ok = False
         run.error = "QMP: %s" % e
@@ -1501,8 +1504,10 @@ def summarize_writer(runs: Sequence[Run], labels: Sequence[str],
             ok = [r for r in mine if r.ok]
             # READY is READY even when the run failed later (e.g. no COMPLETED in time).
             conv = [r for r in mine if r.converged and r.ready_s is not None]
-            done = [r for r in conv if r.ok]
+            done = [r for r in conv if r.ok and r.detail.get("completed") is not False]
             s: dict = {"runs": len(mine), "converged": len(conv), "failed": len(mine) - len(ok),
+                       "not_completed": sum(1 for r in conv
+                                            if r.detail.get("completed") is False),
                        "errors": sorted({r.error for r in mine if r.error})}
             if conv:
                 rs = [r.ready_s for r in conv]
@@ -1608,6 +1613,8 @@ def format_writer_table(wsummary: dict, skipped: dict) -> str:
             mode = ",".join(s.get("copy_modes_final", [])) or "-"
             if s.get("median_copy_mode_switch_s") is not None:
                 mode += " @%.1fs" % s["median_copy_mode_switch_s"]
+            if s.get("not_completed"):
+                ready += " (%d not COMPLETED)" % s["not_completed"]
             if s["failed"]:
                 ready += " (%d failed)" % s["failed"]
             rows.append((label, rate, ready, t, vs, pr, total, wb, again, mode))
@@ -1936,7 +1943,7 @@ def _bench(args) -> int:
                                                           + os.getloadavg()),
         "fastmirror and qemu-mirror: granularity %s, buf-size %s" % (
             _human(args.granularity), ", ".join(
-                _human(b) + (" (fastmirror requests of %s: job.MAX_IO overridden)" % _human(m)
+                _human(b) + (" (fastmirror requests of %s: io_size)" % _human(m)
                              if m else "")
                 for b, m in (args.buf_sizes or [(args.buf_size, None)]))),
     ]
@@ -2155,7 +2162,9 @@ def _bench(args) -> int:
 def _writer_line(r: Run) -> str:
     d = r.detail
     parts = []
-    if r.converged:
+    if r.converged and d.get("completed") is False:
+        parts.append("READY %.3f s, %s" % (r.ready_s or 0, d.get("note") or "not COMPLETED"))
+    elif r.converged:
         parts.append("READY %.3f s, total %.3f s" % (r.ready_s or 0, r.wall_s))
     elif r.converged is False:
         parts.append("no READY in %.0f s (cancelled)" % (d.get("ready_timeout") or 0))
