@@ -89,7 +89,7 @@ def test_auto_switches_when_writes_outpace_the_copy(images):
     # A copy limited to 1 MiB/s cannot keep up with a writer dirtying chunks
     # all over the disk: auto must switch to write-blocking, then converge.
     job = fastmirror.MirrorJob(src, dst, copy_mode="auto", speed=1 << 20,
-                               granularity=65536)
+                               granularity=65536, buf_size=1 << 20)
     events = []
     job.add_listener(events.append)
     stop = threading.Event()
@@ -139,3 +139,36 @@ def test_auto_stays_background_when_the_copy_keeps_up(images):
     assert final.type == fastmirror.EventType.COMPLETED
     assert final.copy_mode == "background"
     assert job.status().copy_mode == "background"
+
+
+@pytest.mark.parametrize("copy_mode", ["background", "write-blocking"])
+def test_force_cancel_ends_promptly_while_writers_hammer(images, copy_mode):
+    """The end of a job must not wait for a moment with no write in flight:
+    with writers that never pause, that moment may never come."""
+    src, dst = images
+    job = fastmirror.MirrorJob(src, dst, copy_mode=copy_mode, speed=4 << 20)
+    stop = threading.Event()
+
+    def writer(seed):
+        rng = random.Random(seed)
+        data = rng.randbytes(65536)
+        while not stop.is_set():
+            job.source.pwrite(data[:rng.randrange(1, 65536)], rng.randrange(0, SIZE - 65536))
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(4)]
+    job.start()
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.5)
+        job.cancel(force=True)
+        final = job.wait(10)
+        assert final is not None, "the job did not end while writers kept writing"
+        assert final.type == fastmirror.EventType.CANCELLED
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+        job.wait(30)
+        job.close()
+        job.source.close()

@@ -64,6 +64,7 @@ class TrackedSource(BlockHandle):
         self._side: Optional[_Side] = None   # opened on first use
         self._cond = threading.Condition()
         self._writers = 0        # writes between the gate and their mark
+        self._mirror_users = 0   # of those, writes that hold the mirror's descriptor
         self._gate_closed = False
         self._closed = False
         # Write-blocking mode: (claim, unclaim, target side).  A write then
@@ -118,7 +119,10 @@ class TrackedSource(BlockHandle):
     def stop_mirroring(self) -> None:
         with self._cond:
             old, self._mirror = self._mirror, None
-            while self._writers:        # a write may still use the descriptor
+            # Writes that took the old mirror may still use its descriptor;
+            # new ones do not see it, so this wait is bounded even while
+            # writers keep coming.
+            while self._mirror_users:
                 self._cond.wait()
         if old is not None:
             os.close(old[2].fd)
@@ -153,12 +157,16 @@ class TrackedSource(BlockHandle):
                 fd = os.open(self._path, os.O_RDWR | os.O_CLOEXEC)
                 self._side = _Side(self._path, fd, self._is_block)
             self._writers += 1
+            if self._mirror is not None:
+                self._mirror_users += 1
             return self._side, self._mark, self._mirror
 
-    def _leave(self) -> None:
+    def _leave(self, mirror) -> None:
         with self._cond:
             self._writers -= 1
-            if not self._writers:
+            if mirror is not None:
+                self._mirror_users -= 1
+            if not self._writers or (mirror is not None and not self._mirror_users):
                 self._cond.notify_all()
 
     def _write(self, offset: int, length: int, op: Callable[[_Side], int]) -> int:
@@ -188,7 +196,7 @@ class TrackedSource(BlockHandle):
         finally:
             if slot >= 0:
                 mirror[1](slot)
-            self._leave()
+            self._leave(mirror)
 
     def pwrite(self, data, offset: int) -> int:
         view = memoryview(data).cast("B")
@@ -222,7 +230,7 @@ class TrackedSource(BlockHandle):
 
     def pread(self, length: int, offset: int) -> bytes:
         self._check(offset, length)
-        side, _, _ = self._enter()   # reads pass the gate too: they never race a pivot
+        side, _, mirror = self._enter()   # reads pass the gate too: they never race a pivot
         try:
             chunks = []
             done = 0
@@ -236,7 +244,7 @@ class TrackedSource(BlockHandle):
         except OSError as e:
             raise io_error(e.errno or 5, side.path, offset, "read") from None
         finally:
-            self._leave()
+            self._leave(mirror)
 
     def flush(self) -> None:
         side, _, mirror = self._enter()
@@ -245,7 +253,7 @@ class TrackedSource(BlockHandle):
             if mirror is not None:
                 os.fdatasync(mirror[2].fd)
         finally:
-            self._leave()
+            self._leave(mirror)
 
     def close(self) -> None:
         self.stop_mirroring()
