@@ -55,6 +55,12 @@ def _missing(reason: str) -> None:
     pytest.skip(reason)
 
 
+def require_that(ok: bool, reason: str) -> None:
+    """Skip (or fail) with `reason` unless ok."""
+    if not ok:
+        _missing(reason)
+
+
 def require(tool: str) -> str:
     """The full path of `tool`; skips (or fails) when it is not installed."""
     path = shutil.which(tool)

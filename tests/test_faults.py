@@ -13,6 +13,7 @@ import threading
 import time
 
 import pytest
+from conftest import require_that
 
 import fastmirror
 from fastmirror.verify import first_difference
@@ -22,18 +23,12 @@ SIZE = 8 << 20
 BAD = 3 << 20            # the injected fault covers [BAD, BAD + 64 KiB)
 
 
-def _require(ok, reason):
-    if ok:
-        return
-    if os.environ.get("FASTMIRROR_REQUIRE_ALL") == "1":
-        pytest.fail("required but unavailable: " + reason)
-    pytest.skip(reason)
 
 
 @pytest.fixture(scope="module")
 def shim(tmp_path_factory):
     cc = shutil.which("cc") or shutil.which("gcc")
-    _require(cc is not None, "no C compiler to build the fault-injection shim")
+    require_that(cc is not None, "no C compiler to build the fault-injection shim")
     out = tmp_path_factory.mktemp("shim") / "faultinject.so"
     subprocess.run([cc, "-shared", "-fPIC", "-O1", "-o", str(out),
                     os.path.join(HERE, "faults", "faultinject.c"), "-ldl", "-lpthread"],
@@ -171,8 +166,8 @@ def test_enospc_policy_stops_on_enospc(shim, images):
 
 @pytest.fixture
 def small_fs(tmp_path):
-    _require(os.geteuid() == 0, "needs root to mount a small ext4 filesystem")
-    _require(shutil.which("mkfs.ext4") is not None, "mkfs.ext4 (e2fsprogs) not installed")
+    require_that(os.geteuid() == 0, "needs root to mount a small ext4 filesystem")
+    require_that(shutil.which("mkfs.ext4") is not None, "mkfs.ext4 (e2fsprogs) not installed")
     image = tmp_path / "fs.img"
     mnt = tmp_path / "mnt"
     mnt.mkdir()
@@ -181,7 +176,7 @@ def small_fs(tmp_path):
     subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", str(image)], check=True)
     r = subprocess.run(["mount", "-o", "loop", str(image), str(mnt)],
                        capture_output=True, text=True)
-    _require(r.returncode == 0, "cannot mount a loop filesystem: " + r.stderr.strip())
+    require_that(r.returncode == 0, "cannot mount a loop filesystem: " + r.stderr.strip())
     try:
         yield mnt
     finally:

@@ -6,21 +6,16 @@ import shutil
 import subprocess
 
 import pytest
+from conftest import require_that
 
 from fastmirror import qemu
 from fastmirror.verify import first_difference
 
 
-def _require(ok, reason):
-    if ok:
-        return
-    if os.environ.get("FASTMIRROR_REQUIRE_ALL") == "1":
-        pytest.fail("required but unavailable: " + reason)
-    pytest.skip(reason)
 
 
 def test_qemu_mirror_job_over_qmp(tmp_path):
-    _require(qemu.available(), "qemu-storage-daemon not installed (qemu-system-common)")
+    require_that(qemu.available(), "qemu-storage-daemon not installed (qemu-system-common)")
     src, dst = tmp_path / "s.img", tmp_path / "d.img"
     src.write_bytes(os.urandom(8 << 20))
     with open(dst, "wb") as f:
@@ -37,8 +32,8 @@ def test_qemu_mirror_job_over_qmp(tmp_path):
 
 
 def test_qemu_mirror_tracks_writes_through_its_nbd_export(tmp_path):
-    _require(qemu.available(), "qemu-storage-daemon not installed (qemu-system-common)")
-    _require(shutil.which("qemu-io") is not None, "qemu-io not installed (qemu-utils)")
+    require_that(qemu.available(), "qemu-storage-daemon not installed (qemu-system-common)")
+    require_that(shutil.which("qemu-io") is not None, "qemu-io not installed (qemu-utils)")
     src, dst = tmp_path / "s.img", tmp_path / "d.img"
     src.write_bytes(os.urandom(8 << 20))
     with open(dst, "wb") as f:
