@@ -8,9 +8,12 @@ from typing import Optional
 
 from fastmirror import _io
 
-CHUNK = 8 << 20        # bytes per read
+# Measured on a virtio disk, 1 GiB pairs: 16 threads reading 4 MiB at a time
+# beat 8 x 8 MiB, 12 x 4 MiB and 32 x 1-2 MiB.  Each thread has one read in
+# flight: the device needs many to reach its speed.
+CHUNK = 4 << 20        # bytes per read
 SEGMENT = 64 << 20     # bytes one thread compares before taking the next segment
-THREADS = 4            # segments in flight: a single reader leaves the device idle
+THREADS = 16           # segments in flight
 
 
 def _open(path: str) -> tuple[int, int]:
