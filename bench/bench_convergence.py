@@ -43,6 +43,7 @@ import pytest
 
 from fastmirror import benchmark as fmbench
 from fastmirror import qemu
+from fastmirror.units import short
 
 REQUIRE_ALL = os.environ.get("FASTMIRROR_REQUIRE_ALL") == "1"
 SIZE = fmbench.parse_size(os.environ.get("FASTMIRROR_BENCH_SIZE", "1G"))
@@ -59,10 +60,7 @@ READY_TIMEOUT = float(os.environ.get("FASTMIRROR_BENCH_WRITER_TIMEOUT", 0)) or (
 
 
 def _size_label(n: int) -> str:
-    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if n >= 1 << shift and n % (1 << shift) == 0:
-            return "%d%s" % (n >> shift, unit)
-    return "%dB" % n
+    return short(n, "iB")
 
 
 def _missing(why: str) -> None:

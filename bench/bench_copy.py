@@ -40,6 +40,7 @@ import statistics
 import pytest
 
 from fastmirror import benchmark as fmbench
+from fastmirror.units import short
 
 REQUIRE_ALL = os.environ.get("FASTMIRROR_REQUIRE_ALL") == "1"
 SIZE = fmbench.parse_size(os.environ.get("FASTMIRROR_BENCH_SIZE", "1G"))
@@ -49,10 +50,7 @@ TOOLS = ("dd", "qemu-img", "qemu-mirror", "fastmirror")
 
 
 def _size_label(n: int) -> str:
-    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if n >= 1 << shift and n % (1 << shift) == 0:
-            return "%d%s" % (n >> shift, unit)
-    return "%dB" % n
+    return short(n, "iB")
 
 
 GROUP = "copy-" + _size_label(SIZE)

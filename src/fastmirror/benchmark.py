@@ -103,6 +103,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional, Sequence
 
+from fastmirror.units import human, parse_size, short
+
 __all__ = ["add_arguments", "run", "main", "TOOLS", "Run", "Variant", "create_source",
            "tool_command", "find_tool", "run_tool", "run_writer", "reset_target",
            "check_markers", "drop_caches", "summarize", "summarize_writer", "parse_size",
@@ -125,29 +127,10 @@ WRITE_ALIGN = 4096          # writer: offsets and lengths are multiples of this
 WRITE_MIN, WRITE_MAX = 4 * KiB, 64 * KiB
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
 
 
 class BenchError(Exception):
     """A refusal or bad input: exit status 2, nothing written."""
-
-
-def parse_size(text: str) -> int:
-    """'65536', '64K', '64KiB', '1.5G', '16MB' (binary units) -> bytes."""
-    s = str(text).strip().lower()
-    for suffix in ("ib", "b"):
-        if s.endswith(suffix) and len(s) > len(suffix) and s[-len(suffix) - 1] in "kmgtp":
-            s = s[: -len(suffix)]
-            break
-    unit = s[-1:] if s[-1:] in _UNITS and s[-1:] else ""
-    number = s[: len(s) - len(unit)]
-    try:
-        value = float(number) if "." in number else int(number)
-    except ValueError:
-        raise argparse.ArgumentTypeError("not a size: %r" % text) from None
-    if value < 0 or value != value:
-        raise argparse.ArgumentTypeError("size must not be negative: %r" % text)
-    return int(value * _UNITS[unit])
 
 
 def parse_rate(text: str) -> Optional[int]:
@@ -157,22 +140,6 @@ def parse_rate(text: str) -> Optional[int]:
     if s in ("max", "unlimited", "inf"):
         return None
     return parse_size(s)
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return ("%.0f %s" if unit == "B" else "%.2f %s") % (n, unit)
-        n /= 1024
-    return "%.2f TiB" % n
-
-
-def _short(n: int) -> str:
-    """64 MiB -> '64M', 1.5 MiB -> '1536K'."""
-    for unit, shift in (("T", 40), ("G", 30), ("M", 20), ("K", 10)):
-        if n >= 1 << shift and n % (1 << shift) == 0:
-            return "%d%s" % (n >> shift, unit)
-    return "%d" % n
 
 
 def _list(text: str) -> list[str]:
@@ -223,44 +190,26 @@ def _buf_sizes_list(text: str) -> list[tuple[int, Optional[int]]]:
     return out
 
 
-def _positive(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("not an integer: %r" % text) from None
-    if n < 1:
-        raise argparse.ArgumentTypeError("must be at least 1: %r" % text)
-    return n
+def _number(kind: type, minimum: float, strict: bool, what: str):
+    """An argparse type: a finite `kind` (int or float) that is >= minimum,
+    or > minimum when strict."""
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError("not %s: %r" % (what, text)) from None
+        ok = v > minimum if strict else v >= minimum
+        if not ok or math.isinf(v):
+            raise argparse.ArgumentTypeError("%s must be %s %s: %r" % (
+                what, "more than" if strict else "at least", minimum, text))
+        return v
+    return parse
 
 
-def _nonnegative(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("not an integer: %r" % text) from None
-    if n < 0:
-        raise argparse.ArgumentTypeError("must not be negative: %r" % text)
-    return n
-
-
-def _seconds(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("not a number of seconds: %r" % text) from None
-    if not v > 0 or math.isinf(v):
-        raise argparse.ArgumentTypeError("must be a positive number of seconds: %r" % text)
-    return v
-
-
-def _nonneg_seconds(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("not a number of seconds: %r" % text) from None
-    if not v >= 0 or math.isinf(v):
-        raise argparse.ArgumentTypeError("must be zero or more seconds: %r" % text)
-    return v
+_positive = _number(int, 1, False, "an integer")
+_nonnegative = _number(int, 0, False, "an integer")
+_seconds = _number(float, 0, True, "a number of seconds")
+_nonneg_seconds = _number(float, 0, False, "a number of seconds")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -1607,7 +1556,7 @@ def format_writer_table(wsummary: dict, skipped: dict) -> str:
                 wb = "-"
             again = "-"
             if s.get("median_extra_bytes_copied") is not None:
-                again = _human(s["median_extra_bytes_copied"])
+                again = human(s["median_extra_bytes_copied"])
                 if s.get("median_chunks_recopied") is not None:
                     again += " (%d chunks)" % s["median_chunks_recopied"]
             mode = ",".join(s.get("copy_modes_final", [])) or "-"
@@ -1741,7 +1690,7 @@ def _check_paths(args) -> tuple[str, str, int, bool, list[str], bool]:
         create_source(src, args.create)
         created = True
         notes.append("created source %s: %s of pseudo-random data in %.1f s"
-                     % (src, _human(args.create), time.monotonic() - t0))
+                     % (src, human(args.create), time.monotonic() - t0))
     elif args.create is not None:
         notes.append("source exists: --create ignored, using it as it is")
     sst = os.stat(src)
@@ -1767,7 +1716,7 @@ def _check_paths(args) -> tuple[str, str, int, bool, list[str], bool]:
         if not args.destroy_target:
             raise BenchError("target %s is a block device: refusing to write to it without "
                              "--destroy-target (every tool overwrites the first %s of it)"
-                             % (dst, _human(size)))
+                             % (dst, human(size)))
         try:   # O_EXCL on a block device: fails with EBUSY while mounted or held
             os.close(os.open(dst, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC))
         except OSError as e:
@@ -1813,11 +1762,11 @@ def _variants(args, base_tools: Sequence[str]) -> tuple[list[Variant], list[Vari
         if tool == "fastmirror":
             for b, m in bufs:
                 label = "fastmirror" if not multi else "fastmirror %s%s" % (
-                    _short(b), "/%s" % _short(m) if m else "")
+                    short(b), "/%s" % short(m) if m else "")
                 bulk.append(Variant(label, tool, b, m))
         elif tool == "qemu-mirror":
             for b in dict.fromkeys(b for b, _ in bufs):
-                bulk.append(Variant("qemu-mirror" if not multi else "qemu-mirror %s" % _short(b),
+                bulk.append(Variant("qemu-mirror" if not multi else "qemu-mirror %s" % short(b),
                                     tool, b))
         else:
             bulk.append(Variant(tool, tool))
@@ -1894,11 +1843,11 @@ def _bench(args) -> int:
             fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             os.ftruncate(fd, size)
             os.close(fd)
-            notes.append("created target %s (%s)" % (dst, _human(size)))
+            notes.append("created target %s (%s)" % (dst, human(size)))
             fill = True
         elif os.stat(dst).st_size < size:
             os.truncate(dst, size)
-            notes.append("extended target %s to %s" % (dst, _human(size)))
+            notes.append("extended target %s to %s" % (dst, human(size)))
             fill = True
     if fill and (args.warmup == 0 or not bulk_variants) and not args.fresh_target:
         reset_target(dst, size)
@@ -1929,7 +1878,7 @@ def _bench(args) -> int:
 
     header = [
         "fastmirror bench: %s -> %s, %s (%d bytes), %d round%s%s, %s"
-        % (src, dst, _human(size), size, args.rounds, "s" if args.rounds != 1 else "",
+        % (src, dst, human(size), size, args.rounds, "s" if args.rounds != 1 else "",
            " + %d warm-up" % args.warmup if bulk_variants else "",
            "order rotated each round" if args.order == "rotate" else
            "order shuffled each round (seed %d)" % args.seed),
@@ -1942,8 +1891,8 @@ def _bench(args) -> int:
         "machine: %d CPUs, load average %.2f %.2f %.2f" % ((os.cpu_count() or 0,)
                                                           + os.getloadavg()),
         "fastmirror and qemu-mirror: granularity %s, buf-size %s" % (
-            _human(args.granularity), ", ".join(
-                _human(b) + (" (fastmirror requests of %s: io_size)" % _human(m)
+            human(args.granularity), ", ".join(
+                human(b) + (" (fastmirror requests of %s: io_size)" % human(m)
                              if m else "")
                 for b, m in (args.buf_sizes or [(args.buf_size, None)]))),
     ]
@@ -2071,7 +2020,7 @@ def _bench(args) -> int:
         if fm is not None:
             d = fm.detail
             print("%s ran with %s workers x %s per copy, I/O %s" % (
-                base, d.get("nworkers"), _human(d["max_io"]) if d.get("max_io") else "?",
+                base, d.get("nworkers"), human(d["max_io"]) if d.get("max_io") else "?",
                 d.get("io_mode")))
         print("GB/s = 1e9 bytes/s; CPU = user + system seconds per GiB copied; "
               "%s/tool = ratio of median throughputs (>1: %s faster; for fio: the share "
@@ -2100,7 +2049,7 @@ def _bench(args) -> int:
     if args.chart:
         why = draw_chart(args.chart, summary if bulk_variants else None, wsummary or None,
                          title="fastmirror bench: %s, %s -> %s, %s" % (
-                             _human(size), _fs_type(src) or "?", _fs_type(dst) or "?",
+                             human(size), _fs_type(src) or "?", _fs_type(dst) or "?",
                              time.strftime("%Y-%m-%d")))
         chart_note = "chart: wrote %s" % args.chart if why is None else \
             "chart: not drawn: %s" % why
@@ -2171,7 +2120,7 @@ def _writer_line(r: Run) -> str:
     if d.get("writer_rate_to_ready") is not None:
         parts.append("writer %.1f MB/s" % (d["writer_rate_to_ready"] / MB))
     if d.get("extra_bytes_copied") is not None:
-        again = "copied again %s" % _human(d["extra_bytes_copied"])
+        again = "copied again %s" % human(d["extra_bytes_copied"])
         if d.get("chunks_recopied") is not None:
             again += " (%d chunks)" % d["chunks_recopied"]
         parts.append(again)
@@ -2199,7 +2148,7 @@ def chart_from_json(png: str, json_paths: Sequence[str]) -> Optional[str]:
         w = doc.get("writer") or {}
         if wsummary is None and w.get("summary"):
             wsummary = w["summary"]
-        sizes.add(_human(doc["size"]))
+        sizes.add(human(doc["size"]))
         m = doc.get("machine", {})
         fs.add("%s -> %s" % (m.get("fs_source") or "?", m.get("fs_target") or "?"))
         dates.add(time.strftime("%Y-%m-%d", time.localtime(os.path.getmtime(path))))

@@ -8,44 +8,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import sys
 import threading
 import time
 from typing import Optional, Sequence
 
+from fastmirror.units import human, parse_size
+
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
-          "p": 1 << 50}
-
-
-def parse_size(text: str) -> int:
-    """'65536', '64K', '64KiB', '1.5G', '16MB' (binary units) -> bytes."""
-    s = text.strip().lower()
-    for suffix in ("ib", "b"):
-        if s.endswith(suffix) and len(s) > len(suffix) and s[-len(suffix) - 1] in "kmgtp":
-            s = s[: -len(suffix)]
-            break
-    unit = s[-1:] if s[-1:] in "kmgtp" else ""
-    number = s[: len(s) - len(unit)]
-    try:
-        value = float(number) if "." in number else int(number)
-    except ValueError:
-        raise argparse.ArgumentTypeError("not a size: %r" % text) from None
-    if value < 0:
-        raise argparse.ArgumentTypeError("size must not be negative: %r" % text)
-    return int(value * _UNITS[unit])
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return ("%.0f %s" if unit == "B" else "%.1f %s") % (n, unit)
-        n /= 1024
-    return "%.1f TiB" % n
-
 
 def _duration(s: Optional[float]) -> str:
     if s is None:

@@ -80,7 +80,8 @@ class Writer(threading.Thread):
 
 def run(args) -> int:
     import fastmirror
-    from fastmirror.cli import Progress, human
+    from fastmirror.cli import Progress
+    from fastmirror.units import human
     from fastmirror.verify import first_difference
 
     size = args.size

@@ -19,7 +19,6 @@ from __future__ import annotations
 import errno as _errno
 import logging
 import os
-import stat
 import threading
 import time
 import warnings
@@ -31,7 +30,7 @@ from fastmirror._engine import (CopyEngine, EV_CLEAN, EV_ERROR, EV_STOPPED,
 from fastmirror._hbitmap import HBitmap
 from fastmirror.events import (EventType, JobEvent, JobState, JobStateError,
                                JobStatus, io_error)
-from fastmirror.paths import Endpoint, validate_pair
+from fastmirror.paths import validate_pair
 from fastmirror.source import TrackedSource
 
 __all__ = ["MirrorJob"]
