@@ -30,6 +30,7 @@ extensions = [
         "fastmirror." + os.path.splitext(os.path.basename(path))[0],
         [path],
         define_macros=macros,
+        include_dirs=["src/fastmirror"],   # ring.h
         extra_compile_args=cflags,
         extra_link_args=[] if DEBUG else ["-Wl,--strip-debug"],
     )

@@ -474,9 +474,33 @@ def _close_jobs() -> None:
                 pass
 
 
+def pytest_generate_tests(metafunc):
+    """A test module that sets IO_ENGINES = (...) runs each of its tests that
+    build jobs with mkjob once per I/O engine: the io_uring driver and the
+    blocking threads keep the same invariants by different code."""
+    engines = getattr(metafunc.module, "IO_ENGINES", None)
+    if engines and "io_engine" in metafunc.fixturenames:
+        metafunc.parametrize("io_engine", engines, indirect=True)
+
+
 @pytest.fixture
-def mkjob(request):
-    """mkjob(source, target, **kw) -> MirrorJob (not started).  At teardown
+def io_engine(request):
+    """The io_engine mkjob gives its jobs: "auto" unless the module asks for
+    several (IO_ENGINES); "io_uring" skips, or fails under
+    FASTMIRROR_REQUIRE_ALL=1, where the kernel refuses io_uring."""
+    engine = getattr(request, "param", "auto")
+    if engine == "io_uring":
+        from fastmirror import _io
+
+        why = _io.uring_error()
+        require_that(why is None, "io_uring is not available here: %s" % why)
+    return engine
+
+
+@pytest.fixture
+def mkjob(request, io_engine):
+    """mkjob(source, target, **kw) -> MirrorJob (not started), with the
+    io_engine of the io_engine fixture unless kw names one.  At teardown
     every job and its job.source are closed; a job that the test left
     started but not concluded is force-cancelled and the test fails: tests
     must end their jobs."""
@@ -486,6 +510,7 @@ def mkjob(request):
     _left_running.clear()
 
     def make(source, target, **kw):
+        kw.setdefault("io_engine", io_engine)
         job = MirrorJob(source, target, **kw)
         _jobs.append(job)
         return job

@@ -11,6 +11,9 @@ import pytest
 import fastmirror
 from fastmirror.verify import first_difference
 
+# Every test building a job runs once per I/O engine (conftest.py).
+IO_ENGINES = ("io_uring", "threads")
+
 SIZE = 8 << 20
 
 
@@ -27,9 +30,9 @@ def test_bad_copy_mode_is_refused(images):
     assert not os.path.exists(images[1])
 
 
-def test_write_blocking_write_is_on_the_target_when_it_returns(images):
+def test_write_blocking_write_is_on_the_target_when_it_returns(images, io_engine):
     src, dst = images
-    job = fastmirror.MirrorJob(src, dst, copy_mode="write-blocking")
+    job = fastmirror.MirrorJob(src, dst, copy_mode="write-blocking", io_engine=io_engine)
     job.start()
     assert job.wait_ready(30)
     assert job.status().copy_mode == "write-blocking"
@@ -52,12 +55,12 @@ def test_write_blocking_write_is_on_the_target_when_it_returns(images):
     assert first_difference(src, dst) == -1
 
 
-def test_write_blocking_in_bulk_phase_with_writers(images):
+def test_write_blocking_in_bulk_phase_with_writers(images, io_engine):
     """Blocking writes racing the bulk copy of the same chunks: they wait for
     copies in flight, so the target never ends with older data."""
     src, dst = images
     job = fastmirror.MirrorJob(src, dst, copy_mode="write-blocking", granularity=65536,
-                               speed=16 << 20)
+                               speed=16 << 20, io_engine=io_engine)
     stop = threading.Event()
 
     def writer(seed):
@@ -84,12 +87,12 @@ def test_write_blocking_in_bulk_phase_with_writers(images):
     assert first_difference(src, dst) == -1
 
 
-def test_auto_switches_when_writes_outpace_the_copy(images):
+def test_auto_switches_when_writes_outpace_the_copy(images, io_engine):
     src, dst = images
     # A copy limited to 1 MiB/s cannot keep up with a writer dirtying chunks
     # all over the disk: auto must switch to write-blocking, then converge.
     job = fastmirror.MirrorJob(src, dst, copy_mode="auto", speed=1 << 20,
-                               granularity=65536, buf_size=1 << 20)
+                               granularity=65536, buf_size=1 << 20, io_engine=io_engine)
     events = []
     job.add_listener(events.append)
     stop = threading.Event()
@@ -142,11 +145,12 @@ def test_auto_stays_background_when_the_copy_keeps_up(images):
 
 
 @pytest.mark.parametrize("copy_mode", ["background", "write-blocking"])
-def test_force_cancel_ends_promptly_while_writers_hammer(images, copy_mode):
+def test_force_cancel_ends_promptly_while_writers_hammer(images, copy_mode, io_engine):
     """The end of a job must not wait for a moment with no write in flight:
     with writers that never pause, that moment may never come."""
     src, dst = images
-    job = fastmirror.MirrorJob(src, dst, copy_mode=copy_mode, speed=4 << 20)
+    job = fastmirror.MirrorJob(src, dst, copy_mode=copy_mode, speed=4 << 20,
+                               io_engine=io_engine)
     stop = threading.Event()
 
     def writer(seed):

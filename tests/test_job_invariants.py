@@ -30,6 +30,9 @@ from conftest import (KiB, MiB, Writers, allocated_bytes, assert_all_bytes,
                       assert_qemu_equal, assert_same, make_image, phase1_then_phase2,
                       read_bytes, require, require_root, sha256, write_bytes)
 
+# Every test building a job runs once per I/O engine (conftest.py).
+IO_ENGINES = ("io_uring", "threads")
+
 G = 64 * KiB
 TIMEOUT = 60          # generous: a shared 2-core machine; never a timing assertion
 
@@ -235,7 +238,9 @@ class _FlightRecorder:
         self.g = granularity
         self.lock = threading.Lock()
         self.clock = 0
-        self.open_copies = {}     # thread id -> (tick, first chunk, end chunk)
+        # first chunk -> (tick, first chunk, end chunk).  Keyed by the copy, not
+        # the thread: one io_uring thread has many copies in flight.
+        self.open_copies = {}
         self.open_claims = {}     # slot -> (tick, first, end)
         self.copies = []          # (start, end tick, first, end chunk)
         self.claims = []
@@ -252,22 +257,19 @@ class _FlightRecorder:
     def on_iteration(self, j, sector_num, nb_sectors):
         first, end = self._chunks(sector_num * 512, nb_sectors * 512)
         with self.lock:
-            tid = threading.get_ident()
-            if tid in self.open_copies:
-                self.problems.append("worker %d started a copy inside another" % tid)
-            self.open_copies[tid] = (self._tick(), first, end)
+            if first in self.open_copies:
+                self.problems.append("a copy at chunk %d started inside another" % first)
+            self.open_copies[first] = (self._tick(), first, end)
         # Widen the window in which another copy (or a write to both sides)
         # could wrongly overlap this one; the GIL is released while waiting.
         threading.Event().wait(0.0005)
 
     def on_done(self, j, offset, nbytes, ret):
         with self.lock:
-            start = self.open_copies.pop(threading.get_ident(), None)
+            start = self.open_copies.pop(offset // self.g, None)
             if start is None:
-                self.problems.append("iteration_done without one_iteration")
+                self.problems.append("iteration_done at %d without one_iteration" % offset)
                 return
-            if start[1] != offset // self.g:
-                self.problems.append("done at %d, started at chunk %d" % (offset, start[1]))
             self.copies.append((start[0], self._tick(), start[1], start[2]))
 
     def wrap_claims(self):
@@ -362,8 +364,13 @@ def test_inv3_two_copies_of_one_chunk_never_overlap(tmp_path, mkjob, copy_mode):
     # race it guards against had a chance to happen.
     assert concurrent > 0, "no two copies were ever in flight together"
     if copy_mode == "background":
-        hot_copies = sum(1 for _, _, first, _ in rec.copies if first < hot // G)
-        assert hot_copies > hot // G, "the hot area was not recopied (%d copies)" % hot_copies
+        # Recopies: hot chunks copied again while writes kept dirtying them.
+        # (How many copies that takes depends on the engine: the io_uring
+        # driver picks the chunks dirtied meanwhile as one run.)
+        per_chunk = [sum(1 for _, _, f, e in rec.copies if f <= c < e) for c in range(hot // G)]
+        recopied = sum(1 for n in per_chunk if n >= 2)
+        assert recopied >= len(per_chunk) // 2, \
+            "the hot area was not recopied: copies per chunk %s" % per_chunk
     else:
         assert len(rec.claims) > 0, "no write went to both sides"
         assert rec.contended > 0, "no write ever met a copy of its chunks in flight"

@@ -19,6 +19,9 @@ from fastmirror import EventType, JobState
 from conftest import (KiB, MiB, Writers, assert_qemu_equal, assert_same, make_image,
                       phase1_then_phase2, read_bytes)
 
+# Every test building a job runs once per I/O engine (conftest.py).
+IO_ENGINES = ("io_uring", "threads")
+
 TIMEOUT = 90
 WRITES = 150          # per phase, all writers together
 

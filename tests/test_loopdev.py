@@ -14,6 +14,9 @@ from fastmirror import EventType, MirrorJob
 from conftest import (KiB, MiB, Writers, assert_all_bytes, assert_qemu_equal, assert_same,
                       device_size, make_image, phase1_then_phase2, read_bytes, sha256)
 
+# Every test building a job runs once per I/O engine (conftest.py).
+IO_ENGINES = ("io_uring", "threads")
+
 TIMEOUT = 90
 SECTORS = [512, 4096]
 

@@ -130,5 +130,9 @@ class CopyEngine:
     # The workers
     def run_worker(self, slot: int) -> None:
         """Run one copy worker until stop().  Call from a dedicated thread."""
+    def run_driver(self, first: int, count: int) -> None:
+        """Run the slots ``[first, first + count)`` from this one thread until
+        stop(), their reads and writes in flight together on an io_uring.
+        Raises OSError if io_uring cannot be set up."""
 
 def _log_callback_error(name: str) -> None: ...

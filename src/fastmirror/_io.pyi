@@ -90,3 +90,6 @@ class AlignedBuffer:
     if sys.version_info >= (3, 12):
         def __buffer__(self, flags: int, /) -> memoryview: ...
         def __release_buffer__(self, buffer: memoryview, /) -> None: ...
+
+def uring_error() -> str | None:
+    """None when io_uring can run reads and writes here; otherwise why not."""

@@ -22,6 +22,7 @@ from libc.stdint cimport int64_t, uint64_t, uint32_t, uint16_t, uintptr_t
 from libc.string cimport memcmp
 from posix.time cimport timespec
 from fastmirror._sync cimport clock_gettime, CLOCK_MONOTONIC
+from fastmirror._ring cimport fm_ring_probe
 
 cdef extern from *:
     """
@@ -91,16 +92,52 @@ cdef extern from *:
     static int fm_fallocate(int fd, int mode, int64_t offset, int64_t length) {
         return fallocate(fd, mode, offset, length) < 0 ? -errno : 0;
     }
-    static void *fm_map_shared(size_t length) {
-        /* Shared anonymous memory is page aligned and, unlike a private
-           mapping, is not copied-on-write by a fork() in another thread,
-           which could otherwise redirect an O_DIRECT transfer in flight. */
-        /* MAP_POPULATE: fault the pages in now, not in the first copies. */
-        void *p = mmap(NULL, length, PROT_READ | PROT_WRITE,
-                       MAP_SHARED | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+    #ifndef MADV_HUGEPAGE
+    #define MADV_HUGEPAGE 14
+    #endif
+    #define FM_HUGE (2UL << 20)
+    #define FM_SMALL (256UL << 10)   /* below this, plain pages: no 2 MiB per buffer */
+    static size_t fm_buffer_len(size_t length) {
+        if (length < FM_SMALL)
+            return (length + 4095) & ~(size_t)4095;
+        return (length + FM_HUGE - 1) & ~(FM_HUGE - 1);
+    }
+    static void *fm_map_buffer(size_t length) {
+        /* I/O buffers are private anonymous memory, 2 MiB aligned, asking
+           for transparent huge pages.  Why huge pages: the block layer
+           splits a request at the device's segment limit (virtio-blk: 254
+           segments), and each 4 KiB page is a segment, so a 2 MiB read of
+           ordinary memory reached the disk as four ~512 KiB requests, and
+           neighbouring requests could not merge; a 2 MiB page is one
+           segment.  MADV_DONTFORK keeps a fork() in another thread from
+           marking the pages copy-on-write under an O_DIRECT transfer in
+           flight (the child does not get the mapping at all).  Where THP
+           is off, this is ordinary memory and everything still works. */
+        size_t len = fm_buffer_len(length);
+        size_t span;
+        if (len == 0) len = 4096;
+        if (length < FM_SMALL) {
+            void *q = mmap(NULL, len, PROT_READ | PROT_WRITE,
+                           MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+            if (q == MAP_FAILED) return NULL;
+            madvise(q, len, MADV_DONTFORK);
+            return q;
+        }
+        span = len + FM_HUGE;
+        char *p = mmap(NULL, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
         if (p == MAP_FAILED) return NULL;
-        madvise(p, length, MADV_DONTFORK);
-        return p;
+        char *a = (char *)(((uintptr_t)p + FM_HUGE - 1) & ~(uintptr_t)(FM_HUGE - 1));
+        if (a > p) munmap(p, a - p);
+        if (p + span > a + len) munmap(a + len, (p + span) - (a + len));
+        madvise(a, len, MADV_HUGEPAGE);
+        madvise(a, len, MADV_DONTFORK);
+        /* Fault the pages in now, not in the first copies. */
+        memset(a, 0, len);
+        return a;
+    }
+    static void fm_unmap_buffer(void *buf, size_t length) {
+        size_t len = fm_buffer_len(length);
+        if (buf != NULL) munmap(buf, len ? len : 4096);
     }
     static int64_t fm_lseek(int fd, int64_t off, int whence) {
         off_t r = lseek(fd, (off_t)off, whence);
@@ -122,7 +159,8 @@ cdef extern from *:
     int fm_blk_size(int fd, uint64_t *out) nogil
     int fm_blk_zeroout(int fd, uint64_t offset, uint64_t length) nogil
     int fm_fallocate(int fd, int mode, int64_t offset, int64_t length) nogil
-    void *fm_map_shared(size_t length) nogil
+    void *fm_map_buffer(size_t length) nogil
+    void fm_unmap_buffer(void *buf, size_t length) nogil
     int64_t fm_lseek(int fd, int64_t off, int whence) nogil
     ctypedef long ssize_t
     ssize_t pread(int fd, void *buf, size_t n, int64_t off) nogil
@@ -225,12 +263,14 @@ cdef bint buffer_is_zero(const void *buf, size_t length) noexcept nogil:
 
 
 cdef void *alloc_buffer(size_t length) noexcept nogil:
-    return fm_map_shared(length)
+    """An I/O buffer of at least length bytes, 2 MiB aligned (see
+    fm_map_buffer); NULL when memory is short.  Free with free_buffer() and
+    the same length."""
+    return fm_map_buffer(length)
 
 
 cdef void free_buffer(void *buf, size_t length) noexcept nogil:
-    if buf != NULL:
-        munmap(buf, length)
+    fm_unmap_buffer(buf, length)
 
 
 cdef int64_t monotonic_ns() noexcept nogil:
@@ -242,6 +282,18 @@ cdef int64_t monotonic_ns() noexcept nogil:
 # ---------------------------------------------------------------------------
 # Python level
 # ---------------------------------------------------------------------------
+
+def uring_error():
+    """None when io_uring can run reads and writes here; otherwise why not
+    (a string): built without the kernel header, a kernel older than 5.6, a
+    seccomp profile or kernel.io_uring_disabled refusing it."""
+    cdef int r
+    with nogil:
+        r = fm_ring_probe()
+    if r == 0:
+        return None
+    return os.strerror(-r)
+
 
 def _raise(int err, path=None):
     err = -err if err < 0 else err

@@ -175,6 +175,16 @@ def _modes_list(text: str) -> list[str]:
     return modes
 
 
+def _io_engines_list(text: str) -> list[str]:
+    from fastmirror.job import IO_ENGINES
+    engines = list(dict.fromkeys(_list(text)))
+    bad = [e for e in engines if e not in IO_ENGINES]
+    if bad or not engines:
+        raise argparse.ArgumentTypeError("I/O engines are a comma-separated list of %s, got %r"
+                                         % (", ".join(IO_ENGINES), text))
+    return engines
+
+
 def _buf_sizes_list(text: str) -> list[tuple[int, Optional[int]]]:
     """'16M,64M,64M:4M' -> [(16M, None), (64M, None), (64M, 4M)]."""
     out = []
@@ -261,6 +271,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "copy requests of up to IO bytes (EXPERIMENTAL: it overrides "
                              "fastmirror's io_size for that job; QEMU derives its own, "
                              "max(BUF/16, 1M))")
+    parser.add_argument("--io-engines", type=_io_engines_list, default=["auto"], metavar="LIST",
+                        help="run fastmirror once per I/O engine, of auto,io_uring,threads "
+                             "(default auto: io_uring where the kernel allows it)")
     parser.add_argument("--fresh-target", action="store_true",
                         help="truncate a file DST to zero and back to size before every "
                              "run, so each tool writes into unallocated space (default: "
@@ -335,6 +348,7 @@ class Variant:
     buf_size: int = 16 << 20
     max_io: Optional[int] = None       # fastmirror: io_size (bytes per copy)
     copy_mode: Optional[str] = None    # writer rounds: the mirror's copy mode
+    io_engine: str = "auto"            # fastmirror: MirrorJob's io_engine
 
 
 @dataclass
@@ -873,7 +887,7 @@ def _run_fastmirror(src: str, dst: str, size: int, granularity: int, buf_size: i
                     timeout: Optional[float], *, max_io: Optional[int] = None,
                     copy_mode: str = "auto", writer: Optional[tuple[str, Optional[int]]] = None,
                     ready_timeout: Optional[float] = None, writer_depth: int = 4,
-                    label: str = "fastmirror") -> Run:
+                    label: str = "fastmirror", io_engine: str = "auto") -> Run:
     """One fastmirror job.  writer=None: a bulk run, timed from building the
     job.  writer=(label, rate): a writer round, timed from start(); a job not
     READY after ready_timeout is cancelled (converged=False)."""
@@ -881,9 +895,10 @@ def _run_fastmirror(src: str, dst: str, size: int, granularity: int, buf_size: i
 
     rate_label, rate = writer if writer is not None else (None, 0)
     run = Run(label, 0, False, size,
-              command=["MirrorJob(%r, %r, granularity=%d, buf_size=%d, copy_mode=%r)%s"
+              command=["MirrorJob(%r, %r, granularity=%d, buf_size=%d, copy_mode=%r%s%s)"
                        % (src, dst, granularity, buf_size, copy_mode,
-                          ", io_size=%d" % max_io if max_io else "")],
+                          ", io_size=%d" % max_io if max_io else "",
+                          ", io_engine=%r" % io_engine if io_engine != "auto" else "")],
               writer_rate=rate_label, copy_mode=copy_mode if writer is not None else None)
     if ready_timeout is None:
         ready_timeout = timeout
@@ -896,7 +911,7 @@ def _run_fastmirror(src: str, dst: str, size: int, granularity: int, buf_size: i
 
     try:
         job = MirrorJob(src, dst, granularity=granularity, buf_size=buf_size,
-                        copy_mode=copy_mode, io_size=max_io)
+                        copy_mode=copy_mode, io_size=max_io, io_engine=io_engine)
     except (OSError, ValueError) as e:
         run.error = "MirrorJob refused: %s" % e
         return run
@@ -936,6 +951,7 @@ def _run_fastmirror(src: str, dst: str, size: int, granularity: int, buf_size: i
         engine = getattr(job, "_engine", None)
         run.detail = {
             "io_mode": getattr(st, "io_mode", None),
+            "io_engine": getattr(st, "io_engine", None),
             "bytes_copied": getattr(st, "bytes_copied", None),
             "nworkers": getattr(engine, "nworkers", None),
             "max_io": getattr(engine, "max_io", None),
@@ -1173,12 +1189,13 @@ def _run_qemu_mirror(src: str, dst: str, size: int, granularity: int, buf_size: 
 def run_tool(tool: str, src: str, dst: str, size: int, *, granularity: int = 65536,
              buf_size: int = 16 << 20, timeout: Optional[float] = None,
              path: Optional[str] = None, max_io: Optional[int] = None,
-             engine: str = "libaio", label: Optional[str] = None) -> Run:
+             engine: str = "libaio", label: Optional[str] = None,
+             io_engine: str = "auto") -> Run:
     """Run one tool once, copying [0, size) of src to dst; timed (fio parts:
     the ceilings, not a copy)."""
     if tool == "fastmirror":
         return _run_fastmirror(src, dst, size, granularity, buf_size, timeout,
-                               max_io=max_io, label=label or tool)
+                               max_io=max_io, label=label or tool, io_engine=io_engine)
     if tool == "qemu-mirror":
         return _run_qemu_mirror(src, dst, size, granularity, buf_size, timeout,
                                 label=label or tool)
@@ -1199,7 +1216,8 @@ def run_writer(variant: Variant, src: str, dst: str, size: int, rate_label: str,
         return _run_fastmirror(src, dst, size, granularity, variant.buf_size, timeout,
                                max_io=variant.max_io, copy_mode=variant.copy_mode or "auto",
                                writer=(rate_label, rate), ready_timeout=ready_timeout,
-                               writer_depth=writer_depth, label=variant.label)
+                               writer_depth=writer_depth, label=variant.label,
+                               io_engine=variant.io_engine)
     if variant.tool == "qemu-mirror":
         if writer_kind is None and rate != 0:
             writer_kind, writer_path, _ = qemu_writer()
@@ -1757,13 +1775,17 @@ def _variants(args, base_tools: Sequence[str]) -> tuple[list[Variant], list[Vari
     """The rows of the bulk rounds and of the writer rounds."""
     bufs = args.buf_sizes or [(args.buf_size, None)]
     multi = args.buf_sizes is not None
+    engines = getattr(args, "io_engines", None) or ["auto"]
     bulk: list[Variant] = []
     for tool in base_tools:
         if tool == "fastmirror":
             for b, m in bufs:
-                label = "fastmirror" if not multi else "fastmirror %s%s" % (
-                    short(b), "/%s" % short(m) if m else "")
-                bulk.append(Variant(label, tool, b, m))
+                for e in engines:
+                    label = "fastmirror" if not multi else "fastmirror %s%s" % (
+                        short(b), "/%s" % short(m) if m else "")
+                    if len(engines) > 1:
+                        label += " " + e
+                    bulk.append(Variant(label, tool, b, m, io_engine=e))
         elif tool == "qemu-mirror":
             for b in dict.fromkeys(b for b, _ in bufs):
                 bulk.append(Variant("qemu-mirror" if not multi else "qemu-mirror %s" % short(b),
@@ -1774,7 +1796,8 @@ def _variants(args, base_tools: Sequence[str]) -> tuple[list[Variant], list[Vari
     b, m = bufs[0]
     if "fastmirror" in base_tools:
         for mode in args.copy_modes:
-            writer.append(Variant("fastmirror %s" % mode, "fastmirror", b, m, mode))
+            writer.append(Variant("fastmirror %s" % mode, "fastmirror", b, m, mode,
+                                  io_engine=engines[0]))
     if "qemu-mirror" in base_tools:
         for mode in [m_ for m_ in args.copy_modes if m_ in QEMU_COPY_MODES] or ["background"]:
             writer.append(Variant("qemu-mirror %s" % mode, "qemu-mirror", b, None, mode))
@@ -1953,7 +1976,8 @@ def _bench(args) -> int:
                 load = os.getloadavg()[0]
                 r = run_tool(v.tool, src, dst, size, granularity=args.granularity,
                              buf_size=v.buf_size, timeout=timeout, path=paths[v.tool],
-                             max_io=v.max_io, engine=engine, label=v.label)
+                             max_io=v.max_io, engine=engine, label=v.label,
+                             io_engine=v.io_engine)
                 r.tool = v.label
                 r.round, r.warmup = rnd, warm
                 r.detail["loadavg_1m"] = load
@@ -2089,6 +2113,7 @@ def _bench(args) -> int:
             "writer": {
                 "rates": [{"label": label, "bytes_per_s": rate} for label, rate in rates],
                 "copy_modes": list(args.copy_modes),
+                "io_engines": list(getattr(args, "io_engines", None) or ["auto"]),
                 "variants": wlabels,
                 "ready_timeout": wtimeout,
                 "qemu_writer": wkind, "qemu_writer_note": wnote,

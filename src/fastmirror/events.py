@@ -97,3 +97,4 @@ class JobStatus:
     chunks_copied: int
     chunks_recopied: int   # copied again because a write dirtied them
     copy_mode: str = "background"   # in effect now: "background" or "write-blocking"
+    io_engine: str = "threads"      # "io_uring", or "threads" and why (see MirrorJob)

@@ -61,6 +61,11 @@ VERBS: dict[str, frozenset[JobState]] = {
 POLICIES = ("report", "ignore", "stop", "enospc")
 SYNC_MODES = ("full", "none")
 COPY_MODES = ("auto", "background", "write-blocking")
+# How copies are issued: "io_uring" keeps every copy's read or write in flight
+# at once from DRIVERS threads; "threads" runs one thread per copy with
+# blocking pread/pwrite; "auto" takes io_uring where the kernel allows it.
+IO_ENGINES = ("auto", "io_uring", "threads")
+DRIVERS = 2                 # io_uring threads; the copies in flight are split between them
 # copy_mode="auto" switches to write-blocking when, over this many seconds,
 # the work left did not shrink by a tenth while writes kept coming.
 AUTO_WINDOW = 2.0
@@ -122,7 +127,7 @@ class MirrorJob:
                  on_source_error: str = "report", on_target_error: str = "report",
                  opaque=None, detect_zeroes: bool = True, unmap: bool = True,
                  verify: bool = False, copy_mode: str = "auto",
-                 io_size: Optional[int] = None):
+                 io_size: Optional[int] = None, io_engine: str = "auto"):
         granularity = _positive_int("granularity", granularity, 512, MAX_GRANULARITY)
         if granularity & (granularity - 1):
             raise ValueError("granularity %d is not a power of two" % granularity)
@@ -132,6 +137,11 @@ class MirrorJob:
             raise ValueError("sync must be one of %s, not %r" % (SYNC_MODES, sync))
         if copy_mode not in COPY_MODES:
             raise ValueError("copy_mode must be one of %s, not %r" % (COPY_MODES, copy_mode))
+        if io_engine not in IO_ENGINES:
+            raise ValueError("io_engine must be one of %s, not %r" % (IO_ENGINES, io_engine))
+        uring_error = _io.uring_error() if io_engine != "threads" else None
+        if io_engine == "io_uring" and uring_error is not None:
+            raise ValueError("io_engine='io_uring' is not available here: %s" % uring_error)
         for name, pol in (("on_source_error", on_source_error),
                           ("on_target_error", on_target_error)):
             if pol not in POLICIES:
@@ -159,6 +169,12 @@ class MirrorJob:
         self.opaque = opaque
         self.verify = verify
         self.copy_mode = copy_mode
+        if io_engine == "threads":
+            self.io_engine = "threads"
+        elif uring_error is None:
+            self.io_engine = "io_uring"
+        else:
+            self.io_engine = "threads (io_uring: %s)" % uring_error
         self._write_blocking = False
         self._progress: list[tuple[float, int, int]] = []   # (time, work left, bytes marked)
         self._align = align
@@ -379,6 +395,7 @@ class MirrorJob:
                 chunks_copied=copied,
                 chunks_recopied=max(0, copied - self._initial_chunks),
                 copy_mode="write-blocking" if self._write_blocking else "background",
+                io_engine=self.io_engine,
             )
 
     @property
@@ -579,11 +596,35 @@ class MirrorJob:
         sets bits without waking sleeping workers, and its hole zeroing must
         not race a copy (a chunk being copied, or already copied after a
         write through job.source, reads clean and would be zeroed)."""
-        for slot in range(self._engine.nworkers):
-            t = threading.Thread(target=self._engine.run_worker, args=(slot,),
-                                 name="fastmirror-copy-%d" % slot, daemon=True)
-            t.start()
+        n = self._engine.nworkers
+        if self.io_engine != "io_uring":
+            for slot in range(n):
+                self._start_thread(self._engine.run_worker, (slot,), "fastmirror-copy-%d" % slot)
+            return
+        drivers = min(DRIVERS, n)
+        for d in range(drivers):
+            first, end = d * n // drivers, (d + 1) * n // drivers
+            self._start_thread(self._drive, (first, end - first), "fastmirror-ring-%d" % d)
+
+    def _start_thread(self, target, args, name: str) -> None:
+        t = threading.Thread(target=target, args=args, name=name, daemon=True)
+        with self._lock:
             self._threads.append(t)
+        t.start()
+
+    def _drive(self, first: int, count: int) -> None:
+        """One io_uring thread; if the ring cannot be set up after all (the
+        probe's small ring passed, but a larger one hit a limit), its slots
+        fall back to a blocking thread each."""
+        try:
+            self._engine.run_driver(first, count)
+        except OSError as e:
+            _log.warning("io_uring refused (%s): copying with threads", e)
+            with self._lock:
+                self.io_engine = "threads (io_uring: %s)" % e.strerror
+            for slot in range(first + 1, first + count):
+                self._start_thread(self._engine.run_worker, (slot,), "fastmirror-copy-%d" % slot)
+            self._engine.run_worker(first)
 
     def _initial_marking(self) -> None:
         """sync="full": every chunk with data is dirty; chunks that are holes

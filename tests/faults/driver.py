@@ -19,6 +19,10 @@ def main():
     p.add_argument("--resume-after-pause", type=int, default=0,
                    help="resume this many times when an error policy pauses the job")
     p.add_argument("--timeout", type=float, default=60)
+    # The shim intercepts the C library's pread/pwrite/fdatasync; io_uring
+    # I/O never passes through them, so shim runs use the threads engine.
+    # (tests/test_faults_qemu.py injects faults below both engines.)
+    p.add_argument("--io-engine", default="threads")
     a = p.parse_args()
 
     def out(obj):
@@ -26,7 +30,8 @@ def main():
         sys.stdout.flush()
 
     job = fastmirror.MirrorJob(a.source, a.target, on_source_error=a.on_source_error,
-                               on_target_error=a.on_target_error, buf_size=1 << 20)
+                               on_target_error=a.on_target_error, buf_size=1 << 20,
+                               io_engine=a.io_engine)
     job.add_listener(lambda ev: out(dict(ev.to_dict(), kind="event")))
     job.start()
     resumes = 0

@@ -1,0 +1,234 @@
+/* A minimal io_uring: one ring per thread, reads and writes only.
+ *
+ * Spoken to through the raw system calls (io_uring_setup, io_uring_enter,
+ * io_uring_register), so that neither liburing nor a recent C library is
+ * needed to build or to run; the structures come from the kernel's own
+ * <linux/io_uring.h>.  Where that header is missing, or the running kernel
+ * or a seccomp profile refuses io_uring, fm_ring_init() returns -errno and
+ * the caller falls back to blocking pread/pwrite in threads.
+ *
+ * Without SQPOLL the kernel reads the submission queue only inside
+ * io_uring_enter(), so filling it needs no lock and no barrier but the
+ * release store of the tail; the completion queue's tail is read with
+ * acquire and its head stored with release, as io_uring(7) says.
+ *
+ * Every function returns 0 or a count on success and -errno on failure.
+ */
+#ifndef FASTMIRROR_RING_H
+#define FASTMIRROR_RING_H
+
+#include <errno.h>
+#include <stdint.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+
+#if defined(__has_include)
+#  if __has_include(<linux/io_uring.h>)
+#    include <linux/io_uring.h>
+#  endif
+#endif
+
+/* IORING_OP_* are enum members; IO_URING_OP_SUPPORTED is the macro that came
+   with IORING_OP_READ/WRITE and the probe (Linux 5.6). */
+#if defined(IO_URING_OP_SUPPORTED) && defined(__NR_io_uring_setup) && \
+    defined(__NR_io_uring_enter) && defined(__NR_io_uring_register)
+#define FM_HAVE_URING 1
+#else
+#define FM_HAVE_URING 0
+#endif
+
+#define FM_RING_READ 0
+#define FM_RING_WRITE 1
+
+typedef struct fm_ring {
+    int fd;
+    unsigned sq_entries;
+    unsigned *sq_head, *sq_tail, *sq_mask, *sq_array;
+    unsigned *cq_head, *cq_tail, *cq_mask;
+    void *sqes;            /* struct io_uring_sqe[sq_entries] */
+    void *cqes;            /* struct io_uring_cqe[] */
+    void *sq_map, *cq_map;
+    size_t sq_map_len, cq_map_len, sqes_len;
+    unsigned to_submit;    /* prepared, not yet handed to the kernel */
+} fm_ring;
+
+#if FM_HAVE_URING
+
+static inline int fm_ring_init(fm_ring *r, unsigned entries)
+{
+    struct io_uring_params p;
+    char *sq, *cq;
+    memset(r, 0, sizeof(*r));
+    r->fd = -1;
+    memset(&p, 0, sizeof(p));
+    int fd = (int)syscall(__NR_io_uring_setup, entries, &p);
+    if (fd < 0)
+        return -errno;
+    r->fd = fd;
+    r->sq_entries = p.sq_entries;
+    r->sq_map_len = p.sq_off.array + p.sq_entries * sizeof(unsigned);
+    r->cq_map_len = p.cq_off.cqes + p.cq_entries * sizeof(struct io_uring_cqe);
+    if ((p.features & IORING_FEAT_SINGLE_MMAP) && r->cq_map_len > r->sq_map_len)
+        r->sq_map_len = r->cq_map_len;
+    sq = mmap(NULL, r->sq_map_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE,
+              fd, IORING_OFF_SQ_RING);
+    if (sq == MAP_FAILED)
+        goto fail;
+    r->sq_map = sq;
+    if (p.features & IORING_FEAT_SINGLE_MMAP) {
+        cq = sq;
+    } else {
+        cq = mmap(NULL, r->cq_map_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE,
+                  fd, IORING_OFF_CQ_RING);
+        if (cq == MAP_FAILED)
+            goto fail;
+        r->cq_map = cq;
+    }
+    r->sqes_len = p.sq_entries * sizeof(struct io_uring_sqe);
+    r->sqes = mmap(NULL, r->sqes_len, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE,
+                   fd, IORING_OFF_SQES);
+    if (r->sqes == MAP_FAILED) {
+        r->sqes = NULL;
+        goto fail;
+    }
+    r->sq_head = (unsigned *)(sq + p.sq_off.head);
+    r->sq_tail = (unsigned *)(sq + p.sq_off.tail);
+    r->sq_mask = (unsigned *)(sq + p.sq_off.ring_mask);
+    r->sq_array = (unsigned *)(sq + p.sq_off.array);
+    r->cq_head = (unsigned *)(cq + p.cq_off.head);
+    r->cq_tail = (unsigned *)(cq + p.cq_off.tail);
+    r->cq_mask = (unsigned *)(cq + p.cq_off.ring_mask);
+    r->cqes = cq + p.cq_off.cqes;
+    return 0;
+fail:
+    {
+        int err = -errno;
+        if (r->sqes) munmap(r->sqes, r->sqes_len);
+        if (r->cq_map) munmap(r->cq_map, r->cq_map_len);
+        if (r->sq_map) munmap(r->sq_map, r->sq_map_len);
+        close(fd);
+        memset(r, 0, sizeof(*r));
+        r->fd = -1;
+        return err;
+    }
+}
+
+static inline void fm_ring_exit(fm_ring *r)
+{
+    if (r->fd < 0)
+        return;
+    if (r->sqes) munmap(r->sqes, r->sqes_len);
+    if (r->cq_map) munmap(r->cq_map, r->cq_map_len);
+    if (r->sq_map) munmap(r->sq_map, r->sq_map_len);
+    close(r->fd);
+    memset(r, 0, sizeof(*r));
+    r->fd = -1;
+}
+
+/* Queue one read or write; -EBUSY when the submission queue is full. */
+static inline int fm_ring_prep(fm_ring *r, int op, int fd, void *buf, unsigned len,
+                        int64_t off, uint64_t user_data)
+{
+    unsigned tail = *r->sq_tail;
+    unsigned head = __atomic_load_n(r->sq_head, __ATOMIC_ACQUIRE);
+    struct io_uring_sqe *sqe;
+    if (tail - head >= r->sq_entries)
+        return -EBUSY;
+    unsigned idx = tail & *r->sq_mask;
+    sqe = &((struct io_uring_sqe *)r->sqes)[idx];
+    memset(sqe, 0, sizeof(*sqe));
+    sqe->opcode = op == FM_RING_WRITE ? IORING_OP_WRITE : IORING_OP_READ;
+    sqe->fd = fd;
+    sqe->addr = (uint64_t)(uintptr_t)buf;
+    sqe->len = len;
+    sqe->off = (uint64_t)off;
+    sqe->user_data = user_data;
+    r->sq_array[idx] = idx;
+    __atomic_store_n(r->sq_tail, tail + 1, __ATOMIC_RELEASE);
+    r->to_submit++;
+    return 0;
+}
+
+/* Hand the prepared entries to the kernel and wait until at least
+ * `wait_nr` completions are there.  Interrupted waits are retried. */
+static inline int fm_ring_submit(fm_ring *r, unsigned wait_nr)
+{
+    for (;;) {
+        unsigned flags = wait_nr ? IORING_ENTER_GETEVENTS : 0;
+        int n = (int)syscall(__NR_io_uring_enter, r->fd, r->to_submit, wait_nr, flags,
+                             NULL, 0);
+        if (n >= 0) {
+            r->to_submit -= (unsigned)n < r->to_submit ? (unsigned)n : r->to_submit;
+            if (r->to_submit == 0 || wait_nr == 0)
+                return n;
+            continue;
+        }
+        if (errno == EINTR)
+            continue;
+        if (errno == EAGAIN || errno == EBUSY) {
+            /* Completions must be reaped first; wait for one without submitting. */
+            if (__atomic_load_n(r->cq_tail, __ATOMIC_ACQUIRE) != *r->cq_head)
+                return 0;
+            n = (int)syscall(__NR_io_uring_enter, r->fd, 0, 1, IORING_ENTER_GETEVENTS, NULL, 0);
+            if (n < 0 && errno != EINTR && errno != EAGAIN && errno != EBUSY)
+                return -errno;
+            continue;
+        }
+        return -errno;
+    }
+}
+
+/* Take one completion: 1 and its user_data and result, or 0 if none. */
+static inline int fm_ring_reap(fm_ring *r, uint64_t *user_data, int *res)
+{
+    unsigned head = *r->cq_head;
+    if (head == __atomic_load_n(r->cq_tail, __ATOMIC_ACQUIRE))
+        return 0;
+    struct io_uring_cqe *cqe = &((struct io_uring_cqe *)r->cqes)[head & *r->cq_mask];
+    *user_data = cqe->user_data;
+    *res = cqe->res;
+    __atomic_store_n(r->cq_head, head + 1, __ATOMIC_RELEASE);
+    return 1;
+}
+
+/* Does this kernel let us use io_uring for reads and writes?  0 if so. */
+static inline int fm_ring_probe(void)
+{
+    fm_ring r;
+    int err = fm_ring_init(&r, 4);
+    if (err < 0)
+        return err;
+    {
+        size_t len = sizeof(struct io_uring_probe) + 256 * sizeof(struct io_uring_probe_op);
+        char buf[sizeof(struct io_uring_probe) + 256 * sizeof(struct io_uring_probe_op)];
+        struct io_uring_probe *pr = (struct io_uring_probe *)buf;
+        memset(buf, 0, len);
+        if (syscall(__NR_io_uring_register, r.fd, IORING_REGISTER_PROBE, pr, 256) < 0) {
+            err = -errno;
+        } else if (pr->last_op < IORING_OP_WRITE ||
+                   !(pr->ops[IORING_OP_READ].flags & IO_URING_OP_SUPPORTED) ||
+                   !(pr->ops[IORING_OP_WRITE].flags & IO_URING_OP_SUPPORTED)) {
+            err = -EOPNOTSUPP;
+        }
+    }
+    fm_ring_exit(&r);
+    return err;
+}
+
+#else  /* no io_uring at build time */
+
+static inline int fm_ring_init(fm_ring *r, unsigned entries)
+{ (void)entries; memset(r, 0, sizeof(*r)); r->fd = -1; return -ENOSYS; }
+static inline void fm_ring_exit(fm_ring *r) { (void)r; }
+static inline int fm_ring_prep(fm_ring *r, int op, int fd, void *buf, unsigned len,
+                        int64_t off, uint64_t user_data)
+{ (void)r; (void)op; (void)fd; (void)buf; (void)len; (void)off; (void)user_data; return -ENOSYS; }
+static inline int fm_ring_submit(fm_ring *r, unsigned wait_nr) { (void)r; (void)wait_nr; return -ENOSYS; }
+static inline int fm_ring_reap(fm_ring *r, uint64_t *user_data, int *res)
+{ (void)r; (void)user_data; (void)res; return 0; }
+static inline int fm_ring_probe(void) { return -ENOSYS; }
+
+#endif
+#endif
