@@ -99,7 +99,7 @@ def cmd_mirror(args) -> int:
             buf_size=args.buf_size, speed=args.speed, sync=args.sync,
             direct=not args.no_direct, target_is_zero=args.target_is_zero,
             on_source_error=args.on_source_error, on_target_error=args.on_target_error,
-            copy_mode=args.copy_mode)
+            copy_mode=args.copy_mode, io_engine=args.io_engine)
     except (ValueError, OSError) as e:
         print("fastmirror: %s" % _describe(e), file=sys.stderr)
         return EXIT_USAGE
@@ -110,6 +110,8 @@ def cmd_mirror(args) -> int:
         job.add_listener(lambda ev: _json_line(ev.to_dict()))
     if job.io_mode != "direct" and not args.quiet:
         print("fastmirror: %s" % job.io_mode, file=sys.stderr)
+    if job.io_engine.startswith("threads (") and not args.quiet:
+        print("fastmirror: copying with %s" % job.io_engine, file=sys.stderr)
 
     final = None
     with _Interrupt() as intr:
@@ -220,6 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--no-direct", action="store_true", help="use the page cache")
     m.add_argument("--copy-mode", choices=("auto", "background", "write-blocking"),
                    default="auto", help="how writes during the job are mirrored")
+    m.add_argument("--io-engine", choices=("auto", "io_uring", "threads"), default="auto",
+                   help="how copies are issued: io_uring (many in flight from two "
+                        "threads), threads (one blocking thread per copy), or auto: "
+                        "io_uring where the kernel allows it")
     m.add_argument("--target-is-zero", action="store_true",
                    help="promise the target already reads as zeros")
     m.add_argument("--on-source-error", choices=("report", "ignore", "stop", "enospc"),
