@@ -7,7 +7,10 @@ pytest's temporary folder (ext4 on the reference machine), is copied to a
 target of the same size by each tool, in the same pytest run and the same
 benchmark group, so pytest-benchmark's table compares them directly:
 
-  fastmirror  MirrorJob: start, READY, complete, COMPLETED (target flushed)
+  fastmirror  MirrorJob: start, READY, complete, COMPLETED (target flushed),
+              with its default I/O engine (io_uring where the kernel allows it)
+  fastmirror-threads  the same with io_engine="threads": one blocking thread
+              per copy
   qemu-mirror QEMU's mirror job in qemu-storage-daemon over QMP (cache.direct=on,
               aio=native; blockdev-mirror with QEMU's defaults: 64 KiB chunks,
               buf-size 16 MiB, background copy mode): READY, block-job-complete,
@@ -46,7 +49,9 @@ REQUIRE_ALL = os.environ.get("FASTMIRROR_REQUIRE_ALL") == "1"
 SIZE = fmbench.parse_size(os.environ.get("FASTMIRROR_BENCH_SIZE", "1G"))
 ROUNDS = 3
 # Baselines first, so that fastmirror's ratios can name them.
-TOOLS = ("dd", "qemu-img", "qemu-mirror", "fastmirror")
+TOOLS = ("dd", "qemu-img", "qemu-mirror", "fastmirror-threads", "fastmirror")
+# Rows that run a tool with another setting: row -> (tool, fastmirror io_engine).
+VARIANTS = {"fastmirror-threads": ("fastmirror", "threads")}
 
 
 def _size_label(n: int) -> str:
@@ -92,6 +97,8 @@ def _tool_path(tool: str) -> str:
 
 @pytest.mark.parametrize("tool", TOOLS)
 def test_copy(benchmark, tool, copy_source, copy_target):
+    row = tool
+    tool, io_engine = VARIANTS.get(row, (row, "auto"))
     path = _tool_path(tool)
     runs: list[fmbench.Run] = []
 
@@ -101,7 +108,7 @@ def test_copy(benchmark, tool, copy_source, copy_target):
 
     def copy():
         r = fmbench.run_tool(tool, copy_source, copy_target, SIZE, path=path,
-                             timeout=fmbench.default_timeout(SIZE))
+                             timeout=fmbench.default_timeout(SIZE), io_engine=io_engine)
         runs.append(r)
         assert r.ok, "%s failed: %s" % (tool, r.error)
 
@@ -112,9 +119,9 @@ def test_copy(benchmark, tool, copy_source, copy_target):
     assert bad is None, "%s left the target different from the source at %d" % (tool, bad)
 
     throughput = statistics.median(r.bytes_per_s for r in runs)
-    _medians[tool] = throughput
+    _medians[row] = throughput
     info = benchmark.extra_info
-    info["tool"] = tool
+    info["tool"] = row
     info["bytes"] = SIZE
     info["rounds_measured"] = len(runs)
     info["throughput"] = throughput                      # bytes/s, median
@@ -129,10 +136,48 @@ def test_copy(benchmark, tool, copy_source, copy_target):
     if tool == "fastmirror":
         info.update({k: v for k, v in runs[-1].detail.items() if v is not None})
         for base in TOOLS:
-            if base != tool and base in _medians:
+            if base != row and base in _medians:
                 info["ratio_vs_" + base] = throughput / _medians[base]
     else:
         info["command"] = " ".join(fmbench.tool_command(tool, "SRC", "DST", path))
         if tool == "qemu-mirror":
             info["daemon_start_s"] = statistics.median(r.detail.get("daemon_start_s", 0)
                                                        for r in runs)
+
+
+SMALL_IO = 64 << 10
+
+
+@pytest.mark.parametrize("io_engine", ["io_uring", "threads"])
+def test_copy_small_requests(benchmark, io_engine, copy_source, copy_target):
+    """fastmirror copying in 64 KiB requests (io_size=64K, 16 in flight), as it
+    does when writes dirty scattered chunks: the case where the io_uring
+    driver's batched submission saves CPU over a blocking thread per copy."""
+    from fastmirror import _io
+
+    if io_engine == "io_uring" and _io.uring_error() is not None:
+        why = "io_uring is refused here: %s" % _io.uring_error()
+        if REQUIRE_ALL:
+            pytest.fail("FASTMIRROR_REQUIRE_ALL=1 but " + why, pytrace=False)
+        pytest.skip(why)
+    runs: list[fmbench.Run] = []
+
+    def setup():
+        fmbench.reset_target(copy_target, SIZE)
+        fmbench.drop_caches()
+
+    def copy():
+        r = fmbench.run_tool("fastmirror", copy_source, copy_target, SIZE, max_io=SMALL_IO,
+                             timeout=fmbench.default_timeout(SIZE), io_engine=io_engine)
+        runs.append(r)
+        assert r.ok, "fastmirror failed: %s" % r.error
+
+    benchmark.group = "copy-64KiB-requests-" + _size_label(SIZE)
+    benchmark.pedantic(copy, setup=setup, rounds=ROUNDS, iterations=1)
+    bad = fmbench.check_markers(copy_source, copy_target, SIZE)
+    assert bad is None, "the target differs from the source at %d" % bad
+    info = benchmark.extra_info
+    info["io_engine"] = io_engine
+    info["io_size"] = SMALL_IO
+    info["throughput"] = statistics.median(r.bytes_per_s for r in runs)
+    info["cpu_s_per_gib"] = statistics.median(r.cpu_s_per_gib for r in runs)

@@ -1,6 +1,7 @@
 """Typed stub for fastmirror._engine (a Cython module): the copy engine of
-the mirror job.  Worker threads run ``run_worker()`` with the GIL released;
-the coordinator sleeps in ``wait_event()``."""
+the mirror job.  Its copy slots are driven with the GIL released, by one
+thread per slot in ``run_worker()`` or by io_uring threads in
+``run_driver()``; the coordinator sleeps in ``wait_event()``."""
 
 from collections.abc import Callable
 from typing import Final
@@ -27,9 +28,10 @@ OP_WRITE: Final = 1
 class CopyEngine:
     """Copies the dirty chunks of ``bitmap`` from ``src_fd`` to ``dst_fd``.
 
-    The caller owns the descriptors and the worker threads: it starts
-    ``nworkers`` threads running ``run_worker(slot)`` and, to finish, calls
-    ``stop()`` and joins them."""
+    The caller owns the descriptors and the threads: it starts ``nworkers``
+    threads running ``run_worker(slot)``, or a few running
+    ``run_driver(first, count)`` over disjoint slot ranges, and, to finish,
+    calls ``stop()`` and joins them."""
 
     detect_zeroes: bool
     """All-zero data becomes a zeroed range on the target."""

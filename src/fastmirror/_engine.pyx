@@ -1,16 +1,20 @@
 # cython: language_level=3
 """The copy engine: the chunked copy loop of the mirror job.
 
-Several worker threads each run `run_worker()`, which releases the GIL for
-its whole life and loops: pick the next dirty extent from the bitmap (clearing
-its bits *before* the data is read, so that a write landing during the copy
-dirties it again), read it from the source, write it to the target.  Nothing
-here calls Python per chunk unless a tracepoint listener asked for it.
+The engine has `nworkers` copy slots, each with one buffer.  A slot loops:
+pick the next dirty extent from the bitmap (clearing its bits *before* the
+data is read, so that a write landing during the copy dirties it again), read
+it from the source, write it to the target.  Two ways to drive the slots, both
+without the GIL for their whole life:
+  - run_worker(slot): one thread per slot, blocking pread/pwrite;
+  - run_driver(first, count): one thread drives several slots on an io_uring,
+    all their reads and writes in flight at once, submitted together.
+Nothing here calls Python per chunk unless a tracepoint listener asked for it.
 
 Invariants kept here (DESIGN.md):
   1. clear before copy: `_pick` resets the bits under the bitmap lock and only
      then is the source read;
-  3. one copy of a chunk in flight: each worker records the extent it copies
+  3. one copy of a chunk in flight: each slot records the extent it copies
      in `inflight_*[slot]`; `_pick` never hands out a chunk that overlaps one;
   4. the source is opened read-only by the caller; the target is written only
      in [0, size): the last, unaligned piece of a file whose size is not a
@@ -871,9 +875,18 @@ cdef class CopyEngine:
                     fin_op[nfin] = op
                     nfin += 1
                 else:
-                    fm_ring_prep(ring, FM_RING_READ, self.src_fd, self.buffers[s],
-                                 <unsigned>length, off, <uint64_t>s)
-                    self.slot_state[s] = S_READING
+                    # Each slot has at most one entry queued or in flight and
+                    # the ring has an entry per slot, so this cannot fail; if
+                    # it ever did, the copy fails and is retried, not lost.
+                    r = fm_ring_prep(ring, FM_RING_READ, self.src_fd, self.buffers[s],
+                                     <unsigned>length, off, <uint64_t>s)
+                    if r < 0:
+                        fin_slot[nfin] = s
+                        fin_r[nfin] = r
+                        fin_op[nfin] = C_OP_READ
+                        nfin += 1
+                    else:
+                        self.slot_state[s] = S_READING
 
             # Hand over the new reads (and the writes queued last time round)
             # and sleep until one completes, unless a copy already finished.
@@ -900,11 +913,13 @@ cdef class CopyEngine:
                             r = -ENXIO            # the source shrank under us
                     if r == 0:
                         op = C_OP_WRITE
-                        if self._all_data(buf, length):
-                            fm_ring_prep(ring, FM_RING_WRITE, self.dst_fd, buf,
-                                         <unsigned>length, off, <uint64_t>s)
+                        if self._all_data(buf, length) and fm_ring_prep(
+                                ring, FM_RING_WRITE, self.dst_fd, buf, <unsigned>length,
+                                off, <uint64_t>s) == 0:
                             self.slot_state[s] = S_WRITING
                             continue
+                        # Zero runs to store as zeroed ranges (or no room on
+                        # the ring): the blocking path writes it.
                         r = self._store(buf, off, length)
                 else:
                     op = C_OP_WRITE

@@ -2043,9 +2043,9 @@ def _bench(args) -> int:
         fm = next((r for r in runs if r.tool == base and r.detail), None)
         if fm is not None:
             d = fm.detail
-            print("%s ran with %s workers x %s per copy, I/O %s" % (
+            print("%s ran %s copies of %s in flight, I/O %s, engine %s" % (
                 base, d.get("nworkers"), human(d["max_io"]) if d.get("max_io") else "?",
-                d.get("io_mode")))
+                d.get("io_mode"), d.get("io_engine")))
         print("GB/s = 1e9 bytes/s; CPU = user + system seconds per GiB copied; "
               "%s/tool = ratio of median throughputs (>1: %s faster; for fio: the share "
               "of the ceiling); per round = median of the ratios within each round"
