@@ -146,6 +146,7 @@ def run(args) -> int:
             "size": size,
             "data_bytes": data,
             "io_mode": st.io_mode,
+            "io_engine": st.io_engine,
             "time_to_ready_s": round(st.time_to_ready or 0.0, 3),
             "bulk_throughput_Bps": round(st_ready.bytes_copied / st.time_to_ready)
             if st.time_to_ready else None,
@@ -169,8 +170,9 @@ def run(args) -> int:
             rate = summary["bulk_throughput_Bps"] or 0
             print("", file=out)
             print("  events          %s" % " -> ".join(summary["events"]), file=out)
-            print("  time to READY   %.2f s  (bulk copy %s/s, %s)"
-                  % (summary["time_to_ready_s"], human(rate), st.io_mode), file=out)
+            print("  time to READY   %.2f s  (bulk copy %s/s, %s, %s)"
+                  % (summary["time_to_ready_s"], human(rate), st.io_mode, st.io_engine),
+                  file=out)
             print("  total           %.2f s  (1 s in sync, then complete)" % total, file=out)
             print("  writer          %d writes, %s through job.source"
                   % (writer.writes, human(writer.bytes)), file=out)
