@@ -33,7 +33,7 @@ import os
 
 cimport cython
 
-from libc.errno cimport ETIMEDOUT, ENXIO, EOPNOTSUPP, ENOTTY, EINVAL
+from libc.errno cimport ETIMEDOUT, ENXIO, EOPNOTSUPP, ENOTTY, EINVAL, EAGAIN, EINTR, ENOMEM
 from libc.stdint cimport int64_t, uint64_t
 from posix.time cimport timespec
 from fastmirror._hbitmap cimport HBitmap
@@ -48,7 +48,8 @@ from fastmirror._sync cimport (pthread_mutex_t, pthread_cond_t, pthread_condattr
                                pthread_cond_timedwait, pthread_cond_signal,
                                pthread_cond_broadcast, CLOCK_MONOTONIC)
 from fastmirror._ring cimport (fm_ring, fm_ring_init, fm_ring_exit, fm_ring_prep,
-                               fm_ring_submit, fm_ring_reap, FM_RING_READ, FM_RING_WRITE)
+                               fm_ring_submit, fm_ring_reap, fm_ring_unqueue,
+                               FM_RING_READ, FM_RING_WRITE)
 
 cdef enum:
     MAX_WORKERS = 64         # slots: copy workers first, then claims by blocking writes
@@ -56,6 +57,7 @@ cdef enum:
     MAX_FAILURES = 64
     ZERO_BLOCK = 4096        # zero detection looks at blocks of this size (or the alignment)
     MIN_ZERO_RUN = 4096      # shorter zero runs inside data are written as data
+    SUBMIT_RETRIES = 1000    # io_uring short of memory: 1 ms apart, then the copies fail
 
 # What wait_event() returns.
 cdef enum:
@@ -821,7 +823,9 @@ cdef class CopyEngine:
         return self._run_end(p, 0, length, blk, &z) == length and not z
 
     cdef void _driver(self, fm_ring *ring, int first, int count) noexcept nogil:
-        cdef int s, i, r, res, op, nnew, nfin, nactive = 0
+        cdef int s, i, r, res, op, nnew, nfin, nactive = 0, retries = 0
+        cdef unsigned k, nback
+        cdef uint64_t back[MAX_WORKERS]
         cdef int newly[MAX_WORKERS]
         cdef int fin_slot[MAX_WORKERS]
         cdef int fin_r[MAX_WORKERS]
@@ -891,8 +895,23 @@ cdef class CopyEngine:
             # Hand over the new reads (and the writes queued last time round)
             # and sleep until one completes, unless a copy already finished.
             r = fm_ring_submit(ring, 0 if nfin else 1)
-            if r < 0:
-                usleep(1000)      # ENOMEM and the like: the entries stay queued
+            if r >= 0:
+                retries = 0
+            elif (r == -EAGAIN or r == -ENOMEM or r == -EINTR) and retries < SUBMIT_RETRIES:
+                retries += 1
+                usleep(1000)      # short of memory: the entries stay queued
+            else:
+                # The kernel will not take them: take the entries back and
+                # fail their copies (dirty again, the policy decides).
+                nback = fm_ring_unqueue(ring, back, MAX_WORKERS)
+                for k in range(nback):
+                    s = <int>back[k]
+                    fin_slot[nfin] = s
+                    fin_r[nfin] = r
+                    fin_op[nfin] = C_OP_WRITE if self.slot_state[s] == S_WRITING else C_OP_READ
+                    nfin += 1
+                    self.slot_state[s] = S_IDLE
+                retries = 0
 
             while fm_ring_reap(ring, &ud, &res):
                 s = <int>ud
@@ -900,6 +919,11 @@ cdef class CopyEngine:
                 length = self.slot_len[s]
                 buf = <char *>self.buffers[s]
                 r = 0
+                if res == -EAGAIN or res == -EINTR:
+                    # Not an I/O error: the block layer had no room for one
+                    # of the pieces (older kernels), or a signal.  Do the
+                    # whole range again the blocking way.
+                    res = 0
                 if self.slot_state[s] == S_READING:
                     op = C_OP_READ
                     if res < 0:

@@ -440,8 +440,10 @@ def is_zero(data):
 
 
 cdef class AlignedBuffer:
-    """Page-aligned memory from a shared anonymous mapping (fork-safe for
-    O_DIRECT), exposed through the buffer protocol."""
+    """Aligned memory for O_DIRECT from alloc_buffer() (huge pages from
+    256 KiB), exposed through the buffer protocol.  The mapping is
+    MADV_DONTFORK: a child made by fork() does not have it and must not
+    touch the object."""
     cdef char *ptr
     cdef readonly Py_ssize_t size
     cdef Py_ssize_t shape[1]

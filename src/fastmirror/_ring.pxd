@@ -13,4 +13,5 @@ cdef extern from "ring.h" nogil:
                      int64_t off, uint64_t user_data)
     int fm_ring_submit(fm_ring *r, unsigned wait_nr)
     int fm_ring_reap(fm_ring *r, uint64_t *user_data, int *res)
+    unsigned fm_ring_unqueue(fm_ring *r, uint64_t *out, unsigned max)
     int fm_ring_probe()

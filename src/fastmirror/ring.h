@@ -52,6 +52,7 @@ typedef struct fm_ring {
     void *sq_map, *cq_map;
     size_t sq_map_len, cq_map_len, sqes_len;
     unsigned to_submit;    /* prepared, not yet handed to the kernel */
+    unsigned in_flight;    /* handed to the kernel, completion not yet reaped */
 } fm_ring;
 
 #if FM_HAVE_URING
@@ -151,33 +152,62 @@ static inline int fm_ring_prep(fm_ring *r, int op, int fd, void *buf, unsigned l
     return 0;
 }
 
-/* Hand the prepared entries to the kernel and wait until at least
- * `wait_nr` completions are there.  Interrupted waits are retried. */
+/* Hand the prepared entries to the kernel and, if `wait_nr`, wait until a
+ * completion is there.  Returns how many entries the kernel took, or -errno:
+ * -EAGAIN when it could take none for now (short of memory) and nothing is
+ * in flight to wait for; the entries stay queued for the next call. */
 static inline int fm_ring_submit(fm_ring *r, unsigned wait_nr)
 {
+    int taken = 0;
     for (;;) {
-        unsigned flags = wait_nr ? IORING_ENTER_GETEVENTS : 0;
-        int n = (int)syscall(__NR_io_uring_enter, r->fd, r->to_submit, wait_nr, flags,
+        unsigned want = wait_nr && (r->in_flight || r->to_submit) ? 1 : 0;
+        unsigned flags = want ? IORING_ENTER_GETEVENTS : 0;
+        int n = (int)syscall(__NR_io_uring_enter, r->fd, r->to_submit, want, flags,
                              NULL, 0);
         if (n >= 0) {
-            r->to_submit -= (unsigned)n < r->to_submit ? (unsigned)n : r->to_submit;
-            if (r->to_submit == 0 || wait_nr == 0)
-                return n;
+            unsigned k = (unsigned)n < r->to_submit ? (unsigned)n : r->to_submit;
+            r->to_submit -= k;
+            r->in_flight += k;
+            taken += (int)k;
+            /* Entries left over (the kernel took part of them): go round
+               again, unless there is a completion to deal with first. */
+            if (r->to_submit == 0 || k == 0 ||
+                __atomic_load_n(r->cq_tail, __ATOMIC_ACQUIRE) != *r->cq_head)
+                return taken;
             continue;
         }
         if (errno == EINTR)
             continue;
         if (errno == EAGAIN || errno == EBUSY) {
-            /* Completions must be reaped first; wait for one without submitting. */
+            /* The kernel is short of requests: completions must be reaped
+               first.  Wait for one only if one can come. */
             if (__atomic_load_n(r->cq_tail, __ATOMIC_ACQUIRE) != *r->cq_head)
-                return 0;
+                return taken;
+            if (!wait_nr || r->in_flight == 0)
+                return taken ? taken : -EAGAIN;
             n = (int)syscall(__NR_io_uring_enter, r->fd, 0, 1, IORING_ENTER_GETEVENTS, NULL, 0);
             if (n < 0 && errno != EINTR && errno != EAGAIN && errno != EBUSY)
                 return -errno;
-            continue;
+            return taken;
         }
         return -errno;
     }
+}
+
+/* Take back the entries prepared but never handed to the kernel (after
+ * fm_ring_submit failed for good): their user_data go to out[], at most max;
+ * returns how many.  Legal without SQPOLL: the kernel reads the queue only
+ * inside io_uring_enter. */
+static inline unsigned fm_ring_unqueue(fm_ring *r, uint64_t *out, unsigned max)
+{
+    unsigned n = 0;
+    while (r->to_submit && n < max) {
+        unsigned tail = *r->sq_tail - 1;
+        out[n++] = ((struct io_uring_sqe *)r->sqes)[r->sq_array[tail & *r->sq_mask]].user_data;
+        __atomic_store_n(r->sq_tail, tail, __ATOMIC_RELEASE);
+        r->to_submit--;
+    }
+    return n;
 }
 
 /* Take one completion: 1 and its user_data and result, or 0 if none. */
@@ -190,6 +220,8 @@ static inline int fm_ring_reap(fm_ring *r, uint64_t *user_data, int *res)
     *user_data = cqe->user_data;
     *res = cqe->res;
     __atomic_store_n(r->cq_head, head + 1, __ATOMIC_RELEASE);
+    if (r->in_flight)
+        r->in_flight--;
     return 1;
 }
 
@@ -226,6 +258,8 @@ static inline int fm_ring_prep(fm_ring *r, int op, int fd, void *buf, unsigned l
                         int64_t off, uint64_t user_data)
 { (void)r; (void)op; (void)fd; (void)buf; (void)len; (void)off; (void)user_data; return -ENOSYS; }
 static inline int fm_ring_submit(fm_ring *r, unsigned wait_nr) { (void)r; (void)wait_nr; return -ENOSYS; }
+static inline unsigned fm_ring_unqueue(fm_ring *r, uint64_t *out, unsigned max)
+{ (void)r; (void)out; (void)max; return 0; }
 static inline int fm_ring_reap(fm_ring *r, uint64_t *user_data, int *res)
 { (void)r; (void)user_data; (void)res; return 0; }
 static inline int fm_ring_probe(void) { return -ENOSYS; }
