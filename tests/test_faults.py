@@ -117,6 +117,38 @@ def test_target_write_eio_ignore_retries_then_completes(shim, images):
     assert first_difference(src, dst) == -1
 
 
+# -- io_uring submission refused -------------------------------------------
+
+def _need_uring():
+    why = fastmirror._io.uring_error()
+    require_that(why is None, "io_uring is refused here: %s" % why)
+
+
+def test_io_uring_submission_refused_for_a_while_is_retried(shim, images):
+    """io_uring_enter failing with EAGAIN (the kernel short of memory) 200
+    times: the queued entries wait and go in later; nothing fails."""
+    _need_uring()
+    src, dst = images
+    events, _, final = run_driver(shim, "uring_enter:-:0:0:%d:200" % errno.EAGAIN, src, dst,
+                                  "--io-engine", "io_uring")
+    assert [e for e in events if e["event"] == "ERROR"] == []
+    assert final["event"] == "COMPLETED"
+    assert first_difference(src, dst) == -1
+
+
+@pytest.mark.parametrize("err", [errno.EINVAL, errno.ENOMEM])
+def test_io_uring_submission_refused_for_good_fails_the_copies(shim, images, err):
+    """io_uring_enter failing for good: the queued copies are taken back and
+    fail (dirty again) instead of hanging the job; report ends it FAILED."""
+    _need_uring()
+    src, dst = images
+    events, _, final = run_driver(shim, "uring_enter:-:0:0:%d:-1" % err, src, dst,
+                                  "--io-engine", "io_uring", timeout=60)
+    errors = [e for e in events if e["event"] == "ERROR"]
+    assert errors and errors[0]["errno"] == err and errors[0]["operation"] == "read"
+    assert final["event"] == "FAILED"
+
+
 # -- stop -----------------------------------------------------------------
 
 def test_target_write_eio_stop_pauses_then_resume_finishes(shim, images):

@@ -7,6 +7,9 @@
  * op is read, write or flush; a call fails when its descriptor's path
  * contains path_substring and its range overlaps [start, end) (flush: any
  * range); count is how many calls fail before the rule is spent (-1: all).
+ * op uring_enter fails io_uring_enter(2), made through syscall(3) as the
+ * engine's ring does (path, start and end are ignored): the kernel then
+ * takes none of the queued entries, as when it is short of memory.
  * FM_FAULTS_LOG, if set, is a file where every injected failure is logged.
  */
 #define _GNU_SOURCE
@@ -18,10 +21,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <stdarg.h>
+#include <sys/syscall.h>
 #include <sys/types.h>
 #include <unistd.h>
 
-enum { OP_READ, OP_WRITE, OP_FLUSH };
+enum { OP_READ, OP_WRITE, OP_FLUSH, OP_URING_ENTER };
 struct rule { int op; char path[256]; int64_t start, end; int err; int64_t count; };
 static struct rule rules[16];
 static int nrules = -1;
@@ -44,7 +49,8 @@ static void parse(void)
         int err;
         if (sscanf(tok, "%15[^:]:%255[^:]:%lld:%lld:%d:%lld", op, r->path, &s, &e, &err, &c) != 6)
             continue;
-        r->op = !strcmp(op, "read") ? OP_READ : !strcmp(op, "write") ? OP_WRITE : OP_FLUSH;
+        r->op = !strcmp(op, "read") ? OP_READ : !strcmp(op, "write") ? OP_WRITE
+              : !strcmp(op, "uring_enter") ? OP_URING_ENTER : OP_FLUSH;
         r->start = s; r->end = e; r->err = err; r->count = c;
         nrules++;
     }
@@ -59,8 +65,14 @@ static int should_fail(int op, int fd, int64_t off, int64_t len)
     for (int i = 0; i < nrules; i++) {
         struct rule *r = &rules[i];
         if (r->op != op) continue;
-        if (op != OP_FLUSH && (off >= r->end || off + len <= r->start)) continue;
+        if (op != OP_FLUSH && op != OP_URING_ENTER && (off >= r->end || off + len <= r->start))
+            continue;
         if (__atomic_load_n(&r->count, __ATOMIC_SEQ_CST) == 0) continue;
+        if (op == OP_URING_ENTER) {
+            if (r->count > 0 && __atomic_sub_fetch(&r->count, 1, __ATOMIC_SEQ_CST) < 0) continue;
+            if (logf) { fprintf(logf, "%d io_uring_enter %d\n", op, r->err); fflush(logf); }
+            return r->err;
+        }
         snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
         n = readlink(link, path, sizeof path - 1);
         if (n < 0) continue;
@@ -118,4 +130,22 @@ int fdatasync(int fd)
     int e = should_fail(OP_FLUSH, fd, 0, 0);
     if (e) { errno = e; return -1; }
     return real_fdatasync(fd);
+}
+
+long syscall(long nr, ...)
+{
+    REAL(syscall, long, long, ...);
+    va_list ap;
+    long a[6];
+    va_start(ap, nr);
+    for (int i = 0; i < 6; i++)
+        a[i] = va_arg(ap, long);
+    va_end(ap);
+#ifdef SYS_io_uring_enter
+    if (nr == SYS_io_uring_enter) {
+        int e = should_fail(OP_URING_ENTER, -1, 0, 0);
+        if (e) { errno = e; return -1; }
+    }
+#endif
+    return real_syscall(nr, a[0], a[1], a[2], a[3], a[4], a[5]);
 }
