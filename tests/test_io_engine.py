@@ -128,3 +128,29 @@ def test_command_line_says_when_io_uring_is_refused(images):
         assert r.returncode == 0, r.stderr
         assert "copying with threads (io_uring: Operation not permitted)" in r.stderr
     assert_same(*images)
+
+
+def _rss() -> int:
+    with open("/proc/self/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Rss:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no Rss in smaps_rollup")
+
+
+def test_copy_buffers_take_buf_size_not_a_huge_page_per_copy(tmp_path):
+    """16 copies of 256 KiB: the buffers are one mapping of buf_size (4 MiB,
+    faulted in when the job is built), not 16 huge pages of 2 MiB (32 MiB)."""
+    src = make_image(tmp_path / "src.img", 4 * MiB, seed=5)
+    jobs = []
+    before = _rss()
+    try:
+        for i in range(4):
+            jobs.append(fastmirror.MirrorJob(str(src), str(tmp_path / ("d%d.img" % i)),
+                                             buf_size=4 * MiB, io_size=256 << 10))
+            assert jobs[-1]._engine.nworkers == 16
+        grown = _rss() - before
+    finally:
+        for job in jobs:
+            job.close()
+    assert 4 * 4 * MiB <= grown < 4 * 8 * MiB, grown

@@ -132,7 +132,9 @@ cdef class CopyEngine:
     cdef int shift                  # log2(granularity)
     cdef int64_t nchunks
     cdef readonly int nworkers
-    cdef void *buffers[MAX_WORKERS] # one aligned buffer of max_io bytes per worker
+    cdef void *buffers[MAX_WORKERS] # max_io bytes per slot, inside arena
+    cdef char *arena                # all the slots' buffers: one mapping, huge pages
+    cdef size_t arena_len
 
     cdef pthread_mutex_t mu
     cdef pthread_cond_t work_cv     # idle, paused or throttled workers sleep here
@@ -220,16 +222,24 @@ cdef class CopyEngine:
         self.max_chunks = max_io >> self.shift
         self.nchunks = (size + bitmap.granularity - 1) >> self.shift
         self.nworkers = nworkers
+        # One mapping for every slot, so that the memory is buf_size rounded
+        # up to a huge page, not a huge page per slot; a slot's buffer stays
+        # physically contiguous inside its 2 MiB pages, which is what keeps
+        # requests whole (see alloc_buffer).  max_io is a multiple of the
+        # granularity, hence of the O_DIRECT alignment: every slot is aligned.
+        self.arena_len = <size_t>(nworkers * max_io)
+        self.arena = <char *>alloc_buffer(self.arena_len)
+        if self.arena == NULL:
+            raise MemoryError("cannot map %d bytes of I/O buffers" % self.arena_len)
         for i in range(nworkers):
-            self.buffers[i] = alloc_buffer(<size_t>max_io)
-            if self.buffers[i] == NULL:
-                raise MemoryError("cannot map a %d-byte I/O buffer" % max_io)
+            self.buffers[i] = self.arena + i * max_io
 
     def __dealloc__(self):
         cdef int i
         for i in range(MAX_WORKERS):
-            free_buffer(self.buffers[i], <size_t>self.max_io)
             self.buffers[i] = NULL
+        free_buffer(self.arena, self.arena_len)
+        self.arena = NULL
         pthread_cond_destroy(&self.work_cv)
         pthread_cond_destroy(&self.event_cv)
         pthread_cond_destroy(&self.claim_cv)
