@@ -41,12 +41,10 @@ import statistics
 
 import pytest
 
+from _common import SIZE, SIZE_LABEL, missing
 from fastmirror import benchmark as fmbench
 from fastmirror import qemu
-from fastmirror.units import short
 
-REQUIRE_ALL = os.environ.get("FASTMIRROR_REQUIRE_ALL") == "1"
-SIZE = fmbench.parse_size(os.environ.get("FASTMIRROR_BENCH_SIZE", "1G"))
 ROUNDS = 3
 RATES = (("0", 0), ("50M", 50 << 20), ("max", None))
 VARIANTS = (
@@ -59,38 +57,6 @@ READY_TIMEOUT = float(os.environ.get("FASTMIRROR_BENCH_WRITER_TIMEOUT", 0)) or (
     5.0 + SIZE / 20e6)
 
 
-def _size_label(n: int) -> str:
-    return short(n, "iB")
-
-
-def _missing(why: str) -> None:
-    if REQUIRE_ALL:
-        pytest.fail("FASTMIRROR_REQUIRE_ALL=1 but " + why, pytrace=False)
-    pytest.skip(why)
-
-
-@pytest.fixture(scope="session")
-def conv_source(tmp_path_factory):
-    """The source image, made once per session (the writers change it)."""
-    folder = tmp_path_factory.mktemp("bench-convergence")
-    path = str(folder / "source.img")
-    fmbench.create_source(path, SIZE)
-    yield path
-    os.unlink(path)
-
-
-@pytest.fixture
-def conv_target(conv_source, tmp_path):
-    """A target file of the source's size, fully written once (untimed)."""
-    path = str(tmp_path / "target.img")
-    with open(path, "wb") as f:
-        f.truncate(SIZE)
-    fill = fmbench.run_tool("fastmirror", conv_source, path, SIZE)
-    assert fill.ok, "filling the target failed: %s" % fill.error
-    yield path
-    os.unlink(path)
-
-
 @pytest.fixture(scope="session")
 def qemu_writer():
     """What writes to QEMU's NBD export: (kind, path, note)."""
@@ -99,33 +65,33 @@ def qemu_writer():
 
 @pytest.mark.parametrize("rate_label,rate", RATES, ids=[r for r, _ in RATES])
 @pytest.mark.parametrize("variant", VARIANTS, ids=[v.label.replace(" ", "-") for v in VARIANTS])
-def test_time_to_ready(benchmark, variant, rate_label, rate, conv_source, conv_target,
+def test_time_to_ready(benchmark, variant, rate_label, rate, bench_source, bench_target,
                        qemu_writer):
     kind = path = None
     if variant.tool == "qemu-mirror":
         if not qemu.available():
-            _missing("qemu-storage-daemon is not installed (Debian: qemu-system-common)")
+            missing("qemu-storage-daemon is not installed (Debian: qemu-system-common)")
         if rate != 0:
             kind, path, note = qemu_writer
             if kind is None:
-                _missing("nothing can write to QEMU's NBD export: %s" % note)
+                missing("nothing can write to QEMU's NBD export: %s" % note)
     runs: list[fmbench.Run] = []
 
     def setup():
-        fmbench.reset_target(conv_target, SIZE)
+        fmbench.reset_target(bench_target, SIZE)
         fmbench.drop_caches()          # sync always; drops the cache as root
 
     def one():
         if runs and not runs[-1].converged:
             return                     # it did not converge: once is enough
-        r = fmbench.run_writer(variant, conv_source, conv_target, SIZE, rate_label, rate,
+        r = fmbench.run_writer(variant, bench_source, bench_target, SIZE, rate_label, rate,
                                timeout=2 * READY_TIMEOUT + 10,
                                ready_timeout=READY_TIMEOUT, writer_kind=kind,
                                writer_path=path)
         runs.append(r)
         assert r.ok, "%s with writer %s failed: %s" % (variant.label, rate_label, r.error)
 
-    benchmark.group = "convergence-%s-writer-%s" % (_size_label(SIZE), rate_label)
+    benchmark.group = "convergence-%s-writer-%s" % (SIZE_LABEL, rate_label)
     benchmark.pedantic(one, setup=setup, rounds=ROUNDS, iterations=1)
 
     conv = [r for r in runs if r.converged]

@@ -37,77 +37,35 @@ and a small FASTMIRROR_BENCH_SIZE (e.g. 32M): then every tool runs once.
 
 from __future__ import annotations
 
-import os
 import statistics
 
 import pytest
 
+from _common import SIZE, SIZE_LABEL, require_uring, tool_path
 from fastmirror import benchmark as fmbench
-from fastmirror.units import short
 
-REQUIRE_ALL = os.environ.get("FASTMIRROR_REQUIRE_ALL") == "1"
-SIZE = fmbench.parse_size(os.environ.get("FASTMIRROR_BENCH_SIZE", "1G"))
 ROUNDS = 3
 # Baselines first, so that fastmirror's ratios can name them.
 TOOLS = ("dd", "qemu-img", "qemu-mirror", "fastmirror-threads", "fastmirror")
 # Rows that run a tool with another setting: row -> (tool, fastmirror io_engine).
 VARIANTS = {"fastmirror-threads": ("fastmirror", "threads")}
-
-
-def _size_label(n: int) -> str:
-    return short(n, "iB")
-
-
-GROUP = "copy-" + _size_label(SIZE)
+GROUP = "copy-" + SIZE_LABEL
 _medians: dict[str, float] = {}
 
 
-@pytest.fixture(scope="session")
-def copy_source(tmp_path_factory):
-    """The source image, made once per session."""
-    folder = tmp_path_factory.mktemp("bench-copy")
-    path = str(folder / "source.img")
-    fmbench.create_source(path, SIZE)
-    yield path
-    os.unlink(path)
-
-
-@pytest.fixture
-def copy_target(copy_source, tmp_path):
-    """A target file of the source's size, fully written once (untimed) so
-    every tool overwrites allocated blocks, as `fastmirror bench` does."""
-    path = str(tmp_path / "target.img")
-    with open(path, "wb") as f:
-        f.truncate(SIZE)
-    fill = fmbench.run_tool("fastmirror", copy_source, path, SIZE)
-    assert fill.ok, "filling the target failed: %s" % fill.error
-    yield path
-    os.unlink(path)
-
-
-def _tool_path(tool: str) -> str:
-    path, why = fmbench.find_tool(tool)
-    if path is None:
-        why = why or "%s is not available" % tool
-        if REQUIRE_ALL:
-            pytest.fail("FASTMIRROR_REQUIRE_ALL=1 but " + why, pytrace=False)
-        pytest.skip(why)
-    return path
-
-
 @pytest.mark.parametrize("tool", TOOLS)
-def test_copy(benchmark, tool, copy_source, copy_target):
+def test_copy(benchmark, tool, bench_source, bench_target):
     row = tool
     tool, io_engine = VARIANTS.get(row, (row, "auto"))
-    path = _tool_path(tool)
+    path = tool_path(tool)
     runs: list[fmbench.Run] = []
 
     def setup():
-        fmbench.reset_target(copy_target, SIZE)
+        fmbench.reset_target(bench_target, SIZE)
         fmbench.drop_caches()          # sync always; drops the cache as root
 
     def copy():
-        r = fmbench.run_tool(tool, copy_source, copy_target, SIZE, path=path,
+        r = fmbench.run_tool(tool, bench_source, bench_target, SIZE, path=path,
                              timeout=fmbench.default_timeout(SIZE), io_engine=io_engine)
         runs.append(r)
         assert r.ok, "%s failed: %s" % (tool, r.error)
@@ -115,7 +73,7 @@ def test_copy(benchmark, tool, copy_source, copy_target):
     benchmark.group = GROUP
     benchmark.pedantic(copy, setup=setup, rounds=ROUNDS, iterations=1)
 
-    bad = fmbench.check_markers(copy_source, copy_target, SIZE)
+    bad = fmbench.check_markers(bench_source, bench_target, SIZE)
     assert bad is None, "%s left the target different from the source at %d" % (tool, bad)
 
     throughput = statistics.median(r.bytes_per_s for r in runs)
@@ -149,32 +107,27 @@ SMALL_IO = 64 << 10
 
 
 @pytest.mark.parametrize("io_engine", ["io_uring", "threads"])
-def test_copy_small_requests(benchmark, io_engine, copy_source, copy_target):
+def test_copy_small_requests(benchmark, io_engine, bench_source, bench_target):
     """fastmirror copying in 64 KiB requests (io_size=64K, 16 in flight), as it
     does when writes dirty scattered chunks: the case where the io_uring
     driver's batched submission saves CPU over a blocking thread per copy."""
-    from fastmirror import _io
-
-    if io_engine == "io_uring" and _io.uring_error() is not None:
-        why = "io_uring is refused here: %s" % _io.uring_error()
-        if REQUIRE_ALL:
-            pytest.fail("FASTMIRROR_REQUIRE_ALL=1 but " + why, pytrace=False)
-        pytest.skip(why)
+    if io_engine == "io_uring":
+        require_uring()
     runs: list[fmbench.Run] = []
 
     def setup():
-        fmbench.reset_target(copy_target, SIZE)
+        fmbench.reset_target(bench_target, SIZE)
         fmbench.drop_caches()
 
     def copy():
-        r = fmbench.run_tool("fastmirror", copy_source, copy_target, SIZE, max_io=SMALL_IO,
+        r = fmbench.run_tool("fastmirror", bench_source, bench_target, SIZE, max_io=SMALL_IO,
                              timeout=fmbench.default_timeout(SIZE), io_engine=io_engine)
         runs.append(r)
         assert r.ok, "fastmirror failed: %s" % r.error
 
-    benchmark.group = "copy-64KiB-requests-" + _size_label(SIZE)
+    benchmark.group = "copy-64KiB-requests-" + SIZE_LABEL
     benchmark.pedantic(copy, setup=setup, rounds=ROUNDS, iterations=1)
-    bad = fmbench.check_markers(copy_source, copy_target, SIZE)
+    bad = fmbench.check_markers(bench_source, bench_target, SIZE)
     assert bad is None, "the target differs from the source at %d" % bad
     info = benchmark.extra_info
     info["io_engine"] = io_engine

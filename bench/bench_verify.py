@@ -28,15 +28,13 @@ import time
 
 import pytest
 
+from _common import SIZE, SIZE_LABEL, missing
 from fastmirror import benchmark as fmbench
-from fastmirror.units import short
 from fastmirror.verify import first_difference
 
-REQUIRE_ALL = os.environ.get("FASTMIRROR_REQUIRE_ALL") == "1"
-SIZE = fmbench.parse_size(os.environ.get("FASTMIRROR_BENCH_SIZE", "1G"))
 ROUNDS = 3
 ROWS = ("fio-libaio", "fio-io_uring", "fastmirror")     # fio first: ratios name them
-GROUP = "verify-" + short(SIZE, "iB")
+GROUP = "verify-" + SIZE_LABEL
 _medians: dict[str, float] = {}
 
 
@@ -69,9 +67,7 @@ def _fio(engine: str, src: str, dst: str) -> float:
 def test_verify(benchmark, row, pair):
     src, dst = pair
     if row.startswith("fio") and shutil.which("fio") is None:
-        if REQUIRE_ALL:
-            pytest.fail("FASTMIRROR_REQUIRE_ALL=1 but fio is not installed", pytrace=False)
-        pytest.skip("fio is not installed")
+        missing("fio is not installed")
     seconds: list[float] = []
 
     def run():

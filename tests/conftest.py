@@ -74,6 +74,14 @@ def require_root() -> None:
         _missing("needs root (running as uid %d)" % os.geteuid())
 
 
+def require_uring() -> None:
+    """io_uring usable for reads and writes here (kernel, seccomp, sysctl)."""
+    from fastmirror import _io
+
+    why = _io.uring_error()
+    require_that(why is None, "io_uring is refused here: %s" % why)
+
+
 def require_loop() -> str:
     """Root, losetup and the loop driver; returns losetup's path."""
     require_root()
@@ -81,6 +89,22 @@ def require_loop() -> str:
     if not os.path.exists("/dev/loop-control"):
         _missing("no loop device support (/dev/loop-control is missing)")
     return losetup
+
+
+def fm(*args, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+    """Run the fastmirror command as a user does: a separate process."""
+    return subprocess.run([sys.executable, "-m", "fastmirror", *args],
+                          capture_output=True, text=True, timeout=timeout, **kw)
+
+
+@pytest.fixture
+def fast_thread_switching():
+    """Under the GIL, switch threads as often as possible, so that calls from
+    several threads really interleave."""
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    yield
+    sys.setswitchinterval(old)
 
 
 # ---------------------------------------------------------------------------
@@ -490,10 +514,7 @@ def io_engine(request):
     FASTMIRROR_REQUIRE_ALL=1, where the kernel refuses io_uring."""
     engine = getattr(request, "param", "auto")
     if engine == "io_uring":
-        from fastmirror import _io
-
-        why = _io.uring_error()
-        require_that(why is None, "io_uring is not available here: %s" % why)
+        require_uring()
     return engine
 
 

@@ -4,11 +4,10 @@ test_job_invariants.py; here are the absurd numbers, special files, and the
 same cases as the command line sees them (exit code 2, a message on stderr)."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 
+from conftest import fm
 from fastmirror import MirrorJob
 
 
@@ -57,11 +56,6 @@ def test_target_fifo_refused(tmp_path):
     os.mkfifo(fifo)
     with pytest.raises(ValueError, match="fifo"):
         MirrorJob(src, str(fifo))
-
-
-def fm(*args):
-    return subprocess.run([sys.executable, "-m", "fastmirror", *args],
-                          capture_output=True, text=True, timeout=60)
 
 
 @pytest.mark.parametrize("case", [

@@ -9,12 +9,8 @@ import time
 
 import pytest
 
+from conftest import fm
 from fastmirror.cli import parse_size
-
-
-def fm(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "fastmirror", *args],
-                          capture_output=True, text=True, timeout=120, **kw)
 
 
 def write_image(path, size, seed=0):

@@ -9,7 +9,6 @@ free-threaded Python.
 """
 
 import random
-import sys
 import threading
 import time
 
@@ -20,13 +19,8 @@ from fastmirror import HBitmap
 JOIN_TIMEOUT = 60
 
 
-@pytest.fixture(autouse=True)
-def fast_thread_switching():
-    """Switch threads often (GIL builds), so calls really interleave."""
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(1e-5)
-    yield
-    sys.setswitchinterval(old)
+# Calls from many threads must really interleave (conftest.py).
+pytestmark = pytest.mark.usefixtures("fast_thread_switching")
 
 
 def run_threads(targets, timeout=JOIN_TIMEOUT):

@@ -8,13 +8,12 @@ profile or a hardened kernel would.  The sysctl is restored after each test.
 
 import contextlib
 import os
-import subprocess
-import sys
 
 import pytest
 
 import fastmirror
-from conftest import MiB, assert_same, make_image, require_root, require_that
+from conftest import (MiB, assert_same, fm, make_image, require_root, require_that,
+                      require_uring)
 from fastmirror import EventType, _io
 
 SYSCTL = "/proc/sys/kernel/io_uring_disabled"
@@ -52,7 +51,7 @@ def run_job(job):
 
 
 def test_io_uring_is_used_where_the_kernel_allows_it(images):
-    require_that(_io.uring_error() is None, "io_uring is refused here: %s" % _io.uring_error())
+    require_uring()
     for engine in ("auto", "io_uring"):
         job = fastmirror.MirrorJob(*images, io_engine=engine)
         assert job.status().io_engine == "io_uring"
@@ -90,7 +89,7 @@ def test_refused_io_uring_auto_falls_back_and_explicit_is_an_error(images):
 def test_io_uring_refused_after_the_probe_falls_back_to_threads(images):
     """The probe passed when the job was built, then setting up the rings
     fails when the job starts: the copy slots run as blocking threads."""
-    require_that(_io.uring_error() is None, "io_uring is refused here: %s" % _io.uring_error())
+    require_uring()
     job = fastmirror.MirrorJob(*images, buf_size=4 * MiB)
     assert job.status().io_engine == "io_uring"
     with io_uring_disabled():
@@ -103,11 +102,6 @@ def test_io_uring_refused_after_the_probe_falls_back_to_threads(images):
     assert final.type == EventType.COMPLETED
     assert st.io_engine.startswith("threads (io_uring: ")
     assert_same(*images)
-
-
-def fm(*args):
-    return subprocess.run([sys.executable, "-m", "fastmirror", *args],
-                          capture_output=True, text=True, timeout=120)
 
 
 def test_command_line_io_engine(images):

@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import os
 import random
-import stat
 import subprocess
 import threading
 
 import pytest
 
-import fastmirror
 from fastmirror import EventType, JobState, MirrorJob, trace
 
 from conftest import (KiB, MiB, Writers, allocated_bytes, assert_all_bytes,

@@ -14,7 +14,7 @@ import threading
 
 import pytest
 
-from fastmirror import EventType, JobState
+from fastmirror import EventType
 
 from conftest import (KiB, MiB, Writers, assert_qemu_equal, assert_same, make_image,
                       phase1_then_phase2, read_bytes)

@@ -5,7 +5,6 @@ import os
 import shutil
 import subprocess
 
-import pytest
 from conftest import require_that
 
 from fastmirror import qemu

@@ -3,7 +3,6 @@ complete at random points.  Whatever happens, the job ends CANCELLED, or
 COMPLETED with the target equal to the source; every verb is accepted exactly
 where the state table allows it."""
 
-import os
 import random
 import threading
 import time

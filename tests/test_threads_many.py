@@ -36,16 +36,9 @@ MiB = 1024 * KiB
 FREE_THREADED = bool(sysconfig.get_config_var("Py_GIL_DISABLED"))
 GIL_ENABLED = getattr(sys, "_is_gil_enabled", lambda: True)()
 
-pytestmark = pytest.mark.timeout(240)
-
-
-@pytest.fixture(autouse=True)
-def fast_switching():
-    """Under the GIL, switch threads as often as possible."""
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    yield
-    sys.setswitchinterval(old)
+pytestmark = [pytest.mark.timeout(240),
+              # Calls from many threads must really interleave (conftest.py).
+              pytest.mark.usefixtures("fast_thread_switching")]
 
 
 class Team:

@@ -634,18 +634,28 @@ cdef class CopyEngine:
     cdef int _copy(self, void *buf, int64_t off, int64_t length, int *op) noexcept nogil:
         """Copy [off, off+length) with no lock held; 0 or -errno, *op tells
         which side failed."""
-        cdef int64_t r
-        cdef const char *p = <const char *>buf
+        cdef int r
         op[0] = C_OP_READ
-        # O_DIRECT lengths are multiples of the alignment; at the end of the
-        # source the kernel returns only what exists.
-        r = pread_full(self.src_fd, buf, (length + self.align - 1) & ~(self.align - 1), off)
+        r = self._read(<char *>buf, off, length, 0)
+        if r < 0:
+            return r
+        op[0] = C_OP_WRITE
+        return self._store(<const char *>buf, off, length)
+
+    cdef int _read(self, char *buf, int64_t off, int64_t length, int64_t have) noexcept nogil:
+        """Read [off, off+length) of the source into buf, of which the first
+        `have` bytes are already there (a short asynchronous read); 0 or
+        -errno.  O_DIRECT lengths are multiples of the alignment; at the end
+        of the source the kernel returns only what exists."""
+        cdef int64_t r
+        have &= ~(self.align - 1)       # restart on an O_DIRECT boundary
+        r = pread_full(self.src_fd, buf + have,
+                       ((length + self.align - 1) & ~(self.align - 1)) - have, off + have)
         if r < 0:
             return <int>r
-        if r < length:
+        if have + r < length:
             return -ENXIO   # the source shrank under us
-        op[0] = C_OP_WRITE
-        return self._store(p, off, length)
+        return 0
 
     cdef int _store(self, const char *p, int64_t off, int64_t length) noexcept nogil:
         """Write data read from the source to the target, its zero runs as
@@ -841,7 +851,7 @@ cdef class CopyEngine:
         cdef int fin_r[MAX_WORKERS]
         cdef int fin_op[MAX_WORKERS]
         cdef uint64_t ud
-        cdef int64_t off, length, done
+        cdef int64_t off, length
         cdef char *buf
         cdef bint throttled
         pthread_mutex_lock(&self.mu)
@@ -939,12 +949,7 @@ cdef class CopyEngine:
                     if res < 0:
                         r = res
                     elif res < length:
-                        # A short read: finish it the blocking way.
-                        done = pread_full(self.src_fd, buf + res, length - res, off + res)
-                        if done < 0:
-                            r = <int>done
-                        elif done < length - res:
-                            r = -ENXIO            # the source shrank under us
+                        r = self._read(buf, off, length, res)   # a short read
                     if r == 0:
                         op = C_OP_WRITE
                         if self._all_data(buf, length) and fm_ring_prep(
@@ -959,9 +964,9 @@ cdef class CopyEngine:
                     op = C_OP_WRITE
                     if res < 0:
                         r = res
-                    elif res < length:
-                        done = pwrite_full(self.dst_fd, buf + res, length - res, off + res)
-                        r = <int>done if done < 0 else 0
+                    elif res < length:                      # a short write
+                        res &= ~(<int>self.align - 1)
+                        r = self._write_target(buf + res, off + res, length - res)
                 self.slot_state[s] = S_IDLE
                 fin_slot[nfin] = s
                 fin_r[nfin] = r

@@ -1,14 +1,13 @@
 """Typed stub for fastmirror._io (a Cython module): O_DIRECT opening,
-alignment and size discovery, aligned buffers, flush, zeroing, hole discovery
+alignment and size discovery, flush, zeroing, hole discovery
 and comparison.  Every function that takes an ``fd`` works on a descriptor
 the caller owns; failures raise OSError carrying errno (and the path, where
 one is known)."""
 
-import sys
 from typing import Final, NoReturn
 
 from _typeshed import StrOrBytesPath
-from typing_extensions import Buffer, Self, disjoint_base
+from typing_extensions import Buffer
 
 O_DIRECT: Final[int]
 """os.O_DIRECT, or 0 where the platform has none."""
@@ -75,21 +74,6 @@ def compare(fd_a: int, fd_b: int, length: int, chunk: int = 8388608, start: int 
     raises OSError with extra attributes ``side`` (0 or 1) and ``offset``."""
 
 def _raise(err: int, path: StrOrBytesPath | None = None) -> NoReturn: ...
-
-@disjoint_base
-class AlignedBuffer:
-    """Page-aligned memory from a shared anonymous mapping (fork-safe for
-    O_DIRECT), writable through the buffer protocol."""
-
-    def __new__(cls, size: int) -> Self: ...
-    @property
-    def size(self) -> int: ...
-    @property
-    def address(self) -> int:
-        """The address of the first byte (for alignment checks)."""
-    if sys.version_info >= (3, 12):
-        def __buffer__(self, flags: int, /) -> memoryview: ...
-        def __release_buffer__(self, buffer: memoryview, /) -> None: ...
 
 def uring_error() -> str | None:
     """None when io_uring can run reads and writes here; otherwise why not."""

@@ -439,51 +439,6 @@ def is_zero(data):
     return buffer_is_zero(&view[0], view.shape[0])
 
 
-cdef class AlignedBuffer:
-    """Aligned memory for O_DIRECT from alloc_buffer() (huge pages from
-    256 KiB), exposed through the buffer protocol.  The mapping is
-    MADV_DONTFORK: a child made by fork() does not have it and must not
-    touch the object."""
-    cdef char *ptr
-    cdef readonly Py_ssize_t size
-    cdef Py_ssize_t shape[1]
-    cdef Py_ssize_t strides[1]
-
-    def __cinit__(self, Py_ssize_t size):
-        if size <= 0:
-            raise ValueError("size must be positive")
-        self.ptr = <char *>alloc_buffer(size)
-        if self.ptr == NULL:
-            raise MemoryError("cannot map %d bytes" % size)
-        self.size = size
-        self.shape[0] = size
-        self.strides[0] = 1
-
-    def __dealloc__(self):
-        free_buffer(self.ptr, self.size)
-        self.ptr = NULL
-
-    def __getbuffer__(self, Py_buffer *buffer, int flags):
-        buffer.buf = self.ptr
-        buffer.obj = self
-        buffer.len = self.size
-        buffer.readonly = 0
-        buffer.itemsize = 1
-        buffer.format = "B"
-        buffer.ndim = 1
-        buffer.shape = self.shape
-        buffer.strides = self.strides
-        buffer.suboffsets = NULL
-        buffer.internal = NULL
-
-    def __releasebuffer__(self, Py_buffer *buffer):
-        pass
-
-    @property
-    def address(self):
-        return <uintptr_t>self.ptr
-
-
 def compare(int fd_a, int fd_b, int64_t length, int64_t chunk=8 << 20, int64_t start=0):
     """First offset in [start, length) where two open files differ, or -1.
 

@@ -54,20 +54,13 @@ class Endpoint:
         self.fd = self.tail_fd = -1
 
 
+_KINDS = ((stat.S_ISREG, "file"), (stat.S_ISBLK, "block"), (stat.S_ISDIR, "directory"),
+          (stat.S_ISCHR, "character device"), (stat.S_ISFIFO, "fifo"),
+          (stat.S_ISSOCK, "socket"))
+
+
 def _kind(st: os.stat_result) -> str:
-    if stat.S_ISREG(st.st_mode):
-        return "file"
-    if stat.S_ISBLK(st.st_mode):
-        return "block"
-    if stat.S_ISDIR(st.st_mode):
-        return "directory"
-    if stat.S_ISCHR(st.st_mode):
-        return "character device"
-    if stat.S_ISFIFO(st.st_mode):
-        return "fifo"
-    if stat.S_ISSOCK(st.st_mode):
-        return "socket"
-    return "special file"
+    return next((name for test, name in _KINDS if test(st.st_mode)), "special file")
 
 
 def _refuse_kind(path: str, st: os.stat_result, role: str) -> None:
