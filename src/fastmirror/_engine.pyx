@@ -564,17 +564,17 @@ cdef class CopyEngine:
         The wait comes *before* the pick: a worker sleeping on the limit
         holds no extent, so its chunks are neither shown as in flight nor
         kept from a write that goes to both sides (write-blocking mode)."""
-        cdef int64_t now
         cdef timespec ts
-        if self.speed_limit <= 0:
-            return True
-        now = monotonic_ns()
-        if now >= self.rate_next_ns:
+        if not self._throttled():
             return True
         ts.tv_sec = self.rate_next_ns // 1000000000
         ts.tv_nsec = self.rate_next_ns % 1000000000
         pthread_cond_timedwait(&self.work_cv, &self.mu, &ts)
         return False
+
+    cdef inline bint _throttled(self) noexcept nogil:
+        """Under mu: must the next copy wait for the speed limit?"""
+        return self.speed_limit > 0 and monotonic_ns() < self.rate_next_ns
 
     cdef void _charge(self, int64_t nbytes) noexcept nogil:
         """Under mu: a copy of nbytes starts now; the next may start once
@@ -863,7 +863,7 @@ cdef class CopyEngine:
                 for s in range(first, first + count):
                     if self.inflight_first[s] >= 0:
                         continue
-                    if self.speed_limit > 0 and monotonic_ns() < self.rate_next_ns:
+                    if self._throttled():
                         throttled = True
                         break
                     if not self._pick(s):

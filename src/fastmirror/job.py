@@ -85,6 +85,11 @@ TICK = 0.1                  # seconds between coordinator wake-ups
 RETRY_BACKOFF = (0.01, 1.0)  # "ignore": first and longest wait before retrying
 
 
+def _threads_because(why: str) -> str:
+    """io_engine's value when io_uring was refused: the engine and why."""
+    return "threads (io_uring: %s)" % why
+
+
 def _positive_int(name: str, value, minimum: int = 0, maximum: Optional[int] = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError("%s must be an integer, not %r" % (name, value))
@@ -174,7 +179,7 @@ class MirrorJob:
         elif uring_error is None:
             self.io_engine = "io_uring"
         else:
-            self.io_engine = "threads (io_uring: %s)" % uring_error
+            self.io_engine = _threads_because(uring_error)
         self._write_blocking = False
         self._progress: list[tuple[float, int, int]] = []   # (time, work left, bytes marked)
         self._align = align
@@ -621,7 +626,7 @@ class MirrorJob:
         except OSError as e:
             _log.warning("io_uring refused (%s): copying with threads", e)
             with self._lock:
-                self.io_engine = "threads (io_uring: %s)" % e.strerror
+                self.io_engine = _threads_because(e.strerror)
             for slot in range(first + 1, first + count):
                 self._start_thread(self._engine.run_worker, (slot,), "fastmirror-copy-%d" % slot)
             self._engine.run_worker(first)
