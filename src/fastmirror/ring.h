@@ -57,6 +57,18 @@ typedef struct fm_ring {
 
 #if FM_HAVE_URING
 
+static inline void fm_ring_exit(fm_ring *r)
+{
+    if (r->fd < 0)
+        return;
+    if (r->sqes) munmap(r->sqes, r->sqes_len);
+    if (r->cq_map) munmap(r->cq_map, r->cq_map_len);
+    if (r->sq_map) munmap(r->sq_map, r->sq_map_len);
+    close(r->fd);
+    memset(r, 0, sizeof(*r));
+    r->fd = -1;
+}
+
 static inline int fm_ring_init(fm_ring *r, unsigned entries)
 {
     struct io_uring_params p;
@@ -106,26 +118,9 @@ static inline int fm_ring_init(fm_ring *r, unsigned entries)
 fail:
     {
         int err = -errno;
-        if (r->sqes) munmap(r->sqes, r->sqes_len);
-        if (r->cq_map) munmap(r->cq_map, r->cq_map_len);
-        if (r->sq_map) munmap(r->sq_map, r->sq_map_len);
-        close(fd);
-        memset(r, 0, sizeof(*r));
-        r->fd = -1;
+        fm_ring_exit(r);       /* unmaps what was mapped, closes fd */
         return err;
     }
-}
-
-static inline void fm_ring_exit(fm_ring *r)
-{
-    if (r->fd < 0)
-        return;
-    if (r->sqes) munmap(r->sqes, r->sqes_len);
-    if (r->cq_map) munmap(r->cq_map, r->cq_map_len);
-    if (r->sq_map) munmap(r->sq_map, r->sq_map_len);
-    close(r->fd);
-    memset(r, 0, sizeof(*r));
-    r->fd = -1;
 }
 
 /* Queue one read or write; -EBUSY when the submission queue is full. */
