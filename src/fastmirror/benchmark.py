@@ -146,15 +146,6 @@ def _list(text: str) -> list[str]:
     return list(dict.fromkeys(t.strip() for t in str(text).split(",") if t.strip()))
 
 
-def _tools_list(text: str) -> list[str]:
-    tools = _list(text)
-    bad = [t for t in tools if t not in TOOLS + FIO_PARTS]
-    if bad or not tools:
-        raise argparse.ArgumentTypeError("tools are a comma-separated list of %s, got %r"
-                                         % (", ".join(TOOLS + FIO_PARTS), text))
-    return tools
-
-
 def _rates_list(text: str) -> list[tuple[str, Optional[int]]]:
     out = []
     for t in _list(text):
@@ -166,23 +157,28 @@ def _rates_list(text: str) -> list[tuple[str, Optional[int]]]:
     return out
 
 
-def _modes_list(text: str) -> list[str]:
-    modes = _list(text)
-    bad = [m for m in modes if m not in COPY_MODES]
-    if bad or not modes:
-        raise argparse.ArgumentTypeError("copy modes are a comma-separated list of %s, got %r"
-                                         % (", ".join(COPY_MODES), text))
-    return modes
+def _choices_list(what: str, choices: Callable[[], Sequence[str]]):
+    """An argparse type: a comma-separated list, each item one of choices()
+    (called when parsing: the I/O engines come from the compiled job
+    module, which the chart command does not need)."""
+    def parse(text: str) -> list[str]:
+        items = _list(text)
+        allowed = choices()
+        if not items or any(i not in allowed for i in items):
+            raise argparse.ArgumentTypeError("%s are a comma-separated list of %s, got %r"
+                                             % (what, ", ".join(allowed), text))
+        return items
+    return parse
 
 
-def _io_engines_list(text: str) -> list[str]:
+def _io_engines() -> Sequence[str]:
     from fastmirror.job import IO_ENGINES
-    engines = list(dict.fromkeys(_list(text)))
-    bad = [e for e in engines if e not in IO_ENGINES]
-    if bad or not engines:
-        raise argparse.ArgumentTypeError("I/O engines are a comma-separated list of %s, got %r"
-                                         % (", ".join(IO_ENGINES), text))
-    return engines
+    return IO_ENGINES
+
+
+_tools_list = _choices_list("tools", lambda: TOOLS + FIO_PARTS)
+_modes_list = _choices_list("copy modes", lambda: COPY_MODES)
+_io_engines_list = _choices_list("I/O engines", _io_engines)
 
 
 def _buf_sizes_list(text: str) -> list[tuple[int, Optional[int]]]:
