@@ -26,7 +26,7 @@ build: $(DEPS)
 
 # Bounds checks, line tracing, -O0 -g and annotated HTML next to each .pyx.
 debug: $(DEPS)
-	rm -f src/fastmirror/*.so
+	rm -f src/fastmirror/_core/*.so
 	FASTMIRROR_DEBUG=1 $(PIP) install -q --no-build-isolation --no-deps -e .
 
 test: build
@@ -55,5 +55,5 @@ packaging: $(DEPS)
 	PYTHON=$(PYTHON) VENV=$(VENV) bash .ci/packaging
 
 clean:
-	rm -rf build dist src/*.egg-info src/fastmirror/*.so src/fastmirror/_*.c \
-		src/fastmirror/*.html .pytest_cache wheelhouse .mypy_cache
+	rm -rf build dist src/*.egg-info src/fastmirror/_core/*.so src/fastmirror/_core/*.c \
+		src/fastmirror/_core/*.html .pytest_cache wheelhouse .mypy_cache

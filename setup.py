@@ -25,16 +25,18 @@ directives = {
 if DEBUG:
     macros += [("CYTHON_TRACE_NOGIL", "1"), ("FASTMIRROR_DEBUG", "1")]
 
+# Every .pyx under src/fastmirror is a module named by its path:
+# src/fastmirror/_core/engine.pyx -> fastmirror._core.engine.
 extensions = [
     Extension(
-        "fastmirror." + os.path.splitext(os.path.basename(path))[0],
+        os.path.splitext(os.path.relpath(path, "src"))[0].replace(os.sep, "."),
         [path],
         define_macros=macros,
-        include_dirs=["src/fastmirror"],   # ring.h
+        include_dirs=["src/fastmirror/_core"],   # ring.h
         extra_compile_args=cflags,
         extra_link_args=[] if DEBUG else ["-Wl,--strip-debug"],
     )
-    for path in sorted(glob.glob("src/fastmirror/*.pyx"))
+    for path in sorted(glob.glob("src/fastmirror/**/*.pyx", recursive=True))
 ]
 
 setup(

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from fastmirror import benchmark as fmbench
+from fastmirror.bench import harness as fmbench
 from fastmirror.units import short
 
 REQUIRE_ALL = os.environ.get("FASTMIRROR_REQUIRE_ALL") == "1"
@@ -31,7 +31,7 @@ def tool_path(tool: str) -> str:
 
 
 def require_uring() -> None:
-    from fastmirror import _io
+    from fastmirror._core import blockio as _io
 
     if _io.uring_error() is not None:
         missing("io_uring is refused here: %s" % _io.uring_error())

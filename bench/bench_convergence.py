@@ -42,8 +42,8 @@ import statistics
 import pytest
 
 from _common import SIZE, SIZE_LABEL, missing
-from fastmirror import benchmark as fmbench
-from fastmirror import qemu
+from fastmirror.bench import harness as fmbench
+from fastmirror.bench import qemu
 
 ROUNDS = 3
 RATES = (("0", 0), ("50M", 50 << 20), ("max", None))

@@ -42,7 +42,7 @@ import statistics
 import pytest
 
 from _common import SIZE, SIZE_LABEL, require_uring, tool_path
-from fastmirror import benchmark as fmbench
+from fastmirror.bench import harness as fmbench
 
 ROUNDS = 3
 # Baselines first, so that fastmirror's ratios can name them.

@@ -3,7 +3,7 @@
 Two equal files of FASTMIRROR_BENCH_SIZE bytes (default 1 GiB) on the
 filesystem of pytest's temporary folder.  In one benchmark group:
 
-  fastmirror      fastmirror.verify.first_difference(SRC, DST): the whole
+  fastmirror      fastmirror.job.verify.first_difference(SRC, DST): the whole
                   comparison, both files read and compared
   fio-libaio      fio reading SRC and DST at once, two jobs, O_DIRECT, bs=1M,
                   iodepth=16, libaio: the reads alone, nothing compared
@@ -29,8 +29,8 @@ import time
 import pytest
 
 from _common import SIZE, SIZE_LABEL, missing
-from fastmirror import benchmark as fmbench
-from fastmirror.verify import first_difference
+from fastmirror.bench import harness as fmbench
+from fastmirror.job.verify import first_difference
 
 ROUNDS = 3
 ROWS = ("fio-libaio", "fio-io_uring", "fastmirror")     # fio first: ratios name them

@@ -12,7 +12,7 @@ import os
 import pytest
 
 from _common import SIZE
-from fastmirror import benchmark as fmbench
+from fastmirror.bench import harness as fmbench
 
 
 def pytest_collect_file(parent, file_path):

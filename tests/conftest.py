@@ -18,7 +18,7 @@ Fixtures:
   no_thread_leak   (autouse) no "fastmirror-*" thread outlives a test
   clean_trace      (autouse) no tracepoint listener or printer outlives a test
 
-The equality checks here deliberately do not use fastmirror.verify: the code
+The equality checks here deliberately do not use fastmirror.job.verify: the code
 under test must not judge itself.
 """
 
@@ -76,7 +76,7 @@ def require_root() -> None:
 
 def require_uring() -> None:
     """io_uring usable for reads and writes here (kernel, seccomp, sysctl)."""
-    from fastmirror import _io
+    from fastmirror._core import blockio as _io
 
     why = _io.uring_error()
     require_that(why is None, "io_uring is refused here: %s" % why)
@@ -406,7 +406,7 @@ def phase1_then_phase2(job, writers, writes: int = 100, timeout: float = 90.0,
     they pause `calm` seconds between writes, so that READY comes whatever
     the load of the machine (writers flat out can outrun any copy, in QEMU
     too).  Leaves the writers running at their own pace."""
-    from fastmirror.events import JobState
+    from fastmirror.job.events import JobState
 
     pace = writers.pause
     job.start()
@@ -485,7 +485,7 @@ _left_running: list[str] = []
 def _close_jobs() -> None:
     """Close every job of the test and its job.source handle (which, after a
     pivot, holds the target open: a loop device could not be detached)."""
-    from fastmirror.events import JobState
+    from fastmirror.job.events import JobState
 
     while _jobs:
         job = _jobs.pop()

@@ -1,4 +1,4 @@
-"""`fastmirror bench` (fastmirror.benchmark): a quick run end to end, and the
+"""`fastmirror bench` (fastmirror.bench.harness): a quick run end to end, and the
 refusals that keep it from destroying data.
 
 Timing is never asserted here (performance is measured in bench/); only that
@@ -15,7 +15,7 @@ import subprocess
 
 import pytest
 
-from fastmirror import benchmark
+from fastmirror.bench import harness as benchmark
 
 REQUIRE_ALL = os.environ.get("FASTMIRROR_REQUIRE_ALL") == "1"
 MiB = 1 << 20
@@ -304,7 +304,7 @@ def test_bench_writer_rates_refuse_block_device_source(tmp_path, loop_target, ca
 def test_bench_buf_sizes_and_max_io(tmp_path, capsys):
     """--buf-sizes runs a row per size; BUF:IO sets fastmirror's request size
     for that job only."""
-    from fastmirror import job as jobmod
+    from fastmirror.job import mirror as jobmod
     src, dst, out = tmp_path / "src.img", tmp_path / "dst.img", tmp_path / "b.json"
     args = _parse(["--create", "16M", "--rounds", "1", "--warmup", "0", "--tools",
                    "fastmirror", "--buf-sizes", "16M,32M:2M", src, dst, "--json", out])

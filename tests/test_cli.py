@@ -10,7 +10,7 @@ import time
 import pytest
 
 from conftest import fm
-from fastmirror.cli import parse_size
+from fastmirror.cli.main import parse_size
 
 
 def write_image(path, size, seed=0):

@@ -9,7 +9,7 @@ import time
 import pytest
 
 import fastmirror
-from fastmirror.verify import first_difference
+from fastmirror.job.verify import first_difference
 
 # Every test building a job runs once per I/O engine (conftest.py).
 IO_ENGINES = ("io_uring", "threads")

@@ -15,7 +15,7 @@ import pytest
 from conftest import require_that
 
 import fastmirror
-from fastmirror.verify import first_difference
+from fastmirror.job.verify import first_difference
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SIZE = 8 << 20
@@ -119,7 +119,7 @@ def test_target_write_eio_ignore_retries_then_completes(shim, images):
 # -- io_uring submission refused -------------------------------------------
 
 def _need_uring():
-    why = fastmirror._io.uring_error()
+    why = fastmirror._core.blockio.uring_error()
     require_that(why is None, "io_uring is refused here: %s" % why)
 
 

@@ -14,7 +14,8 @@ import pytest
 import fastmirror
 from conftest import (MiB, assert_same, fm, make_image, require_root, require_that,
                       require_uring)
-from fastmirror import EventType, _io
+from fastmirror import EventType
+from fastmirror._core import blockio as _io
 
 SYSCTL = "/proc/sys/kernel/io_uring_disabled"
 

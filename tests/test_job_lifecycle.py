@@ -18,7 +18,7 @@ import threading
 import pytest
 
 from fastmirror import EventType, JobState, JobStateError, MirrorJob, trace
-from fastmirror.events import JobEvent
+from fastmirror.job.events import JobEvent
 
 from conftest import (KiB, MiB, assert_all_bytes, assert_same,
                       make_image, read_bytes)

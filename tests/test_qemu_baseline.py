@@ -7,8 +7,8 @@ import subprocess
 
 from conftest import require_that
 
-from fastmirror import qemu
-from fastmirror.verify import first_difference
+from fastmirror.bench import qemu
+from fastmirror.job.verify import first_difference
 
 
 

@@ -10,9 +10,9 @@ import time
 import pytest
 
 import fastmirror
-from fastmirror.events import JobState
-from fastmirror.job import VERBS
-from fastmirror.verify import first_difference
+from fastmirror.job.events import JobState
+from fastmirror.job.mirror import VERBS
+from fastmirror.job.verify import first_difference
 
 SIZE = 6 << 20
 

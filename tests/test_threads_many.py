@@ -28,7 +28,7 @@ import time
 import pytest
 
 from fastmirror import HBitmap, MirrorJob
-from fastmirror.events import EventType, JobState
+from fastmirror.job.events import EventType, JobState
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -372,7 +372,7 @@ def test_reports_threading_mode():
     if FREE_THREADED:
         # Importing the extensions must not have switched the GIL back on:
         # that is what freethreading_compatible declares.
-        import fastmirror._engine  # noqa: F401
-        import fastmirror._hbitmap  # noqa: F401
-        import fastmirror._io  # noqa: F401
+        import fastmirror._core.engine  # noqa: F401
+        import fastmirror._core.hbitmap  # noqa: F401
+        import fastmirror._core.blockio  # noqa: F401
         assert not sys._is_gil_enabled() or os.environ.get("PYTHON_GIL") == "1"

@@ -1,11 +1,11 @@
-"""fastmirror.verify: the first differing byte, found by several threads
+"""fastmirror.job.verify: the first differing byte, found by several threads
 comparing consecutive segments."""
 
 import os
 
 import pytest
 
-from fastmirror import verify
+from fastmirror.job import verify
 
 
 @pytest.fixture

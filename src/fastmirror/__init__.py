@@ -1,10 +1,10 @@
 """fastmirror: mirror a disk to a target while the source stays in use."""
 
 from fastmirror import trace
-from fastmirror._hbitmap import HBitmap
-from fastmirror.events import EventType, JobEvent, JobState, JobStateError, JobStatus
-from fastmirror.job import MirrorJob
-from fastmirror.source import BlockHandle
+from fastmirror._core.hbitmap import HBitmap
+from fastmirror.job.events import EventType, JobEvent, JobState, JobStateError, JobStatus
+from fastmirror.job.mirror import MirrorJob
+from fastmirror.job.source import BlockHandle
 
 __version__ = "0.1.0"
 

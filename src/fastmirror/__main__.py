@@ -1,5 +1,5 @@
 import sys
 
-from fastmirror.cli import main
+from fastmirror.cli.main import main
 
 sys.exit(main())

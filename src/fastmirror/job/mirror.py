@@ -24,14 +24,15 @@ import time
 import warnings
 from typing import Callable, Optional
 
-from fastmirror import _io, trace
-from fastmirror._engine import (CopyEngine, EV_CLEAN, EV_ERROR, EV_STOPPED,
+from fastmirror import trace
+from fastmirror._core import blockio as _io
+from fastmirror._core.engine import (CopyEngine, EV_CLEAN, EV_ERROR, EV_STOPPED,
                                 OP_READ)
-from fastmirror._hbitmap import HBitmap
-from fastmirror.events import (EventType, JobEvent, JobState, JobStateError,
+from fastmirror._core.hbitmap import HBitmap
+from fastmirror.job.events import (EventType, JobEvent, JobState, JobStateError,
                                JobStatus, io_error)
-from fastmirror.paths import validate_pair
-from fastmirror.source import TrackedSource
+from fastmirror.job.endpoints import validate_pair
+from fastmirror.job.source import TrackedSource
 
 __all__ = ["MirrorJob"]
 
@@ -771,7 +772,7 @@ class MirrorJob:
     def _verify_target(self) -> Optional[OSError]:
         """verify=True: with writers still held at the gate, compare the
         source and the flushed target byte for byte (GIL released)."""
-        from fastmirror.verify import first_difference
+        from fastmirror.job.verify import first_difference
         try:
             diff = first_difference(self._src.path, self._dst.path, self.size)
         except OSError as e:

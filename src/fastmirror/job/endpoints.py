@@ -20,7 +20,7 @@ import stat
 import sys
 from typing import Optional
 
-from fastmirror import _io
+from fastmirror._core import blockio as _io
 
 
 class Endpoint:

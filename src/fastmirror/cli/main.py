@@ -14,44 +14,10 @@ import threading
 import time
 from typing import Optional, Sequence
 
+from fastmirror.cli.progress import Progress
 from fastmirror.units import human, parse_size
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-
-def _duration(s: Optional[float]) -> str:
-    if s is None:
-        return "--:--"
-    s = int(s + 0.5)
-    return "%d:%02d:%02d" % (s // 3600, s // 60 % 60, s % 60) if s >= 3600 else \
-        "%d:%02d" % (s // 60, s % 60)
-
-
-class Progress:
-    """A one-line progress bar on stderr, redrawn in place."""
-
-    def __init__(self, stream=None):
-        self.stream = stream or sys.stderr
-        self.width = 30
-        self.last = ""
-
-    def draw(self, st) -> None:
-        frac = st.offset / st.len if st.len else 1.0
-        filled = int(frac * self.width)
-        phase = "ready" if st.ready else ("paused" if st.paused else "bulk")
-        line = "[%s%s] %5.1f%% %s/%s %s/s ETA %s %s" % (
-            "#" * filled, "-" * (self.width - filled), 100 * frac, human(st.offset),
-            human(st.len), human(st.copy_rate), _duration(st.eta if not st.ready else 0),
-            phase)
-        pad = " " * max(0, len(self.last) - len(line))
-        self.stream.write("\r" + line + pad)
-        self.stream.flush()
-        self.last = line
-
-    def close(self) -> None:
-        if self.last:
-            self.stream.write("\n")
-            self.stream.flush()
-
 
 class _Interrupt:
     """SIGINT/SIGTERM: the first asks for a clean cancel, a second forces."""
@@ -84,8 +50,8 @@ def _json_line(obj, out=None) -> None:
 def cmd_mirror(args) -> int:
     import fastmirror
     from fastmirror import trace
-    from fastmirror.events import EventType
-    from fastmirror.verify import first_difference
+    from fastmirror.job.events import EventType
+    from fastmirror.job.verify import first_difference
 
     if args.trace:
         try:
@@ -170,7 +136,7 @@ def _describe(e: BaseException) -> str:
 
 
 def cmd_verify(args) -> int:
-    from fastmirror.verify import first_difference
+    from fastmirror.job.verify import first_difference
     t0 = time.monotonic()
     try:
         diff = first_difference(args.source, args.target)
@@ -188,12 +154,12 @@ def cmd_verify(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from fastmirror import benchmark
+    from fastmirror.bench import harness as benchmark
     return benchmark.run(args)
 
 
 def cmd_demo(args) -> int:
-    from fastmirror import demo
+    from fastmirror.cli import demo
     return demo.run(args)
 
 
@@ -253,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="throughput side by side with dd and qemu-img")
     try:
-        from fastmirror import benchmark
+        from fastmirror.bench import harness as benchmark
         benchmark.add_arguments(b)
     except ImportError:
         pass

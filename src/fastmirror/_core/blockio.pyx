@@ -21,8 +21,8 @@ from libc.errno cimport errno, EINTR, EINVAL, EOPNOTSUPP, ENOTTY
 from libc.stdint cimport int64_t, uint64_t, uint32_t, uint16_t, uintptr_t
 from libc.string cimport memcmp
 from posix.time cimport timespec
-from fastmirror._sync cimport clock_gettime, CLOCK_MONOTONIC
-from fastmirror._ring cimport fm_ring_probe
+from fastmirror._core.sync cimport clock_gettime, CLOCK_MONOTONIC
+from fastmirror._core.ring cimport fm_ring_probe
 
 cdef extern from *:
     """

@@ -17,8 +17,8 @@ import os
 import threading
 from typing import Callable, Optional
 
-from fastmirror import _io
-from fastmirror.events import io_error
+from fastmirror._core import blockio as _io
+from fastmirror.job.events import io_error
 
 
 class BlockHandle(abc.ABC):

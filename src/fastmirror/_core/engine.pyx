@@ -36,10 +36,10 @@ cimport cython
 from libc.errno cimport ETIMEDOUT, ENXIO, EOPNOTSUPP, ENOTTY, EINVAL, EAGAIN, EINTR, ENOMEM
 from libc.stdint cimport int64_t, uint64_t
 from posix.time cimport timespec
-from fastmirror._hbitmap cimport HBitmap
-from fastmirror._io cimport (pread_full, pwrite_full, flush_fd, zero_range,
+from fastmirror._core.hbitmap cimport HBitmap
+from fastmirror._core.blockio cimport (pread_full, pwrite_full, flush_fd, zero_range,
                              buffer_is_zero, alloc_buffer, free_buffer, monotonic_ns)
-from fastmirror._sync cimport (pthread_mutex_t, pthread_cond_t, pthread_condattr_t,
+from fastmirror._core.sync cimport (pthread_mutex_t, pthread_cond_t, pthread_condattr_t,
                                pthread_mutex_init, pthread_mutex_destroy,
                                pthread_mutex_lock, pthread_mutex_unlock,
                                pthread_condattr_init, pthread_condattr_setclock,
@@ -47,7 +47,7 @@ from fastmirror._sync cimport (pthread_mutex_t, pthread_cond_t, pthread_condattr
                                pthread_cond_destroy, pthread_cond_wait,
                                pthread_cond_timedwait, pthread_cond_signal,
                                pthread_cond_broadcast, CLOCK_MONOTONIC)
-from fastmirror._ring cimport (fm_ring, fm_ring_init, fm_ring_exit, fm_ring_prep,
+from fastmirror._core.ring cimport (fm_ring, fm_ring_init, fm_ring_exit, fm_ring_prep,
                                fm_ring_submit, fm_ring_reap, fm_ring_unqueue,
                                FM_RING_READ, FM_RING_WRITE)
 

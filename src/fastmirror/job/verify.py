@@ -6,7 +6,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
-from fastmirror import _io
+from fastmirror._core import blockio as _io
 
 # Measured on a virtio disk, 1 GiB pairs: 16 threads reading 4 MiB at a time
 # beat 8 x 8 MiB, 12 x 4 MiB and 32 x 1-2 MiB.  Each thread has one read in

@@ -172,7 +172,7 @@ def _choices_list(what: str, choices: Callable[[], Sequence[str]]):
 
 
 def _io_engines() -> Sequence[str]:
-    from fastmirror.job import IO_ENGINES
+    from fastmirror.job.mirror import IO_ENGINES
     return IO_ENGINES
 
 
@@ -1012,7 +1012,7 @@ def _writer_detail(run: Run, w: _Writer, t0: float, t1: float) -> None:
 
 
 def _qemu_daemon_class():
-    from fastmirror import qemu
+    from fastmirror.bench import qemu
 
     class BenchDaemon(qemu.StorageDaemon):
         """StorageDaemon plus what the bench needs: a mirror to a target
@@ -1078,7 +1078,7 @@ def _run_qemu_mirror(src: str, dst: str, size: int, granularity: int, buf_size: 
     """QEMU's mirror job in qemu-storage-daemon: blockdev-mirror, READY,
     block-job-complete, COMPLETED.  writer=(label, rate): with the source
     exported over NBD and written by fio (or qemu-io) at that rate."""
-    from fastmirror import qemu
+    from fastmirror.bench import qemu
 
     rate_label, rate = writer if writer is not None else (None, 0)
     run = Run(label, 0, False, size, writer_rate=rate_label,
@@ -1346,7 +1346,7 @@ def check_markers(src: str, dst: str, size: int) -> Optional[int]:
 
 
 def _full_compare(src: str, dst: str, size: int) -> int:
-    from fastmirror.verify import first_difference
+    from fastmirror.job.verify import first_difference
     return first_difference(src, dst, size)
 
 
@@ -1688,7 +1688,7 @@ def _check_paths(args) -> tuple[str, str, int, bool, list[str], bool]:
     """Validate (and with --create, make) the source and the target; returns
     (src, dst, size, dst_is_block, notes, source_created).  Raises BenchError
     on a refusal."""
-    from fastmirror.paths import check_not_same
+    from fastmirror.job.endpoints import check_not_same
 
     src, dst = os.path.abspath(args.source), os.path.abspath(args.target)
     notes: list[str] = []
@@ -2178,13 +2178,13 @@ def chart_from_json(png: str, json_paths: Sequence[str]) -> Optional[str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """`python -m fastmirror.benchmark SRC DST ...` (the same as `fastmirror bench`);
-    `python -m fastmirror.benchmark chart OUT.png RUN.json...` redraws the
+    """`python -m fastmirror.bench.harness SRC DST ...` (the same as `fastmirror bench`);
+    `python -m fastmirror.bench.harness chart OUT.png RUN.json...` redraws the
     chart of earlier runs."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["chart"]:
         if len(argv) < 3:
-            print("usage: python -m fastmirror.benchmark chart OUT.png RUN.json...",
+            print("usage: python -m fastmirror.bench.harness chart OUT.png RUN.json...",
                   file=sys.stderr)
             return EXIT_USAGE
         why = chart_from_json(argv[1], argv[2:])

@@ -1,4 +1,4 @@
-"""Typed stub for fastmirror._hbitmap (a Cython module): the hierarchical
+"""Typed stub for fastmirror._core.hbitmap (a Cython module): the hierarchical
 dirty bitmap.  Offsets and lengths are in bytes; every method is thread-safe."""
 
 from collections.abc import Iterator

@@ -1,4 +1,4 @@
-"""Typed stub for fastmirror._io (a Cython module): O_DIRECT opening,
+"""Typed stub for fastmirror._core.blockio (a Cython module): O_DIRECT opening,
 alignment and size discovery, flush, zeroing, hole discovery
 and comparison.  Every function that takes an ``fd`` works on a descriptor
 the caller owns; failures raise OSError carrying errno (and the path, where

@@ -1,4 +1,4 @@
-"""Typed stub for fastmirror._engine (a Cython module): the copy engine of
+"""Typed stub for fastmirror._core.engine (a Cython module): the copy engine of
 the mirror job.  Its copy slots are driven with the GIL released, by one
 thread per slot in ``run_worker()`` or by io_uring threads in
 ``run_driver()``; the coordinator sleeps in ``wait_event()``."""
@@ -8,7 +8,7 @@ from typing import Final
 
 from typing_extensions import disjoint_base
 
-from fastmirror._hbitmap import HBitmap
+from fastmirror._core.hbitmap import HBitmap
 
 # What wait_event() returns.
 EV_TIMEOUT: Final = 0

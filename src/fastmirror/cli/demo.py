@@ -80,9 +80,9 @@ class Writer(threading.Thread):
 
 def run(args) -> int:
     import fastmirror
-    from fastmirror.cli import Progress
+    from fastmirror.cli.progress import Progress
     from fastmirror.units import human
-    from fastmirror.verify import first_difference
+    from fastmirror.job.verify import first_difference
 
     size = args.size
     workdir = args.dir or tempfile.mkdtemp(prefix="fastmirror-demo-", dir="/var/tmp"

@@ -1,4 +1,4 @@
-# fastmirror._hbitmap: the hierarchical dirty bitmap.
+# fastmirror._core.hbitmap: the hierarchical dirty bitmap.
 #
 # A port of the idea behind QEMU's util/hbitmap.c (Paolo Bonzini, 2012); the
 # code is our own, but where a helper does what a QEMU helper does it keeps the
@@ -94,7 +94,7 @@ from libc.stdint cimport INT64_MAX, int64_t, uint8_t, uint64_t
 from libc.stdlib cimport calloc, free, realloc
 from libc.string cimport memcpy, memset
 
-from fastmirror._sync cimport (
+from fastmirror._core.sync cimport (
     pthread_mutex_destroy,
     pthread_mutex_init,
     pthread_mutex_lock,
@@ -133,7 +133,7 @@ cdef extern from *:
     /* Checked in debug builds (FASTMIRROR_DEBUG=1) whatever NDEBUG says. */
     #ifdef FASTMIRROR_DEBUG
     #define FM_ASSERT(cond) do { if (!(cond)) { \\
-        fprintf(stderr, "fastmirror._hbitmap: assertion failed: %s (%s:%d)\\n", \\
+        fprintf(stderr, "fastmirror._core.hbitmap: assertion failed: %s (%s:%d)\\n", \\
                 #cond, __FILE__, __LINE__); abort(); } } while (0)
     #else
     #define FM_ASSERT(cond) ((void)0)

@@ -8,7 +8,7 @@
 # the bitmap's mutex (lock()/unlock()); c_set() and c_reset() take it
 # themselves.  The mutex is a plain pthread mutex, never held across Python code.
 from libc.stdint cimport int64_t, uint64_t
-from fastmirror._sync cimport pthread_mutex_t
+from fastmirror._core.sync cimport pthread_mutex_t
 
 # Enough levels for 2**63 bytes at 512-byte granularity (2**54 bits: 9 levels
 # of 64-way fan-out), plus headroom.

@@ -1,0 +1,5 @@
+"""The `fastmirror` command line: mirror, verify, bench, demo."""
+
+from fastmirror.cli.main import main
+
+__all__ = ["main"]
