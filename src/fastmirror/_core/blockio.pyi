@@ -13,7 +13,6 @@ O_DIRECT: Final[int]
 """os.O_DIRECT, or 0 where the platform has none."""
 DEFAULT_ALIGNMENT: Final = 4096
 """The O_DIRECT alignment assumed when neither statx nor BLKSSZGET answers."""
-ZERO_BLOCK: Final = 1048576
 
 class DeviceInfo:
     """What fastmirror learned about an open file or block device."""

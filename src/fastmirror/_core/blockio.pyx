@@ -174,7 +174,6 @@ from posix.fcntl cimport O_RDONLY, O_RDWR, O_CREAT, O_WRONLY
 # the C library uses) so that no platform header is needed here.
 O_DIRECT = getattr(os, "O_DIRECT", 0)
 DEFAULT_ALIGNMENT = 4096
-ZERO_BLOCK = 1 << 20           # how much of a zero page buffer_is_zero compares at once
 
 
 # ---------------------------------------------------------------------------

@@ -412,10 +412,6 @@ class MirrorJob:
         why = "refused O_DIRECT" if self.direct else "direct I/O off"
         return "buffered (%s: %s)" % (why, ", ".join(sides))
 
-    @property
-    def paths(self) -> tuple[str, str]:
-        return self._src.path, self._dst.path
-
     # ------------------------------------------------------------------
     # Context manager and cleanup
     # ------------------------------------------------------------------
