@@ -228,19 +228,27 @@ cdef int zero_range(int fd, int64_t offset, int64_t length, bint is_block, bint 
     Files: PUNCH_HOLE (unmap) or ZERO_RANGE, both guaranteed to read back as
     zeros.  Block devices: BLKZEROOUT, which the kernel guarantees to zero
     (it may discard underneath only where the device promises zeros).
-    Returns -EOPNOTSUPP where none applies; the caller then writes zeros.
+    Returns -EOPNOTSUPP where none applies (the one answer for "no such
+    call here": a device without BLKZEROOUT says ENOTTY, a filesystem or a
+    range the call does not take says EINVAL); the caller then writes zeros.
     """
     cdef int r
     if length <= 0:
         return 0
     if is_block:
-        return fm_blk_zeroout(fd, <uint64_t>offset, <uint64_t>length)
+        return _zeroing_unsupported(fm_blk_zeroout(fd, <uint64_t>offset, <uint64_t>length))
     if unmap:
-        r = fm_fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
-        if r == 0 or (r != -EOPNOTSUPP and r != -EINVAL):
+        r = _zeroing_unsupported(
+            fm_fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length))
+        if r != -EOPNOTSUPP:
             return r
-    r = fm_fallocate(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
-    if r == -EINVAL:
+    return _zeroing_unsupported(
+        fm_fallocate(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length))
+
+
+cdef inline int _zeroing_unsupported(int r) noexcept nogil:
+    """-EOPNOTSUPP for every way a zeroing call says it does not apply."""
+    if r == -ENOTTY or r == -EINVAL:
         return -EOPNOTSUPP
     return r
 
@@ -400,7 +408,7 @@ def zero(int fd, int64_t offset, int64_t length, bint is_block, bint unmap=True)
     cdef int r
     with nogil:
         r = zero_range(fd, offset, length, is_block, unmap)
-    if r == -EOPNOTSUPP or r == -ENOTTY:
+    if r == -EOPNOTSUPP:
         return False
     if r < 0:
         _raise(r)

@@ -33,7 +33,7 @@ import os
 
 cimport cython
 
-from libc.errno cimport ETIMEDOUT, ENXIO, EOPNOTSUPP, ENOTTY, EINVAL, EAGAIN, EINTR, ENOMEM
+from libc.errno cimport ETIMEDOUT, ENXIO, EOPNOTSUPP, EAGAIN, EINTR, ENOMEM
 from libc.stdint cimport int64_t, uint64_t
 from posix.time cimport timespec
 from fastmirror._core.hbitmap cimport HBitmap
@@ -443,8 +443,6 @@ cdef class CopyEngine:
             raise ValueError("range outside the mirrored size")
         with nogil:
             r = zero_range(self.dst_fd, offset, length, self.dst_is_block, self.unmap)
-        if r == -ENOTTY or r == -EINVAL:
-            r = -EOPNOTSUPP
         if r == 0:
             fm_atomic_add(&self.bytes_zeroed, length)
         return r
@@ -627,7 +625,7 @@ cdef class CopyEngine:
             if r == 0:
                 fm_atomic_add(&self.bytes_zero_detected, length)
                 return 0
-            if r != -EOPNOTSUPP and r != -ENOTTY and r != -EINVAL:
+            if r != -EOPNOTSUPP:
                 return r
         return self._write_target(buf, off, length)
 
