@@ -116,7 +116,7 @@ def test_pause_during_the_final_drain_is_resumable(images, mkjob, end):
     assert_same(src, dst)
 
 
-def test_pause_of_a_draining_job_held_by_writes_then_resume(images, mkjob):
+def test_pause_of_a_throttled_drain_then_resume(images, mkjob):
     """A drain that cannot finish (throttled to a crawl with work left) is
     paused, resumed, and ends once the limit is lifted."""
     job, _ = ready_job(mkjob, images, buf_size=G)
