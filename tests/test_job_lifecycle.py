@@ -341,7 +341,7 @@ def test_pause_in_phase2_keeps_ready(images, mkjob):
     assert st.offset == st.len
     job.source.pwrite(os.urandom(4096), 4096)       # dirty while paused
     st = job.status()
-    assert st.ready and st.dirty_bytes == G and st.offset == st.len - G
+    assert st.ready and st.dirty_bytes == G and st.offset == st.len   # phase 2
     job.resume()
     st = job.status()
     assert st.ready and not st.paused and st.state == "ready"

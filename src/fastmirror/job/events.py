@@ -29,6 +29,7 @@ class JobState(str, enum.Enum):
     READY = "ready"            # phase 2, in sync
     STANDBY = "standby"        # phase 2, paused
     DRAINING = "draining"      # complete() or cancel() in phase 2: final drain
+    ABORTING = "aborting"      # cancel() in phase 1, or cancel(force=True): stopping
     CONCLUDED = "concluded"    # a final event was emitted
 
 

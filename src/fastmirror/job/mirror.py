@@ -10,8 +10,16 @@ Lifecycle (one table, one function performs every transition):
 
     CREATED --start--> RUNNING <--pause/resume--> PAUSED
     RUNNING --clean+flush--> READY <--pause/resume--> STANDBY
-    READY --complete/cancel--> DRAINING --clean+flush--> CONCLUDED (COMPLETED)
-    any --cancel (phase 1) / force / error (report)--> CONCLUDED
+    READY/STANDBY --complete/cancel--> DRAINING --clean+flush--> CONCLUDED (COMPLETED)
+    DRAINING --pause--> STANDBY --resume--> DRAINING
+    RUNNING/PAUSED --cancel--> ABORTING --> CONCLUDED (CANCELLED); so does any
+    state on cancel(force=True)
+    any --error (report)--> CONCLUDED (FAILED)
+
+As in QEMU's job.c, a verb is checked against the table and moves the state
+before it returns, under the job's lock; the control thread never applies a
+verb later.  It only makes the moves nobody asks for: RUNNING -> READY, the
+end of a drain or an abort, and an error policy's pause.
 """
 
 from __future__ import annotations
@@ -39,25 +47,40 @@ __all__ = ["MirrorJob"]
 _log = logging.getLogger("fastmirror")
 
 S = JobState
+# The state table: QEMU's JobSTT (TRANSITIONS) and JobVerbTable (VERBS).
 # state -> states it may move to
 TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     S.CREATED: frozenset({S.RUNNING, S.CONCLUDED}),
-    S.RUNNING: frozenset({S.PAUSED, S.READY, S.CONCLUDED}),
-    S.PAUSED: frozenset({S.RUNNING, S.CONCLUDED}),
-    S.READY: frozenset({S.STANDBY, S.DRAINING, S.CONCLUDED}),
-    S.STANDBY: frozenset({S.READY, S.DRAINING, S.CONCLUDED}),
-    S.DRAINING: frozenset({S.STANDBY, S.CONCLUDED}),
+    S.RUNNING: frozenset({S.PAUSED, S.READY, S.ABORTING, S.CONCLUDED}),
+    S.PAUSED: frozenset({S.RUNNING, S.ABORTING, S.CONCLUDED}),
+    S.READY: frozenset({S.STANDBY, S.DRAINING, S.ABORTING, S.CONCLUDED}),
+    # STANDBY is phase 2 paused; with a drain asked for (complete() or cancel()
+    # before the pause), resume() goes back to DRAINING instead of READY.
+    S.STANDBY: frozenset({S.READY, S.DRAINING, S.ABORTING, S.CONCLUDED}),
+    S.DRAINING: frozenset({S.STANDBY, S.ABORTING, S.CONCLUDED}),
+    S.ABORTING: frozenset({S.CONCLUDED}),
     S.CONCLUDED: frozenset(),
 }
 # verb -> states where it is allowed
 VERBS: dict[str, frozenset[JobState]] = {
     "start": frozenset({S.CREATED}),
-    "pause": frozenset({S.RUNNING, S.READY}),
+    # A drain can be paused, as QEMU pauses a job whose completion is
+    # pending: the pause opens the gate to writers again (a VM must not stay
+    # frozen while its job is paused), and resume() drains again.  Refusing
+    # it instead would leave no way to stop the I/O of a long final drain
+    # short of cancel(force=True).
+    "pause": frozenset({S.RUNNING, S.READY, S.DRAINING}),
     "resume": frozenset({S.PAUSED, S.STANDBY}),
+    # Not in DRAINING: once complete() or cancel() asked for the drain, a
+    # complete() is refused (QEMU refuses it after a cancel too), so that a
+    # cancel never ends in a pivot.
     "complete": frozenset({S.READY}),
-    "cancel": frozenset({S.CREATED, S.RUNNING, S.PAUSED, S.READY, S.STANDBY, S.DRAINING}),
+    # Everywhere: on a concluded job, or one already aborting, it does nothing.
+    "cancel": frozenset(S),
     "set_speed": frozenset(set(S) - {S.CONCLUDED}),
 }
+PAUSED_STATES = frozenset({S.PAUSED, S.STANDBY})
+WORKING_STATES = frozenset({S.RUNNING, S.READY, S.DRAINING})
 
 POLICIES = ("report", "ignore", "stop", "enospc")
 SYNC_MODES = ("full", "none")
@@ -208,11 +231,9 @@ class MirrorJob:
         self._cond = threading.Condition(self._lock)
         self._state = S.CREATED
         self._ready = False
-        self._user_paused = False
-        self._error_paused = False
-        self._cancel_requested = False
-        self._force = False
-        self._complete_requested = False
+        # The drain asked for in phase 2: "complete" (then pivot) or "cancel"
+        # (no pivot); None until complete() or cancel() in phase 2.
+        self._ending: Optional[str] = None
         self._final: Optional[JobEvent] = None
         self._error: Optional[OSError] = None
         self._io_status = "ok"
@@ -240,11 +261,21 @@ class MirrorJob:
             raise JobStateError("cannot %s a job that is %s" % (verb, self._state.value))
 
     def _transition(self, new: JobState) -> None:
-        """Under the lock: the one place where the state changes."""
-        if new not in TRANSITIONS[self._state]:
-            raise JobStateError("illegal transition %s -> %s"
-                                % (self._state.value, new.value))
+        """Under the lock: the one place where the state changes.  The
+        engine's pause follows the state here, so the two never disagree."""
+        old = self._state
+        if new not in TRANSITIONS[old]:
+            raise JobStateError("illegal transition %s -> %s" % (old.value, new.value))
         self._state = new
+        if new in PAUSED_STATES:
+            self._engine.set_paused(True)
+        elif new in WORKING_STATES and old in PAUSED_STATES:
+            # Also lets workers go that a handled failure held.  ABORTING
+            # stays paused: the workers are stopped next.
+            self._engine.set_paused(False)
+            self._engine.release()
+        if threading.current_thread() is not self._coordinator:
+            self._engine.kick()      # the control thread acts on the new state now
         self._cond.notify_all()
 
     @property
@@ -272,23 +303,17 @@ class MirrorJob:
     def pause(self) -> None:
         with self._lock:
             self._verb("pause")
-            self._user_paused = True
-            self._transition(S.STANDBY if self._ready else S.PAUSED)
-            self._engine.set_paused(True)
+            self._transition(S.PAUSED if self._state == S.RUNNING else S.STANDBY)
 
     def resume(self) -> None:
+        """Also after an error policy's pause (stop, enospc)."""
         with self._lock:
             self._verb("resume")
-            self._user_paused = False
-            self._error_paused = False
-            self._io_status = "ok" if self._final is None else self._io_status
-            if self._ready and (self._complete_requested or self._cancel_requested):
-                self._transition(S.DRAINING)     # a drain that an error paused
+            self._io_status = "ok"
+            if self._state == S.PAUSED:
+                self._transition(S.RUNNING)
             else:
-                self._transition(S.READY if self._ready else S.RUNNING)
-            self._engine.set_paused(False)
-            self._engine.release()
-            self._engine.kick()
+                self._transition(S.DRAINING if self._ending else S.READY)
 
     def set_speed(self, speed: int) -> None:
         speed = _positive_int("speed", speed, 0, MAX_SPEED)
@@ -298,30 +323,31 @@ class MirrorJob:
 
     def cancel(self, force: bool = False) -> None:
         """Phase 1: stop soon, CANCELLED.  Phase 2: drain, flush, COMPLETED
-        (no pivot).  force=True: stop at once, CANCELLED, in either phase."""
+        (no pivot, also after complete()).  force=True: stop at once,
+        CANCELLED, in either phase.  A paused job is resumed (as QEMU's
+        job_cancel does): a paused drain drains.  Nothing on a job that is
+        concluded or already aborting."""
         with self._lock:
-            if self._state == S.CONCLUDED:
-                return
             self._verb("cancel")
-            if self._state == S.CREATED:
-                self._conclude(EventType.CANCELLED)
+            state = self._state
+            if state in (S.CONCLUDED, S.ABORTING):
                 return
-            self._cancel_requested = True
-            self._force = self._force or force
-            if self._state == S.STANDBY and not force:
-                # A drain needs the workers: resume them.
-                self._user_paused = self._error_paused = False
-                self._engine.set_paused(False)
-                self._engine.release()
-            self._engine.kick()
+            if state == S.CREATED:
+                self._conclude(EventType.CANCELLED)
+            elif force or not self._ready:
+                self._transition(S.ABORTING)
+            else:
+                self._ending = "cancel"
+                if state != S.DRAINING:
+                    self._transition(S.DRAINING)
 
     def complete(self) -> None:
         """Phase 2 only: drain, flush, COMPLETED, then writes through
         job.source go to the target."""
         with self._lock:
             self._verb("complete")
-            self._complete_requested = True
-            self._engine.kick()
+            self._ending = "complete"
+            self._transition(S.DRAINING)
 
     def wait_ready(self, timeout: Optional[float] = None) -> bool:
         """True once READY was emitted; False on timeout or if the job ended
@@ -380,10 +406,11 @@ class MirrorJob:
             copied = self._engine.chunks_copied
             return JobStatus(
                 state=self._state.value,
-                offset=self.size - dirty,
+                # Phase 2 reads as done; dirty_bytes tells what is pending.
+                offset=self.size if self._ready else self.size - dirty,
                 len=self.size,
                 ready=self._ready,
-                paused=self._state in (S.PAUSED, S.STANDBY),
+                paused=self._state in PAUSED_STATES,
                 busy=busy > 0,
                 speed=self._engine.speed,
                 dirty_bytes=dirty,
@@ -432,13 +459,11 @@ class MirrorJob:
 
     def close(self) -> None:
         """Release the job's descriptors.  A running job is cancelled first
-        (forcefully) and its threads joined."""
-        if self._state != S.CONCLUDED:
-            if self._state == S.CREATED:
-                self.cancel()
-            else:
-                self.cancel(force=True)
-                self.wait()
+        (forcefully); its threads are joined, also when it concluded just now
+        and they are still on their way out."""
+        self.cancel(force=True)
+        if self._coordinator is not None:
+            self.wait()
         self._close_endpoints()
 
     def _close_endpoints(self, remove_created: bool = False) -> None:
@@ -504,7 +529,9 @@ class MirrorJob:
 
     def _event(self, type_: EventType, **kw) -> JobEvent:
         dirty = self.size if self._marking else self._bitmap.dirty_bytes
-        offset = self.size if type_ in (EventType.READY, EventType.COMPLETED) else self.size - dirty
+        # Phase 2 (READY and every event after it) reads as done.
+        offset = (self.size if self._ready or type_ in (EventType.READY, EventType.COMPLETED)
+                  else self.size - dirty)
         kw.setdefault("copy_mode", "write-blocking" if self._write_blocking else "background")
         return JobEvent(type_, offset, self.size, **kw)
 
@@ -582,11 +609,7 @@ class MirrorJob:
                 t.join()
             trace._unwatch(self._refresh_trace)
             with self._lock:
-                if self._final is None:
-                    self._final = self._event(final_type, error=error)
-                    if error is not None:
-                        self._error = error
-                    self._state = S.CONCLUDED
+                self._conclude(final_type, error)   # unless the drain did
                 final = self._final
             self._finish_handle()
             self._emit(final)
@@ -663,23 +686,18 @@ class MirrorJob:
     def _loop(self) -> tuple[EventType, Optional[OSError]]:
         eng = self._engine
         last_size_check = 0.0
-        draining = False
         while True:
             with self._lock:
-                if self._force or (self._cancel_requested and not self._ready):
-                    return EventType.CANCELLED, None
-                if self._ready and not draining and (self._complete_requested
-                                                     or self._cancel_requested):
-                    draining = True
-                    self._transition(S.DRAINING)
-                paused = self._user_paused or self._error_paused
-            if draining and not paused:
+                state = self._state
+            if state == S.ABORTING:
+                return EventType.CANCELLED, None
+            if state == S.DRAINING:
                 result = self._drain()
                 if result is not None:
                     return result
-                continue   # the drain was paused by an error policy
+                continue   # paused (by the user or an error policy) or aborted
 
-            ev = eng.wait_event(TICK, want_clean=not self._ready and not paused)
+            ev = eng.wait_event(TICK, want_clean=state == S.RUNNING)
             now = time.monotonic()
             self._copy_rate.add(now, eng.bytes_copied)
             self._dirty_rate.add(now, self._engine.bytes_marked)
@@ -696,9 +714,9 @@ class MirrorJob:
                 err = self._check_source_size()
                 if err is not None:
                     return EventType.FAILED, err
-            if ev == EV_CLEAN and not self._ready:
+            if ev == EV_CLEAN and state == S.RUNNING:
                 with self._lock:
-                    if self._user_paused or self._error_paused or self._cancel_requested:
+                    if self._state != S.RUNNING:
                         continue
                 trace.emit("mirror_before_flush", self)
                 if self._flush_target() == "report":
@@ -718,23 +736,21 @@ class MirrorJob:
 
     def _drain(self) -> Optional[tuple[EventType, Optional[OSError]]]:
         """complete() or cancel() in phase 2: quiesce writers, copy what is
-        left, flush.  None when an error policy paused the drain."""
+        left, flush.  None when the state left DRAINING (a pause, by the user
+        or an error policy, or an abort): the caller looks at the state."""
         eng = self._engine
         self.source.close_gate()
         try:
             trace.emit("mirror_before_drain", self, self._bitmap.dirty_count)
             while True:
                 with self._lock:
-                    if self._force:
-                        return EventType.CANCELLED, None
+                    if self._state != S.DRAINING:
+                        return None
                 ev = eng.wait_event(TICK, want_clean=True)
                 if ev == EV_ERROR:
                     result = self._handle_failures()
                     if result is not None:
                         return result
-                    with self._lock:
-                        if self._error_paused:
-                            return None
                     continue
                 if ev == EV_STOPPED:
                     return EventType.CANCELLED, None
@@ -747,20 +763,20 @@ class MirrorJob:
                 if self._flush_target() == "report":
                     return EventType.FAILED, self._error
                 if self._flush_failed:
-                    with self._lock:
-                        if self._error_paused:
-                            return None
                     continue
                 if self.verify:
                     err = self._verify_target()
                     if err is not None:
                         return EventType.FAILED, err
                 with self._lock:
-                    if self._complete_requested:
+                    # The last word is the state's: a pause or a cancel that
+                    # came during the flush is obeyed (back to the loop's top).
+                    if self._state != S.DRAINING:
+                        continue
+                    if self._ending == "complete":
                         self.source.pivot(self._dst.path, self._dst.open_buffered(),
                                           self._dst.info.is_block)
-                    self._final = self._event(EventType.COMPLETED)
-                    self._transition(S.CONCLUDED)
+                    self._conclude(EventType.COMPLETED)
                 return EventType.COMPLETED, None
         finally:
             self.source.open_gate()
@@ -826,13 +842,10 @@ class MirrorJob:
                 worst = action
         if worst == "stop":
             with self._lock:
-                self._error_paused = True
-                if self._state in (S.RUNNING, S.READY):
-                    self._transition(S.STANDBY if self._ready else S.PAUSED)
-                elif self._state == S.DRAINING:
-                    self._transition(S.STANDBY)
-                self._engine.set_paused(True)
-                self._engine.release()
+                # Already paused by the user: it stays paused, and resume()
+                # (which releases the held workers) ends both pauses.
+                if self._state in WORKING_STATES:
+                    self._transition(S.PAUSED if self._state == S.RUNNING else S.STANDBY)
         elif worst == "ignore":
             delay = min(RETRY_BACKOFF[1], RETRY_BACKOFF[0] * (2 ** min(self._retries, 10)))
             self._retries += 1
