@@ -21,7 +21,7 @@ import threading
 import pytest
 
 from fastmirror import EventType, JobState, JobStateError, trace
-from fastmirror.job import TRANSITIONS, VERBS
+from fastmirror.job.states import TRANSITIONS, VERBS
 
 from conftest import KiB, MiB, assert_same, make_image, read_bytes
 from test_faults import rule, shim  # noqa: F401  (shim is a fixture)

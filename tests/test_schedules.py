@@ -11,7 +11,7 @@ import pytest
 
 import fastmirror
 from fastmirror.job.events import JobState
-from fastmirror.job.mirror import VERBS
+from fastmirror.job.states import VERBS
 from fastmirror.job.verify import first_difference
 
 SIZE = 6 << 20
