@@ -531,3 +531,20 @@ def test_copy_shape_is_mirror_jobs(tmp_path, buf_size, granularity, io_size):
         assert (shape.io_size, shape.depth) == (job._engine.max_io, job._engine.nworkers)
     finally:
         job.close()
+
+
+def test_fio_failure_names_the_jobs_error(monkeypatch):
+    """fio reports a job's error in its JSON on stdout, not on stderr: the
+    run's error names it rather than quoting the end of the JSON."""
+    report = json.dumps({"jobs": [{"jobname": "read", "error": 0},
+                                  {"jobname": "write", "error": 11}],
+                         "disk_util": [{"name": "vda"}]}).encode()
+
+    def failed(tool, cmd, size, timeout):
+        run = benchmark.Run(tool, 0, False, size, command=cmd, returncode=2,
+                            error="exit status 2: " + report.decode()[-500:])
+        return run, b"fio-3.33\n" + report
+    monkeypatch.setattr(benchmark, "_run_command", failed)
+    r = benchmark.run_tool("fio-rw", "/nonexistent/a", "/nonexistent/b", MiB, path="fio")
+    assert not r.ok
+    assert r.error == "exit status 2: job write: error 11 (%s)" % os.strerror(11)

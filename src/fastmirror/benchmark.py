@@ -732,6 +732,14 @@ def _run_fio(part: str, src: str, dst: str, size: int, timeout: Optional[float],
     cmd = tool_command(part, src, dst, path, size=size, engine=engine, shape=shape)
     run, out = _run_command(part, cmd, size, timeout)
     if not run.ok:
+        # fio prints why in its JSON (stdout), per job, not on stderr.
+        try:
+            why = ["job %s: error %d (%s)" % (j["jobname"], j["error"], os.strerror(j["error"]))
+                   for j in _fio_jobs(out) if j.get("error")]
+        except (ValueError, KeyError, IndexError, TypeError):
+            why = []
+        if why:
+            run.error = "exit status %s: %s" % (run.returncode, "; ".join(why))
         return run
     try:
         jobs = {j["jobname"]: j for j in _fio_jobs(out)}
