@@ -43,7 +43,10 @@ def _read(path, length=None) -> bytes:
 
 def test_bench_runs_every_tool_and_copies(tmp_path, capsys):
     src, dst, out = tmp_path / "src.img", tmp_path / "dst.img", tmp_path / "bench.json"
-    args = _parse(["--create", "16M", "--rounds", "1", src, dst, "--json", out])
+    # Rotated, round 1 ends with fastmirror (fio writes garbage into DST),
+    # so the target must equal the source at the end.
+    args = _parse(["--create", "16M", "--rounds", "1", "--order", "rotate", src, dst,
+                   "--json", out])
     assert benchmark.run(args) == 0, capsys.readouterr().err
 
     assert src.stat().st_size == 16 * MiB
@@ -372,3 +375,176 @@ def test_qemu_writer_round_not_completed_is_a_result(tmp_path, monkeypatch):
     s = benchmark.summarize_writer([r], [v.label], ["0"])[v.label]["0"]
     assert s["converged"] == 1 and s["not_completed"] == 1 and "median_total_s" not in s
     assert "not COMPLETED" in benchmark.format_writer_table({v.label: {"0": s}}, {})
+
+
+# ---------------------------------------------------------------------------
+# The honest ceiling: fio-copy, in huge pages, shaped as fastmirror's copies
+# ---------------------------------------------------------------------------
+
+def _hugetlbfs_mounts() -> list[str]:
+    with open("/proc/self/mounts") as f:
+        return [line.split()[1] for line in f if line.split()[2:3] == ["hugetlbfs"]]
+
+
+def _nr_hugepages() -> int:
+    with open("/proc/sys/vm/nr_hugepages") as f:
+        return int(f.read())
+
+
+def _need_fio_as_root():
+    if not shutil.which("fio"):
+        _missing("fio is not installed")
+    if os.geteuid() != 0:
+        _missing("needs root to reserve huge pages (running as uid %d)" % os.geteuid())
+
+
+def _run_fio_copy(tmp_path, capsys, rounds=2, tools="fastmirror,fio-rw,fio-copy"):
+    src, dst, out = tmp_path / "src.img", tmp_path / "dst.img", tmp_path / "c.json"
+    args = _parse(["--create", "16M", "--rounds", rounds, "--warmup", "0", "--tools",
+                   tools, src, dst, "--json", out])
+    assert benchmark.run(args) == 0, capsys.readouterr().err
+    return json.loads(out.read_text()), capsys.readouterr().out
+
+
+def test_bench_fio_copy_ceiling_in_huge_pages(tmp_path, capsys):
+    """fio-copy reads and writes at once in fastmirror's request size with
+    huge-page buffers; its CPU is fio's own; the report gives fastmirror
+    against it round by round; the huge pages and the mount are undone."""
+    _need_fio_as_root()
+    pages, mounts = _nr_hugepages(), _hugetlbfs_mounts()
+    doc, table = _run_fio_copy(tmp_path, capsys)
+    shape = benchmark.copy_shape(16 * MiB, 65536)
+    runs = [r for r in doc["rounds"] if r["tool"] == "fio-copy"]
+    assert len(runs) == 2
+    for r in runs:
+        assert r["ok"], r["error"]
+        d = r["detail"]
+        assert r["gbps"] > 0 and d["read_gbps"] > 0 and d["write_gbps"] > 0
+        assert d["buffers"] == "huge pages"
+        assert (d["io_size"], d["iodepth"]) == (shape.io_size, shape.depth) == (2 * MiB, 8)
+        # CPU: fio's own figures for its jobs, not the process's.
+        assert r["cpu_s"] == pytest.approx(d["fio_user_s"] + d["fio_sys_s"])
+        assert d["fio_user_s"] >= 0 and d["fio_sys_s"] >= 0
+        assert "process_user_s" in d
+    cmd = doc["commands"]["fio-copy"]
+    assert "--bs=%d" % (2 * MiB) in cmd and "--iodepth=8" in cmd
+    assert sum(a.startswith("--mem=mmaphuge:") for a in cmd) == 2
+    s = doc["summary"]["fio-copy"]
+    assert s["runs"] == 2 and s["median_gbps"] > 0 and s["median_cpu_s_per_gib"] >= 0
+    assert s["buffers"] == "huge pages"
+    assert [n for n, _ in s["fastmirror_ratio_rounds"]] == [1, 2]
+    assert all(x > 0 for _, x in s["fastmirror_ratio_rounds"])
+    assert doc["summary"]["fio-rw"]["buffers"] == "4K pages"
+    assert doc["settings"]["fio_copy"]["hugepages_unavailable"] is None
+    assert "fio-copy (huge pages)" in table and "fio-rw (4K pages)" in table
+    assert "fastmirror/fio-copy per round: r1 " in table
+    assert "huge pages unavailable" not in table
+    # Undone: the pages given back, nothing left mounted.
+    assert _nr_hugepages() == pages
+    assert _hugetlbfs_mounts() == mounts
+    assert not list(__import__("pathlib").Path(__import__("tempfile").gettempdir())
+                    .glob("fastmirror-bench-hugetlbfs-*"))
+
+
+def test_bench_fio_copy_without_huge_pages_says_so(tmp_path, capsys, monkeypatch):
+    """Without huge pages (here the switch for tests), fio-copy runs with
+    ordinary buffers and the report says that it is not the honest ceiling."""
+    if not shutil.which("fio"):
+        _missing("fio is not installed")
+    monkeypatch.setenv(benchmark.HUGEPAGES_OFF, "1")
+    pages = _nr_hugepages()
+    doc, table = _run_fio_copy(tmp_path, capsys, rounds=1, tools="fastmirror,fio-copy")
+    for r in (r for r in doc["rounds"] if r["tool"] == "fio-copy"):
+        assert r["ok"] and r["gbps"] > 0, r["error"]
+        assert r["detail"]["buffers"] == "4K pages"
+    assert not any(a.startswith("--mem") for a in doc["commands"]["fio-copy"])
+    why = doc["settings"]["fio_copy"]["hugepages_unavailable"]
+    assert why == "disabled by %s=1" % benchmark.HUGEPAGES_OFF
+    assert "fio-copy (4K pages)" in table
+    assert "note: fio-copy is not the honest ceiling here: huge pages unavailable " \
+           "(disabled by FASTMIRROR_BENCH_NO_HUGEPAGES=1)" in table
+    assert _nr_hugepages() == pages
+
+
+def test_huge_pages_refused_when_not_root(monkeypatch):
+    monkeypatch.delenv(benchmark.HUGEPAGES_OFF, raising=False)
+    monkeypatch.setattr(benchmark.os, "geteuid", lambda: 1000)
+    hp = benchmark.HugePages()
+    pages = _nr_hugepages()
+    assert not hp.setup(10)
+    assert hp.dir is None and "not root" in hp.why
+    assert "huge pages unavailable (not root" in hp.describe()
+    assert _nr_hugepages() == pages
+
+
+def test_huge_pages_too_few_are_given_back(tmp_path, monkeypatch):
+    """The kernel may reserve fewer pages than asked: setup() gives back
+    what it got and says so, and mounts nothing."""
+    monkeypatch.delenv(benchmark.HUGEPAGES_OFF, raising=False)
+    monkeypatch.setattr(benchmark.os, "geteuid", lambda: 0)
+    nr = tmp_path / "nr_hugepages"
+    nr.write_text("5\n")
+    hp = benchmark.HugePages()
+    hp.NR = str(nr)
+    if hp.page is None:
+        _missing("the kernel has no huge pages")
+    real = hp._write_nr
+    monkeypatch.setattr(hp, "_write_nr", lambda n: real(n - 3 if n > 5 else n))
+    assert not hp.setup(10)
+    assert "gave 7 of the 10" in hp.why and hp.dir is None
+    assert nr.read_text().strip() == "5"
+
+
+def test_huge_pages_undone_when_the_bench_is_interrupted(tmp_path, capsys, monkeypatch):
+    _need_fio_as_root()
+    pages, mounts = _nr_hugepages(), _hugetlbfs_mounts()
+    seen = []
+    real = benchmark.run_tool
+
+    def interrupted(tool, *a, **k):
+        if tool != "fio-copy":
+            return real(tool, *a, **k)     # filling the new target, before the set-up
+        seen.append((_nr_hugepages(), _hugetlbfs_mounts()))
+        raise KeyboardInterrupt
+    monkeypatch.setattr(benchmark, "run_tool", interrupted)
+    args = _parse(["--create", "16M", "--rounds", "1", "--warmup", "0", "--tools",
+                   "fio-copy", tmp_path / "src.img", tmp_path / "dst.img"])
+    with pytest.raises(KeyboardInterrupt):
+        benchmark.run(args)
+    assert seen and seen[0][0] > pages and len(seen[0][1]) == len(mounts) + 1
+    assert _nr_hugepages() == pages and _hugetlbfs_mounts() == mounts
+
+
+@pytest.mark.parametrize("buf_size, granularity, io_size", [
+    (16 * MiB, 65536, None), (64 * MiB, 65536, None), (4 * MiB, 65536, None),
+    (64 * MiB, 65536, 4 * MiB), (16 * MiB, 4 * MiB, None), (1 * MiB, 65536, None),
+    (2 * MiB, 8 * MiB, None), (64 * MiB, 1 << 20, 3 * MiB)])
+def test_copy_shape_is_mirror_jobs(tmp_path, buf_size, granularity, io_size):
+    """fio-copy's shape is what MirrorJob derives for the same settings."""
+    from fastmirror import MirrorJob
+    src, dst = tmp_path / "src.img", tmp_path / "dst.img"
+    src.write_bytes(b"\x01" * MiB)
+    job = MirrorJob(str(src), str(dst), buf_size=buf_size, granularity=granularity,
+                    io_size=io_size)
+    try:
+        shape = benchmark.copy_shape(buf_size, granularity, io_size)
+        assert (shape.io_size, shape.depth) == (job._engine.max_io, job._engine.nworkers)
+    finally:
+        job.close()
+
+
+def test_fio_failure_names_the_jobs_error(monkeypatch):
+    """fio reports a job's error in its JSON on stdout, not on stderr: the
+    run's error names it rather than quoting the end of the JSON."""
+    report = json.dumps({"jobs": [{"jobname": "read", "error": 0},
+                                  {"jobname": "write", "error": 11}],
+                         "disk_util": [{"name": "vda"}]}).encode()
+
+    def failed(tool, cmd, size, timeout):
+        run = benchmark.Run(tool, 0, False, size, command=cmd, returncode=2,
+                            error="exit status 2: " + report.decode()[-500:])
+        return run, b"fio-3.33\n" + report
+    monkeypatch.setattr(benchmark, "_run_command", failed)
+    r = benchmark.run_tool("fio-rw", "/nonexistent/a", "/nonexistent/b", MiB, path="fio")
+    assert not r.ok
+    assert r.error == "exit status 2: job write: error 11 (%s)" % os.strerror(11)

@@ -18,13 +18,34 @@ always runs first or last, or right after the same other tool:
   qemu-img     qemu-img convert -n -f raw -O raw -t none -T none -m 16 -W SRC DST
   dd           dd if=SRC of=DST bs=4M iflag=direct oflag=direct
                conv=notrunc,fdatasync status=none
-  fio          the device's ceilings, three runs: fio-read (a sequential
+  fio          the device's ceilings, four runs: fio-read (a sequential
                O_DIRECT read of SRC alone), fio-write (a sequential O_DIRECT
                write of DST alone, fsynced at the end) and fio-rw (both at
-               once: two jobs in one fio run); bs=1M, iodepth=16, io_uring when
-               it works here, else libaio.  Throughput is fio's own (its
-               runtime, not its start-up); fio-rw counts SIZE bytes over the
+               once: two jobs in one fio run), bs=1M, iodepth=16, in buffers
+               of ordinary 4 KiB pages; and fio-copy, the honest ceiling of a
+               copy: SRC read and DST written at once (two jobs in one run)
+               in requests of fastmirror's size (its io_size: 2 MiB with the
+               default 16 MiB buf-size; with --buf-sizes, the first's), each
+               job with as many in flight as fastmirror has copies (8 by
+               default; so fio may have twice fastmirror's bytes in flight),
+               in huge-page buffers
+               (--mem=mmaphuge on a hugetlbfs mount).  io_uring when it works
+               here, else libaio.  Throughput is fio's own (its runtime, not
+               its start-up); fio-rw and fio-copy count SIZE bytes over the
                longer of the two jobs, the best a copy could do.
+
+               Why huge pages: the block layer splits a request at the
+               device's segment limit, and every 4 KiB page is a segment (a
+               virtio disk's 254 segments carry at most about 1 MiB), while
+               fastmirror's 2 MiB-aligned huge-page buffers reach the disk
+               whole.  Against the ordinary-page rows fastmirror can look
+               faster than the device; fio-copy compares like with like.  The
+               bench sets the huge pages up itself when it is root: it raises
+               /proc/sys/vm/nr_hugepages by what fio needs, mounts hugetlbfs
+               on a temporary directory, and undoes both at the end.  When it
+               cannot (not root, the kernel gives too few pages, mount fails,
+               or FASTMIRROR_BENCH_NO_HUGEPAGES=1 is set, a switch for tests),
+               fio-copy runs with ordinary buffers and the report says so.
 
 so every tool reads with O_DIRECT, writes with O_DIRECT and makes the target
 durable before it counts as done.  A tool that is not installed is skipped,
@@ -68,7 +89,9 @@ nothing is caught: after each copy those blocks must equal the source's.
 
 Wall time is time.perf_counter(); CPU time is user + system seconds:
 RUSAGE_CHILDREN deltas for the command-line baselines (the whole process,
-every thread), the daemon's own counters (/proc/PID/stat) for qemu-mirror,
+every thread), fio's own usr_cpu and sys_cpu of each job for the fio rows
+(from its JSON report: without its start-up and set-up), the daemon's own
+counters (/proc/PID/stat) for qemu-mirror,
 RUSAGE_SELF deltas for fastmirror (every thread of this process: copy
 workers, the job's coordinator, the waiting caller and, in writer rounds, the
 writer thread).
@@ -84,6 +107,7 @@ created, otherwise only with --destroy-source.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import mmap
@@ -97,6 +121,7 @@ import stat
 import statistics
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -109,10 +134,12 @@ __all__ = ["add_arguments", "run", "main", "TOOLS", "Run", "Variant", "create_so
            "tool_command", "find_tool", "run_tool", "run_writer", "reset_target",
            "check_markers", "drop_caches", "summarize", "summarize_writer", "parse_size",
            "parse_rate", "default_timeout", "default_writer_timeout", "fio_engine",
-           "qemu_writer", "draw_chart", "chart_from_json"]
+           "qemu_writer", "draw_chart", "chart_from_json", "CopyShape", "copy_shape",
+           "HugePages"]
 
 TOOLS = ("fastmirror", "qemu-mirror", "qemu-img", "dd", "fio")
-FIO_PARTS = ("fio-read", "fio-write", "fio-rw")
+FIO_PARTS = ("fio-read", "fio-write", "fio-rw", "fio-copy")
+HUGEPAGES_OFF = "FASTMIRROR_BENCH_NO_HUGEPAGES"   # =1: fio-copy without huge pages (tests)
 MIRRORS = ("fastmirror", "qemu-mirror")
 COPY_MODES = ("auto", "background", "write-blocking")
 QEMU_COPY_MODES = ("background", "write-blocking")
@@ -252,8 +279,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="untimed bulk rounds first (default 1): they load the tools "
                              "and leave the target fully allocated")
     parser.add_argument("--tools", type=_tools_list, default=list(TOOLS),
-                        help="comma-separated subset of %s; fio runs fio-read, fio-write "
-                             "and fio-rw, which can also be named alone (default: all)"
+                        help="comma-separated subset of %s; fio runs fio-read, fio-write, "
+                             "fio-rw (ordinary-page buffers) and fio-copy (huge-page "
+                             "buffers, fastmirror's request size), which can also be "
+                             "named alone (default: all)"
                              % ",".join(TOOLS))
     parser.add_argument("--granularity", type=parse_size, default=65536,
                         help="fastmirror and qemu-mirror: bytes per dirty-bitmap chunk "
@@ -427,11 +456,154 @@ def _fio_filename(path: str) -> str:
     return path.replace("\\", "\\\\").replace(":", "\\:")
 
 
+@dataclass(frozen=True)
+class CopyShape:
+    """fio-copy's requests, shaped as fastmirror's copies: `io_size` bytes
+    each, `depth` in flight per fio job; buffers in huge pages of
+    `huge_page` bytes from files under the hugetlbfs mount `huge_dir`, or
+    ordinary pages when huge_dir is None."""
+    io_size: int = 2 << 20
+    depth: int = 8
+    huge_dir: Optional[str] = None
+    huge_page: int = 2 << 20
+
+    @property
+    def buffers(self) -> str:
+        return "huge pages" if self.huge_dir else "%s pages" % short(mmap.PAGESIZE)
+
+    def hugepages_needed(self) -> int:
+        """Huge pages for both jobs: fio maps depth x io_size plus a page of
+        slack for O_DIRECT alignment per job, rounded up to whole huge
+        pages (fio's init_io_u); one spare per job in case a version asks
+        for more."""
+        per_job = -(-(self.depth * self.io_size + mmap.PAGESIZE) // self.huge_page)
+        return 2 * (per_job + 1)
+
+
+def copy_shape(buf_size: int, granularity: int, io_size: Optional[int] = None) -> CopyShape:
+    """The bytes per copy and copies in flight of MirrorJob(buf_size=,
+    granularity=, io_size=), derived as job.py does (a test holds the two
+    together)."""
+    from fastmirror.job import IO_SPLIT, MAX_IO, MAX_WORKERS, MIN_IO
+    buf = max(buf_size, granularity)
+    if io_size is None:
+        io_size = min(MAX_IO, max(MIN_IO, buf // IO_SPLIT))
+    max_io = max(granularity, min(io_size, buf) // granularity * granularity)
+    return CopyShape(max_io, max(1, min(MAX_WORKERS, buf // max_io)))
+
+
+def _hugepage_size() -> Optional[int]:
+    """The kernel's default huge page size (what nr_hugepages counts), or None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("Hugepagesize:"):
+                    return int(line.split()[1]) * KiB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+class HugePages:
+    """Huge pages for fio-copy's buffers: setup() reserves `pages` more
+    through /proc/sys/vm/nr_hugepages and mounts hugetlbfs on a temporary
+    directory (root only); undo() unmounts, removes the directory and gives
+    the pages back.  When setup() cannot, `why` says why and `dir` stays
+    None: fio-copy then runs with ordinary buffers."""
+
+    NR = "/proc/sys/vm/nr_hugepages"
+
+    def __init__(self) -> None:
+        self.dir: Optional[str] = None
+        self.page = _hugepage_size()
+        self.pages = 0                  # reserved by us
+        self.why: Optional[str] = None
+        self.before: Optional[int] = None
+        self._mounted = False
+
+    def _read_nr(self) -> int:
+        with open(self.NR) as f:
+            return int(f.read())
+
+    def _write_nr(self, n: int) -> None:
+        with open(self.NR, "w") as f:
+            f.write("%d\n" % n)
+
+    def setup(self, pages: int) -> bool:
+        if os.environ.get(HUGEPAGES_OFF) == "1":
+            self.why = "disabled by %s=1" % HUGEPAGES_OFF
+        elif self.page is None:
+            self.why = "the kernel has no huge pages (no Hugepagesize in /proc/meminfo)"
+        elif os.geteuid() != 0:
+            self.why = "not root: reserving huge pages and mounting hugetlbfs need root"
+        elif shutil.which("mount") is None or shutil.which("umount") is None:
+            self.why = "mount or umount is not installed"
+        if self.why is not None:
+            return False
+        try:
+            self.before = self._read_nr()
+            self._write_nr(self.before + pages)
+            got = self._read_nr() - self.before
+        except (OSError, ValueError) as e:
+            self.why = "cannot reserve huge pages in %s: %s" % (self.NR, e)
+            return False
+        self.pages = max(0, got)
+        if got < pages:
+            self.why = "the kernel gave %d of the %d huge pages asked (memory too " \
+                       "fragmented or too little free)" % (got, pages)
+            self.undo()
+            return False
+        self.dir = tempfile.mkdtemp(prefix="fastmirror-bench-hugetlbfs-")
+        p = subprocess.run(["mount", "-t", "hugetlbfs", "-o", "mode=0700,pagesize=%dK"
+                            % (self.page // KiB), "none", self.dir],
+                           capture_output=True, text=True)
+        if p.returncode != 0:
+            self.why = "cannot mount hugetlbfs: %s" % (p.stderr.strip() or
+                                                       "mount exit status %d" % p.returncode)
+            self.undo()
+            return False
+        self._mounted = True
+        return True
+
+    def undo(self) -> None:
+        """Unmount, remove the directory, give the pages back; idempotent."""
+        if self._mounted:
+            p = subprocess.run(["umount", self.dir], capture_output=True, text=True)
+            if p.returncode != 0:   # a fio still running: detach now, freed when it exits
+                subprocess.run(["umount", "-l", self.dir], capture_output=True)
+            self._mounted = False
+        if self.dir is not None:
+            try:
+                os.rmdir(self.dir)
+            except OSError:
+                pass
+            self.dir = None
+        if self.pages:
+            try:
+                # Give back only ours: another user may have raised it meanwhile.
+                self._write_nr(max(0, self._read_nr() - self.pages))
+            except (OSError, ValueError):
+                pass
+            self.pages = 0
+
+    def describe(self) -> str:
+        if self.dir is not None:
+            return ("%d huge pages of %s reserved (nr_hugepages %d -> %d), hugetlbfs "
+                    "mounted on %s; both undone at the end"
+                    % (self.pages, short(self.page or 0, "iB"), self.before or 0,
+                       (self.before or 0) + self.pages, self.dir))
+        return ("huge pages unavailable (%s): fio-copy runs with ordinary %s-page buffers, "
+                "whose requests the block layer splits; fastmirror can beat that ceiling"
+                % (self.why, short(mmap.PAGESIZE, "iB")))
+
+
 def tool_command(tool: str, src: str, dst: str, path: Optional[str] = None, *,
                  size: Optional[int] = None, engine: str = "libaio",
                  buf_size: int = 16 << 20, granularity: int = 65536,
-                 copy_mode: str = "background") -> list[str]:
-    """The baseline's command line, as run (for qemu-mirror: the QMP command)."""
+                 copy_mode: str = "background",
+                 shape: Optional[CopyShape] = None) -> list[str]:
+    """The baseline's command line, as run (for qemu-mirror: the QMP command;
+    for fio-copy: with `shape`, by default fastmirror's default copies)."""
     if tool == "dd":
         return [path or "dd", "if=" + src, "of=" + dst, "bs=4M", "iflag=direct",
                 "oflag=direct", "conv=notrunc,fdatasync", "status=none"]
@@ -446,12 +618,24 @@ def tool_command(tool: str, src: str, dst: str, path: Optional[str] = None, *,
                 "buf-size=%d" % buf_size, "copy-mode=%s" % copy_mode,
                 "; at BLOCK_JOB_READY:", "block-job-complete"]
     if tool in FIO_PARTS:
-        cmd = [path or "fio", "--output-format=json", "--direct=1", "--bs=1M",
-               "--iodepth=16", "--ioengine=%s" % engine,
-               "--size=%s" % (size if size is not None else "SIZE")]
+        bs, depth, extra = "1M", 16, []
         read = ["--name=read", "--filename=%s" % _fio_filename(src), "--rw=read"]
         write = ["--name=write", "--filename=%s" % _fio_filename(dst), "--rw=write",
                  "--end_fsync=1", "--fallocate=none"]
+        if tool == "fio-copy":
+            shape = shape or CopyShape()
+            bs, depth = str(shape.io_size), shape.depth
+            if shape.huge_dir:
+                # A file per job: fio maps it shared, and the two jobs
+                # must not share buffers.  fio unlinks it at the end.
+                extra = ["--hugepage-size=%d" % shape.huge_page]
+                read.append("--mem=mmaphuge:%s" % _fio_filename(
+                    os.path.join(shape.huge_dir, "read")))
+                write.append("--mem=mmaphuge:%s" % _fio_filename(
+                    os.path.join(shape.huge_dir, "write")))
+        cmd = [path or "fio", "--output-format=json", "--direct=1", "--bs=%s" % bs,
+               "--iodepth=%d" % depth, "--ioengine=%s" % engine,
+               "--size=%s" % (size if size is not None else "SIZE")] + extra
         if tool == "fio-read":
             return cmd + ["--readonly"] + read
         if tool == "fio-write":
@@ -542,14 +726,25 @@ def _run_command(tool: str, cmd: list[str], size: int,
 
 
 def _run_fio(part: str, src: str, dst: str, size: int, timeout: Optional[float],
-             path: Optional[str], engine: str) -> Run:
-    cmd = tool_command(part, src, dst, path, size=size, engine=engine)
+             path: Optional[str], engine: str, shape: Optional[CopyShape] = None) -> Run:
+    if part == "fio-copy":
+        shape = shape or CopyShape()
+    cmd = tool_command(part, src, dst, path, size=size, engine=engine, shape=shape)
     run, out = _run_command(part, cmd, size, timeout)
     if not run.ok:
+        # fio prints why in its JSON (stdout), per job, not on stderr.
+        try:
+            why = ["job %s: error %d (%s)" % (j["jobname"], j["error"], os.strerror(j["error"]))
+                   for j in _fio_jobs(out) if j.get("error")]
+        except (ValueError, KeyError, IndexError, TypeError):
+            why = []
+        if why:
+            run.error = "exit status %s: %s" % (run.returncode, "; ".join(why))
         return run
     try:
         jobs = {j["jobname"]: j for j in _fio_jobs(out)}
         runtimes = []
+        user = system = 0.0
         for name in ("read", "write"):
             j = jobs.get(name)
             if j is None:
@@ -563,13 +758,23 @@ def _run_fio(part: str, src: str, dst: str, size: int, timeout: Optional[float],
             runtimes.append(d["runtime"] / 1000.0)
             run.detail[name + "_gbps"] = d["bw_bytes"] / GB
             run.detail[name + "_runtime_s"] = d["runtime"] / 1000.0
+            # usr_cpu and sys_cpu are percentages of the job's run time.
+            user += j["usr_cpu"] / 100.0 * j["job_runtime"] / 1000.0
+            system += j["sys_cpu"] / 100.0 * j["job_runtime"] / 1000.0
         if not runtimes or min(runtimes) <= 0:
             raise ValueError("fio reported no runtime")
-    except (ValueError, KeyError, IndexError) as e:
+    except (ValueError, KeyError, IndexError, TypeError) as e:
         run.ok = False
         run.error = "cannot read fio's report: %s" % e
         return run
-    run.detail.update(engine=engine, process_wall_s=run.wall_s)
+    # The process's CPU (RUSAGE_CHILDREN) also counts fio's start-up and
+    # its set-up of the buffers; fio's own figures are of the I/O alone.
+    run.detail.update(engine=engine, process_wall_s=run.wall_s, process_user_s=run.user_s,
+                      process_sys_s=run.sys_s, fio_user_s=user, fio_sys_s=system,
+                      buffers=(shape or CopyShape()).buffers)
+    if shape is not None:
+        run.detail.update(io_size=shape.io_size, iodepth=shape.depth)
+    run.user_s, run.sys_s = user, system
     run.wall_s = max(runtimes)   # fio's own time, without its start-up
     return run
 
@@ -1186,9 +1391,9 @@ def run_tool(tool: str, src: str, dst: str, size: int, *, granularity: int = 655
              buf_size: int = 16 << 20, timeout: Optional[float] = None,
              path: Optional[str] = None, max_io: Optional[int] = None,
              engine: str = "libaio", label: Optional[str] = None,
-             io_engine: str = "auto") -> Run:
+             io_engine: str = "auto", shape: Optional[CopyShape] = None) -> Run:
     """Run one tool once, copying [0, size) of src to dst; timed (fio parts:
-    the ceilings, not a copy)."""
+    the ceilings, not a copy; fio-copy shaped by `shape`)."""
     if tool == "fastmirror":
         return _run_fastmirror(src, dst, size, granularity, buf_size, timeout,
                                max_io=max_io, label=label or tool, io_engine=io_engine)
@@ -1196,7 +1401,8 @@ def run_tool(tool: str, src: str, dst: str, size: int, *, granularity: int = 655
         return _run_qemu_mirror(src, dst, size, granularity, buf_size, timeout,
                                 label=label or tool)
     if tool in FIO_PARTS:
-        return _run_fio(tool, src, dst, size, timeout, path, engine)
+        return _run_fio(tool, src, dst, size, timeout, path, engine,
+                        shape if tool == "fio-copy" else None)
     run, _ = _run_command(label or tool, tool_command(tool, src, dst, path), size, timeout)
     return run
 
@@ -1370,6 +1576,24 @@ def _fs_type(path: str) -> Optional[str]:
         return None
 
 
+def _queue_limits(path: str) -> Optional[tuple[str, int, int]]:
+    """(disk name, max_segments, max_sectors_kb) of the disk holding path
+    (a file's filesystem, or the block device itself), or None."""
+    try:
+        st = os.stat(path)
+        dev = st.st_rdev if stat.S_ISBLK(st.st_mode) else st.st_dev
+        sys_dir = os.path.realpath("/sys/dev/block/%d:%d" % (os.major(dev), os.minor(dev)))
+        if not os.path.isdir(os.path.join(sys_dir, "queue")):
+            sys_dir = os.path.dirname(sys_dir)      # a partition: its disk's queue
+        with open(os.path.join(sys_dir, "queue", "max_segments")) as f:
+            segments = int(f.read())
+        with open(os.path.join(sys_dir, "queue", "max_sectors_kb")) as f:
+            sectors_kb = int(f.read())
+        return os.path.basename(sys_dir), segments, sectors_kb
+    except (OSError, ValueError):
+        return None
+
+
 def _tool_version(tool: str, path: Optional[str]) -> Optional[str]:
     if tool == "fastmirror":
         import fastmirror
@@ -1408,6 +1632,9 @@ def summarize(runs: Sequence[Run], tools: Sequence[str], base: str = "fastmirror
                 median_cpu_s=statistics.median(r.cpu_s for r in ok),
                 median_cpu_s_per_gib=statistics.median(r.cpu_s_per_gib for r in ok),
             )
+            buffers = sorted({r.detail["buffers"] for r in ok if r.detail.get("buffers")})
+            if buffers:
+                s["buffers"] = ", ".join(buffers)
             ready = [r.ready_gbps for r in ok if r.ready_gbps is not None]
             if ready:
                 s.update(median_ready_gbps=statistics.median(ready),
@@ -1426,6 +1653,8 @@ def summarize(runs: Sequence[Run], tools: Sequence[str], base: str = "fastmirror
         mine = [r for r in runs if r.tool == tool and not r.warmup and r.ok
                 and r.gbps > 0 and r.round in fm_by_round]
         if mine and tool != base:
+            s["fastmirror_ratio_rounds"] = [[r.round, fm_by_round[r.round].gbps / r.gbps]
+                                            for r in mine]
             s["fastmirror_ratio_paired"] = statistics.median(
                 fm_by_round[r.round].gbps / r.gbps for r in mine)
             s["fastmirror_ratio_paired_min"] = min(fm_by_round[r.round].gbps / r.gbps
@@ -1529,7 +1758,8 @@ def format_table(summary: dict, skipped: dict, base: str = "fastmirror") -> str:
         runs = "%d" % s["runs"] if not s["failed"] else "%d (+%d failed)" % (s["runs"], s["failed"])
         ratio = s.get("fastmirror_ratio")
         rows.append((
-            tool, runs, "%.3f" % s["median_gbps"],
+            "%s (%s)" % (tool, s["buffers"]) if s.get("buffers") else tool,
+            runs, "%.3f" % s["median_gbps"],
             "%.3f-%.3f" % (s["min_gbps"], s["max_gbps"]),
             "%.0f" % s["median_mibps"], "%.0f-%.0f" % (s["min_mibps"], s["max_mibps"]),
             "%.3f" % s["median_cpu_s_per_gib"],
@@ -1760,11 +1990,14 @@ def default_writer_timeout(size: int) -> float:
 
 def run(args) -> int:
     """`fastmirror bench`: returns the exit status."""
-    try:
-        return _bench(args)
-    except BenchError as e:
-        print("fastmirror bench: %s" % e, file=sys.stderr)
-        return EXIT_USAGE
+    # What the bench sets up on the machine (huge pages, a hugetlbfs mount)
+    # is undone however it ends, Ctrl-C included.
+    with contextlib.ExitStack() as undo:
+        try:
+            return _bench(args, undo)
+        except BenchError as e:
+            print("fastmirror bench: %s" % e, file=sys.stderr)
+            return EXIT_USAGE
 
 
 def _variants(args, base_tools: Sequence[str]) -> tuple[list[Variant], list[Variant]]:
@@ -1817,7 +2050,7 @@ def _prepare(args):
     return [t for t in tools if t in paths], paths, skipped
 
 
-def _bench(args) -> int:
+def _bench(args, undo: contextlib.ExitStack) -> int:
     from fastmirror import MirrorJob  # noqa: F401  (fail early if the build is broken)
 
     if not args.bulk and not args.writer_rates:
@@ -1880,6 +2113,16 @@ def _bench(args) -> int:
     fio_path = next((paths[t] for t in FIO_PARTS if t in paths), None)
     if fio_path is not None:
         engine = fio_engine(fio_path, src, args.fio_engine)
+    # fio-copy is shaped as the first fastmirror row's copies (the base of
+    # the ratios), in huge pages when they can be set up here.
+    buf0, io0 = (args.buf_sizes or [(args.buf_size, None)])[0]
+    shape = copy_shape(buf0, args.granularity, io0)
+    huge: Optional[HugePages] = None
+    if any(v.tool == "fio-copy" for v in bulk_variants):
+        huge = HugePages()
+        undo.callback(huge.undo)
+        if huge.setup(shape.hugepages_needed()):
+            shape = CopyShape(shape.io_size, shape.depth, huge.dir, huge.page or 2 * MiB)
     wkind = wpath = None
     wnote = ""
     wskipped: dict[str, str] = {}
@@ -1928,7 +2171,18 @@ def _bench(args) -> int:
                           "per request, 16 in flight" % args.granularity)
         else:
             header.append("%s: %s" % (v.tool, " ".join(tool_command(
-                v.tool, "SRC", "DST", size=size, engine=engine))))
+                v.tool, "SRC", "DST", size=size, engine=engine, shape=shape))))
+            if v.tool == "fio-copy" and huge is not None:
+                header.append("fio-copy: %s requests, %d in flight per job (fastmirror's "
+                              "copies), %s" % (short(shape.io_size, "iB"), shape.depth,
+                                               huge.describe()))
+                limits = _queue_limits(dst)
+                if limits is not None:
+                    header.append("disk under the target: %s, max_segments %d, "
+                                  "max_sectors_kb %d: a request in %s pages carries at "
+                                  "most %s" % (limits + (short(mmap.PAGESIZE, "iB"),
+                                                         human(min(limits[1] * mmap.PAGESIZE,
+                                                                   limits[2] * KiB)))))
     if writer_variants and rates:
         header.append("writer rounds: rates %s; random %d-%d KiB writes, %d KiB aligned; "
                       "READY within %.0f s or cancelled; %d writes in flight: fastmirror: "
@@ -1973,7 +2227,7 @@ def _bench(args) -> int:
                 r = run_tool(v.tool, src, dst, size, granularity=args.granularity,
                              buf_size=v.buf_size, timeout=timeout, path=paths[v.tool],
                              max_io=v.max_io, engine=engine, label=v.label,
-                             io_engine=v.io_engine)
+                             io_engine=v.io_engine, shape=shape)
                 r.tool = v.label
                 r.round, r.warmup = rnd, warm
                 r.detail["loadavg_1m"] = load
@@ -1990,7 +2244,7 @@ def _bench(args) -> int:
                 if r.ok:
                     extra = (", READY at %.3f s (%.3f GB/s)" % (r.ready_s, r.ready_gbps)
                              if r.ready_s is not None and r.ready_gbps else "")
-                    if v.tool == "fio-rw":
+                    if v.tool in ("fio-rw", "fio-copy"):
                         extra = ", read %.3f GB/s, write %.3f GB/s at once" % (
                             r.detail.get("read_gbps", 0), r.detail.get("write_gbps", 0))
                     print("  %-8s %-16s %7.3f s  %6.3f GB/s  %7.1f MiB/s  CPU %.2f s (user "
@@ -2042,10 +2296,13 @@ def _bench(args) -> int:
             print("%s ran %s copies of %s in flight, I/O %s, engine %s" % (
                 base, d.get("nworkers"), human(d["max_io"]) if d.get("max_io") else "?",
                 d.get("io_mode"), d.get("io_engine")))
-        print("GB/s = 1e9 bytes/s; CPU = user + system seconds per GiB copied; "
-              "%s/tool = ratio of median throughputs (>1: %s faster; for fio: the share "
-              "of the ceiling); per round = median of the ratios within each round"
-              % (base, base))
+        print("GB/s = 1e9 bytes/s; CPU = user + system seconds per GiB copied (fio: its "
+              "own usr_cpu + sys_cpu); %s/tool = ratio of median throughputs (>1: %s "
+              "faster; for fio: the share of the ceiling); per round = median of the "
+              "ratios within each round" % (base, base))
+        ceiling = _ceiling_lines(summary, base, shape, huge)
+        if ceiling:
+            print(ceiling)
         noisy = ["%s %.0f%%" % (t, 100 * s["spread"]) for t, s in summary.items()
                  if s.get("spread", 0) > NOISY and s.get("runs", 0) > 1]
         if noisy:
@@ -2090,10 +2347,14 @@ def _bench(args) -> int:
                 "buf_sizes": [list(x) for x in args.buf_sizes] if args.buf_sizes else None,
                 "fresh_target": fresh, "drop_caches": bool(dropping),
                 "verify": bool(args.verify), "timeout": timeout, "fio_engine": engine,
+                "fio_copy": {"io_size": shape.io_size, "iodepth": shape.depth,
+                             "buffers": shape.buffers,
+                             "hugepages": huge.describe() if huge else None,
+                             "hugepages_unavailable": huge.why if huge else None},
             },
             "commands": {v.label: tool_command(v.tool, src, dst, paths.get(v.tool), size=size,
                                                engine=engine, buf_size=v.buf_size,
-                                               granularity=args.granularity)
+                                               granularity=args.granularity, shape=shape)
                          for v in bulk_variants if v.tool != "fastmirror"},
             "skipped": skipped,
             "machine": {
@@ -2127,6 +2388,32 @@ def _bench(args) -> int:
             with open(args.json, "w") as f:
                 f.write(text + "\n")
     return EXIT_FAIL if failed else EXIT_OK
+
+
+def _ceiling_lines(summary: dict, base: str, shape: CopyShape,
+                   huge: Optional[HugePages]) -> str:
+    """What the fio rows mean, and `base` against the honest ceiling
+    (fio-copy) round by round."""
+    lines = []
+    ordinary = [t for t in FIO_PARTS if t != "fio-copy" and summary.get(t, {}).get("runs")]
+    if ordinary:
+        lines.append("%s: ceilings with ordinary %s-page buffers, bs=1M: the block layer "
+                     "splits their requests at the device's segment limit, so a copy in "
+                     "huge pages can beat them" % (", ".join(ordinary),
+                                                   short(mmap.PAGESIZE, "iB")))
+    s = summary.get("fio-copy", {})
+    if s.get("runs"):
+        lines.append("fio-copy: the honest ceiling: SRC read and DST written at once, %s "
+                     "requests (%s's), %d in flight per job, buffers: %s"
+                     % (short(shape.io_size, "iB"), base, shape.depth, s.get("buffers", "?")))
+        rounds = s.get("fastmirror_ratio_rounds")
+        if rounds:
+            lines.append("%s/fio-copy per round: %s; median %.2fx (ratio of medians %.2fx)"
+                         % (base, " ".join("r%d %.2fx" % (n, x) for n, x in rounds),
+                            s["fastmirror_ratio_paired"], s["fastmirror_ratio"]))
+        if huge is not None and huge.dir is None and huge.why:
+            lines.append("note: fio-copy is not the honest ceiling here: " + huge.describe())
+    return "\n".join(lines)
 
 
 def _writer_line(r: Run) -> str:
