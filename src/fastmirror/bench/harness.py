@@ -482,14 +482,9 @@ class CopyShape:
 
 def copy_shape(buf_size: int, granularity: int, io_size: Optional[int] = None) -> CopyShape:
     """The bytes per copy and copies in flight of MirrorJob(buf_size=,
-    granularity=, io_size=), derived as job.py does (a test holds the two
-    together)."""
-    from fastmirror.job import IO_SPLIT, MAX_IO, MAX_WORKERS, MIN_IO
-    buf = max(buf_size, granularity)
-    if io_size is None:
-        io_size = min(MAX_IO, max(MIN_IO, buf // IO_SPLIT))
-    max_io = max(granularity, min(io_size, buf) // granularity * granularity)
-    return CopyShape(max_io, max(1, min(MAX_WORKERS, buf // max_io)))
+    granularity=, io_size=): the job's own derivation."""
+    from fastmirror.job.mirror import copy_shape as job_copy_shape
+    return CopyShape(*job_copy_shape(buf_size, granularity, io_size))
 
 
 def _hugepage_size() -> Optional[int]:

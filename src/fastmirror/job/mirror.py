@@ -75,6 +75,20 @@ TICK = 0.1                  # seconds between coordinator wake-ups
 RETRY_BACKOFF = (0.01, 1.0)  # "ignore": first and longest wait before retrying
 
 
+def copy_shape(buf_size: int, granularity: int,
+               io_size: Optional[int] = None) -> tuple[int, int]:
+    """(bytes per copy, copies in flight) for a job's buf_size, granularity
+    and io_size: a copy is buf_size/IO_SPLIT within [MIN_IO, MAX_IO] unless
+    io_size says otherwise, a multiple of the granularity, and as many run at
+    once as buf_size holds (up to MAX_WORKERS).  The bench shapes its fio
+    ceiling with this too."""
+    buf = max(buf_size, granularity)          # below one chunk: one chunk
+    if io_size is None:
+        io_size = min(MAX_IO, max(MIN_IO, buf // IO_SPLIT))
+    max_io = max(granularity, min(io_size, buf) // granularity * granularity)
+    return max_io, max(1, min(MAX_WORKERS, buf // max_io))
+
+
 def _threads_because(why: str) -> str:
     """io_engine's value when io_uring was refused: the engine and why."""
     return "threads (io_uring: %s)" % why
@@ -174,12 +188,9 @@ class MirrorJob:
         self._progress: list[tuple[float, int, int]] = []   # (time, work left, bytes marked)
         self._align = align
 
-        if io_size is None:
-            io_size = min(MAX_IO, max(MIN_IO, self.buf_size // IO_SPLIT))
-        else:
+        if io_size is not None:
             io_size = _positive_int("io_size", io_size, 1, MAX_BUF_SIZE)
-        max_io = max(granularity, min(io_size, self.buf_size) // granularity * granularity)
-        nworkers = max(1, min(MAX_WORKERS, self.buf_size // max_io))
+        max_io, nworkers = copy_shape(self.buf_size, granularity, io_size)
         try:
             self._bitmap = HBitmap(self.size, granularity)
             self._engine = CopyEngine(
