@@ -303,6 +303,11 @@ def test_mounted_loop_device_is_refused_and_survives(tmp_path, loopdev):
         with pytest.raises(InUseError) as ei:
             MirrorJob(src, dev)
         assert ei.value.errno == errno.EBUSY and ei.value.side == "target"
+        # As a source it is copied, with a word on what cannot be promised.
+        r = fm("mirror", dev, str(tmp_path / "copy.img"))
+        assert r.returncode == 0, r.stderr
+        assert "source %s is mounted on %s" % (dev, mnt) in r.stderr, r.stderr
+        assert "may not be consistent" in r.stderr
     finally:
         subprocess.run([umount, str(mnt)], check=True, timeout=TIMEOUT)
     r = subprocess.run([fsck, "-fn", dev], capture_output=True, text=True, timeout=TIMEOUT)

@@ -162,6 +162,13 @@ def open_source(path: str, direct: bool, force_share: bool = False) -> Endpoint:
         _refuse_kind(path, fst, "source")
         src = Endpoint(path, fd, is_direct, _io.probe(fd))
         src.image_format = _source_format(src)
+        if src.info.is_block:
+            # Not refused (QEMU does not either), but said: the kernel's
+            # writes to a mounted filesystem never come through job.source.
+            why = owners.busy_reason(fst.st_rdev)
+            if why is not None:
+                _log.warning("source %s is %s: writes that do not come through fastmirror "
+                             "are not copied, so the copy may not be consistent", path, why)
         src.locks = owners.lock_side(fd, path, "source", owners.SOURCE_PERM,
                                      owners.SOURCE_UNSHARED, force_share)
         return src
