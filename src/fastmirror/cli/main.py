@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import signal
 import sys
 import threading
@@ -47,11 +48,26 @@ def _json_line(obj, out=None) -> None:
     out.flush()
 
 
+def _log_to_stderr() -> None:
+    """The library's warnings (a source that is an image, a forced share)
+    as "fastmirror: ..." lines on stderr; installed once per process."""
+    log = logging.getLogger("fastmirror")
+    if not any(getattr(h, "_fastmirror_cli", False) for h in log.handlers):
+        h = logging.StreamHandler()     # sys.stderr at the time of each write
+        h.setFormatter(logging.Formatter("fastmirror: %(message)s"))
+        h.setLevel(logging.WARNING)
+        h._fastmirror_cli = True        # type: ignore[attr-defined]
+        log.addHandler(h)
+
+
 def cmd_mirror(args) -> int:
     import fastmirror
     from fastmirror import trace
     from fastmirror.job.events import EventType
+    from fastmirror.job.owners import InUseError
     from fastmirror.job.verify import first_difference
+
+    _log_to_stderr()
 
     if args.trace:
         try:
@@ -65,9 +81,13 @@ def cmd_mirror(args) -> int:
             buf_size=args.buf_size, speed=args.speed, sync=args.sync,
             direct=not args.no_direct, target_is_zero=args.target_is_zero,
             on_source_error=args.on_source_error, on_target_error=args.on_target_error,
-            copy_mode=args.copy_mode, io_engine=args.io_engine)
+            copy_mode=args.copy_mode, io_engine=args.io_engine,
+            force_share=args.force_share, allow_image_target=args.overwrite_image)
     except (ValueError, OSError) as e:
         print("fastmirror: %s" % _describe(e), file=sys.stderr)
+        if isinstance(e, InUseError) and e.side == "source" and e.lock:
+            print("fastmirror: --force-share copies it anyway; the copy may then not be "
+                  "consistent", file=sys.stderr)
         return EXIT_USAGE
 
     show_progress = sys.stderr.isatty() and not args.quiet and not args.no_progress
@@ -198,6 +218,13 @@ def build_parser() -> argparse.ArgumentParser:
                    default="report")
     m.add_argument("--on-target-error", choices=("report", "ignore", "stop", "enospc"),
                    default="report")
+    m.add_argument("-U", "--force-share", action="store_true",
+                   help="copy a source that another process holds for writing (QEMU's "
+                        "image locks; as qemu-img -U): the copy may not be consistent")
+    m.add_argument("--overwrite-image", action="store_true",
+                   help="overwrite a target that starts with a qcow2, vmdk, vhdx, vdi, "
+                        "vpc, qed or LUKS header (refused by default: fastmirror writes "
+                        "raw bytes)")
     m.add_argument("--trace", metavar="PATTERN",
                    help="print tracepoints matching PATTERN (e.g. 'mirror_*') on stderr")
     m.add_argument("--json", action="store_true", help="events as JSON lines on stdout")

@@ -9,18 +9,29 @@ writing) and at least as large as the source, and a missing target's folder
 exists.  The checks run on the descriptors
 that the job will use, so a path swapped between check and use cannot slip
 through.
+
+Then the other owners (owners.py, invariant 8): a block device target is
+opened with O_EXCL (refused while mounted or held), a target with an image
+format header is refused unless allow_image_target, and both sides take
+QEMU's image locks: a side that another process holds in a conflicting way
+is refused (the source is copied anyway with force_share, with a warning).
+The locks stay held until the endpoints are closed.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
 import stat
 import sys
 from typing import Optional
 
 from fastmirror._core import blockio as _io
+from fastmirror.job import owners
+
+_log = logging.getLogger("fastmirror")
 
 
 class Endpoint:
@@ -34,6 +45,8 @@ class Endpoint:
         self.info = info
         self.created = created          # we created this file (it reads zeros)
         self.tail_fd = fd if tail_fd is None else tail_fd
+        self.locks: Optional[owners.ImageLocks] = None   # QEMU's lock bytes held on fd
+        self.image_format: Optional[str] = None          # header the disk starts with
 
     def current_size(self) -> int:
         if self.info.is_block:
@@ -45,6 +58,11 @@ class Endpoint:
         return os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
 
     def close(self) -> None:
+        # Unlock explicitly: closing fd alone keeps the locks while a child
+        # forked meanwhile (between its fork and exec) still shares them.
+        if self.locks is not None:
+            self.locks.release()
+            self.locks = None
         for fd in {self.fd, self.tail_fd}:
             if fd is not None and fd >= 0:
                 try:
@@ -135,23 +153,69 @@ def check_writable_block(path: str, fd: int) -> None:
         raise PermissionError(errno.EROFS, "target is a read-only block device", path)
 
 
-def open_source(path: str, direct: bool) -> Endpoint:
+def open_source(path: str, direct: bool, force_share: bool = False) -> Endpoint:
     st = os.stat(path)        # FileNotFoundError names the path
     _refuse_kind(path, st, "source")
     fd, is_direct = _io.open_file(path, os.O_RDONLY, direct)
     try:
         fst = os.fstat(fd)
         _refuse_kind(path, fst, "source")
-        return Endpoint(path, fd, is_direct, _io.probe(fd))
+        src = Endpoint(path, fd, is_direct, _io.probe(fd))
+        src.image_format = _source_format(src)
+        if src.info.is_block:
+            # Not refused (QEMU does not either), but said: the kernel's
+            # writes to a mounted filesystem never come through job.source.
+            why = owners.busy_reason(fst.st_rdev)
+            if why is not None:
+                _log.warning("source %s is %s: writes that do not come through fastmirror "
+                             "are not copied, so the copy may not be consistent", path, why)
+        src.locks = owners.lock_side(fd, path, "source", owners.SOURCE_PERM,
+                                     owners.SOURCE_UNSHARED, force_share)
+        return src
     except BaseException:
         os.close(fd)
         raise
 
 
-def validate_pair(src_path: str, dst_path: str, direct: bool) -> tuple[Endpoint, Endpoint]:
+def _source_format(src: Endpoint) -> Optional[str]:
+    """A source that is an image is copied as the bytes it holds: say so."""
+    try:
+        fmt = owners.detect_format(owners.read_head(src.fd, src.info.alignment))
+    except OSError:
+        return None       # the copy reads it again and reports under its policy
+    if fmt is not None:
+        _log.warning("source %s is a %s image: its container bytes are copied as they "
+                     "are (fastmirror copies raw bytes, it does not convert images)",
+                     src.path, fmt)
+    return fmt
+
+
+def _check_target_format(dst_path: str, fd: int, alignment: int) -> None:
+    fmt = owners.detect_format(owners.read_head(fd, alignment))
+    if fmt is not None:
+        raise owners.ImageTargetError(
+            "target %s is a %s image, not a raw disk; pass --overwrite-image "
+            "(allow_image_target=True) to overwrite it" % (dst_path, fmt), dst_path, fmt)
+
+
+def _open_target(dst_path: str, dst_st: os.stat_result, direct: bool) -> tuple[int, bool]:
+    """Open an existing target; a block device exclusively (O_EXCL), which
+    the kernel refuses while it is mounted or held by someone else."""
+    if not stat.S_ISBLK(dst_st.st_mode):
+        return _io.open_file(dst_path, os.O_RDWR, direct)
+    try:
+        return _io.open_file(dst_path, os.O_RDWR | os.O_EXCL, direct)
+    except OSError as e:
+        if e.errno == errno.EBUSY:
+            raise owners.busy_error(dst_path, dst_st.st_rdev) from None
+        raise
+
+
+def validate_pair(src_path: str, dst_path: str, direct: bool, force_share: bool = False,
+                  allow_image_target: bool = False) -> tuple[Endpoint, Endpoint]:
     """Open and check both sides; on any refusal nothing was written and no
     descriptor stays open (a target this call created is removed)."""
-    src = open_source(src_path, direct)
+    src = open_source(src_path, direct, force_share)
     created = False
     dst_fd = tail_fd = -1
     try:
@@ -163,7 +227,7 @@ def validate_pair(src_path: str, dst_path: str, direct: bool) -> tuple[Endpoint,
         if dst_st is not None:
             _refuse_kind(dst_path, dst_st, "target")
             check_not_same(src_path, src_st, dst_path, dst_st)
-            dst_fd, dst_direct = _io.open_file(dst_path, os.O_RDWR, direct)
+            dst_fd, dst_direct = _open_target(dst_path, dst_st, direct)
         else:
             parent = os.path.dirname(os.path.abspath(dst_path))
             if not os.path.isdir(parent):
@@ -180,15 +244,22 @@ def validate_pair(src_path: str, dst_path: str, direct: bool) -> tuple[Endpoint,
         info = _io.probe(dst_fd)
         if info.is_block:
             check_writable_block(dst_path, dst_fd)
+        # An image first: its file is often smaller than the disk it holds,
+        # and "is a qcow2 image" is the refusal that explains.
+        if not created and not allow_image_target:
+            _check_target_format(dst_path, dst_fd, info.alignment)
         if info.size < src.info.size:
             raise ValueError("target %s (%d bytes) is smaller than source %s (%d bytes)"
                              % (dst_path, info.size, src_path, src.info.size))
+        locks = owners.lock_side(dst_fd, dst_path, "target", owners.TARGET_PERM,
+                                 owners.TARGET_UNSHARED)
         # The unaligned tail of the source goes through a buffered descriptor,
         # so that O_DIRECT never writes past the source's size.
         if dst_direct and src.info.size % max(info.alignment, src.info.alignment):
             tail_fd = os.open(dst_path, os.O_WRONLY | os.O_CLOEXEC)
         dst = Endpoint(dst_path, dst_fd, dst_direct, info, created,
                        tail_fd if tail_fd >= 0 else None)
+        dst.locks = locks
         return src, dst
     except BaseException:
         src.close()

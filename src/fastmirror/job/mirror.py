@@ -128,6 +128,17 @@ class MirrorJob:
 
     Construction validates everything and opens both sides without writing
     a byte; a missing target file is created sparse, of the source's size.
+
+    Other owners are refused (DESIGN.md, invariant 8; job/owners.py): the job
+    holds QEMU's image locks until close() (the target written and not
+    shared for writing, the source read and not shared for writing or
+    resizing), so a source that another process writes raises
+    owners.InUseError, unless `force_share=True` (as `qemu-img -U`: the copy
+    may then not be consistent); so does a target that another process
+    uses, or a block device target that is mounted or held (opened with
+    O_EXCL).  A target that starts with an image format header (qcow2,
+    vmdk, vhdx, vdi, LUKS...) raises owners.ImageTargetError unless
+    `allow_image_target=True`.
     """
 
     def __init__(self, source, target, *, granularity: int = 65536,
@@ -136,7 +147,8 @@ class MirrorJob:
                  on_source_error: str = "report", on_target_error: str = "report",
                  opaque=None, detect_zeroes: bool = True, unmap: bool = True,
                  verify: bool = False, copy_mode: str = "auto",
-                 io_size: Optional[int] = None, io_engine: str = "auto"):
+                 io_size: Optional[int] = None, io_engine: str = "auto",
+                 force_share: bool = False, allow_image_target: bool = False):
         granularity = _positive_int("granularity", granularity, 512, MAX_GRANULARITY)
         if granularity & (granularity - 1):
             raise ValueError("granularity %d is not a power of two" % granularity)
@@ -156,7 +168,9 @@ class MirrorJob:
             if pol not in POLICIES:
                 raise ValueError("%s must be one of %s, not %r" % (name, POLICIES, pol))
 
-        self._src, self._dst = validate_pair(os.fspath(source), os.fspath(target), direct)
+        self._src, self._dst = validate_pair(os.fspath(source), os.fspath(target), direct,
+                                             force_share=force_share,
+                                             allow_image_target=allow_image_target)
         try:
             align = max(self._src.info.alignment, self._dst.info.alignment)
             if granularity < align:
