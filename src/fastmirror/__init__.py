@@ -4,6 +4,7 @@ from fastmirror import trace
 from fastmirror._core.hbitmap import HBitmap
 from fastmirror.job.events import EventType, JobEvent, JobState, JobStateError, JobStatus
 from fastmirror.job.mirror import MirrorJob
+from fastmirror.job.owners import ImageTargetError, InUseError
 from fastmirror.job.source import BlockHandle
 
 __version__ = "0.1.0"
@@ -12,6 +13,8 @@ __all__ = [
     "BlockHandle",
     "EventType",
     "HBitmap",
+    "ImageTargetError",
+    "InUseError",
     "JobEvent",
     "JobState",
     "JobStateError",
