@@ -6,7 +6,7 @@ pick the next dirty extent from the bitmap (clearing its bits *before* the
 data is read, so that a write landing during the copy dirties it again), read
 it from the source, write it to the target.  Two ways to drive the slots, both
 without the GIL for their whole life:
-  - run_worker(slot): one thread per slot, blocking pread/pwrite;
+  - run_worker(slot): one thread per slot, blocking preadv/pwritev;
   - run_driver(first, count): one thread drives several slots on an io_uring,
     all their reads and writes in flight at once, submitted together.
 Nothing here calls Python per chunk unless a tracepoint listener asked for it.
@@ -37,8 +37,9 @@ from libc.errno cimport ETIMEDOUT, ENXIO, EOPNOTSUPP, ENOTTY, EINVAL, EAGAIN, EI
 from libc.stdint cimport int64_t, uint64_t
 from posix.time cimport timespec
 from fastmirror._hbitmap cimport HBitmap
-from fastmirror._io cimport (pread_full, pwrite_full, flush_fd, zero_range,
+from fastmirror._io cimport (preadv_full, pwritev_full, flush_fd, zero_range,
                              buffer_is_zero, alloc_buffer, free_buffer, monotonic_ns)
+from posix.uio cimport iovec
 from fastmirror._sync cimport (pthread_mutex_t, pthread_cond_t, pthread_condattr_t,
                                pthread_mutex_init, pthread_mutex_destroy,
                                pthread_mutex_lock, pthread_mutex_unlock,
@@ -607,12 +608,17 @@ cdef class CopyEngine:
         unaligned tail at the source's end through the buffered descriptor."""
         cdef int64_t r
         cdef int64_t alen = length & ~(self.align - 1)
+        cdef iovec v
         if alen:
-            r = pwrite_full(self.dst_fd, buf, alen, off)
+            v.iov_base = <void *>buf
+            v.iov_len = <size_t>alen
+            r = pwritev_full(self.dst_fd, &v, 1, off)
             if r < 0:
                 return <int>r
         if alen < length:
-            r = pwrite_full(self.dst_tail_fd, buf + alen, length - alen, off + alen)
+            v.iov_base = <void *>(buf + alen)
+            v.iov_len = <size_t>(length - alen)
+            r = pwritev_full(self.dst_tail_fd, &v, 1, off + alen)
             if r < 0:
                 return <int>r
         return 0
@@ -648,9 +654,11 @@ cdef class CopyEngine:
         -errno.  O_DIRECT lengths are multiples of the alignment; at the end
         of the source the kernel returns only what exists."""
         cdef int64_t r
+        cdef iovec v
         have &= ~(self.align - 1)       # restart on an O_DIRECT boundary
-        r = pread_full(self.src_fd, buf + have,
-                       ((length + self.align - 1) & ~(self.align - 1)) - have, off + have)
+        v.iov_base = buf + have
+        v.iov_len = <size_t>(((length + self.align - 1) & ~(self.align - 1)) - have)
+        r = preadv_full(self.src_fd, &v, 1, off + have)
         if r < 0:
             return <int>r
         if have + r < length:
