@@ -277,3 +277,105 @@ def test_blocking_copy_continues_short_transfers(shim, images, tmp_path):
     assert any(x.startswith("short 0 ") for x in shorts)     # reads
     assert any(x.startswith("short 1 ") for x in shorts)     # writes
     assert_same(*images)
+
+
+# -- how the io_uring drivers issue reads and writes ------------------------
+
+# Data, holes, a zero run inside data, and an end that is not a multiple of
+# the O_DIRECT alignment: the ring's reads and writes, its short read at the
+# end, and the blocking stores of zeros and of the tail all take part.
+RING_SIZE = 8 * MiB + 1000
+RING_HOLES = ((1 * MiB, 512 << 10), (5 * MiB + 4096, 64 << 10))
+
+
+@pytest.fixture
+def ring_images(tmp_path):
+    src = make_image(tmp_path / "src.img", RING_SIZE, holes=RING_HOLES, seed=11)
+    return str(src), str(tmp_path / "dst.img")
+
+
+@pytest.mark.parametrize("calls,expect", [
+    ("auto", "READ_FIXED/WRITE_FIXED"),
+    ("fixed", "READ_FIXED/WRITE_FIXED"),
+    ("vectored", "READV/WRITEV"),
+    ("plain", "READ/WRITE"),
+])
+def test_ring_calls_copy_correctly(ring_images, calls, expect):
+    """Each way of issuing the ring's reads and writes, registered buffers
+    (READ_FIXED/WRITE_FIXED) the default, copies the source exactly.  Small
+    buffers (1 MiB) stay within an unprivileged RLIMIT_MEMLOCK of 8 MiB."""
+    require_uring()
+    job = fastmirror.MirrorJob(*ring_images, io_engine="io_uring", buf_size=1 * MiB,
+                               io_size=256 << 10)
+    assert job._engine.ring_calls == "auto" and job._engine.ring_io is None
+    job._engine.ring_calls = calls
+    job.start()
+    assert job.wait_ready(60)
+    ring_io = job._engine.ring_io
+    job.complete()
+    final = job.wait(60)
+    job.close()
+    assert final.type == EventType.COMPLETED
+    assert ring_io == expect
+    assert_same(*ring_images)
+
+
+def test_ring_calls_refuses_unknown_values(ring_images):
+    job = fastmirror.MirrorJob(*ring_images, io_engine="threads")
+    try:
+        with pytest.raises(ValueError, match="ring_calls"):
+            job._engine.ring_calls = "splice"
+        assert job._engine.ring_calls == "auto"
+    finally:
+        job.close()
+
+
+REFUSED_SCRIPT = """
+import json, sys
+import fastmirror
+job = fastmirror.MirrorJob(sys.argv[1], sys.argv[2], io_engine="io_uring",
+                           buf_size=4 << 20)
+job.start()
+ready = job.wait_ready(60)
+ring_io = job._engine.ring_io
+job.complete()
+final = job.wait(60)
+job.close()
+print(json.dumps({"ready": ready, "event": final.type.value, "ring_io": ring_io,
+                  "io_engine": job.status().io_engine}))
+"""
+
+PR_CAPBSET_DROP = 24
+CAP_IPC_LOCK = 14
+MEMLOCK = 512 << 10      # the rings fit, 2 MiB of buffers per ring do not
+
+
+def _refuse_registration():
+    """In the child, before exec: registered buffers are charged to
+    RLIMIT_MEMLOCK, except with CAP_IPC_LOCK; so lower the limit, and take
+    CAP_IPC_LOCK out of the bounding set, which root's exec then keeps out
+    of its capabilities."""
+    import ctypes
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_MEMLOCK, (MEMLOCK, MEMLOCK))
+    if os.geteuid() == 0:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_CAPBSET_DROP, CAP_IPC_LOCK, 0, 0, 0) != 0:
+            os._exit(99)
+
+
+def test_ring_falls_back_to_plain_calls_when_registration_is_refused(ring_images):
+    """IORING_REGISTER_BUFFERS answers ENOMEM over RLIMIT_MEMLOCK: the rings
+    issue READ/WRITE instead, say why, and the copy is exact."""
+    require_uring()
+    r = subprocess.run([sys.executable, "-c", REFUSED_SCRIPT, *ring_images],
+                       preexec_fn=_refuse_registration, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["ready"] and out["event"] == "COMPLETED", out
+    assert out["io_engine"] == "io_uring", out
+    assert out["ring_io"] == "READ/WRITE (registered buffers refused: %s)" % os.strerror(
+        errno.ENOMEM), out
+    assert_same(*ring_images)
