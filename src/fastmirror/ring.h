@@ -12,7 +12,7 @@
  * needed to build or to run; the structures come from the kernel's own
  * <linux/io_uring.h>.  Where that header is missing, or the running kernel
  * or a seccomp profile refuses io_uring, fm_ring_init() returns -errno and
- * the caller falls back to blocking pread/pwrite in threads.
+ * the caller falls back to blocking preadv/pwritev in threads.
  *
  * Without SQPOLL the kernel reads the submission queue only inside
  * io_uring_enter(), so filling it needs no lock and no barrier but the
