@@ -27,6 +27,17 @@ daemon's), for the mirror jobs throughput_to_ready, and for fastmirror the
 ratio of its median throughput to each baseline measured before it in the
 session.
 
+test_copy_io_calls compares the ways fastmirror issues its reads and writes,
+all in one benchmark with interleaved rounds (each round runs every variant
+once, in a shuffled order, the target reset and the page cache dropped
+before each): the threads engine (blocking preadv/pwritev) and the io_uring
+driver with READ/WRITE, READV/WRITEV and registered buffers
+(READ_FIXED/WRITE_FIXED).  Its extra_info holds each variant's median
+throughput and CPU seconds per GiB (getrusage of this process, every thread
+and io_uring worker included, from building the job to COMPLETED), and the
+per-round ratios to ring-plain with their medians: on a loaded machine the
+ratio within a round says more than the spread across rounds.
+
 A missing baseline tool skips its benchmark with the reason, or fails it when
 FASTMIRROR_REQUIRE_ALL=1.  CI smoke-runs this module with --benchmark-disable
 and a small FASTMIRROR_BENCH_SIZE (e.g. 32M): then every tool runs once.
@@ -37,7 +48,10 @@ and a small FASTMIRROR_BENCH_SIZE (e.g. 32M): then every tool runs once.
 
 from __future__ import annotations
 
+import random
+import resource
 import statistics
+import time
 
 import pytest
 
@@ -134,3 +148,88 @@ def test_copy_small_requests(benchmark, io_engine, bench_source, bench_target):
     info["io_size"] = SMALL_IO
     info["throughput"] = statistics.median(r.bytes_per_s for r in runs)
     info["cpu_s_per_gib"] = statistics.median(r.cpu_s_per_gib for r in runs)
+
+
+# Row -> (io_engine, CopyEngine.ring_calls).  ring-plain first: the ratios are
+# to it (IORING_OP_READ/WRITE, the driver's calls before the others existed).
+IO_CALLS = {
+    "ring-plain": ("io_uring", "plain"),
+    "ring-vectored": ("io_uring", "vectored"),
+    "ring-fixed": ("io_uring", "fixed"),
+    "threads": ("threads", None),
+}
+IO_CALLS_ROUNDS = 7
+
+
+def _copy_with(src: str, dst: str, io_engine: str, ring_calls: str | None,
+               io_size: int | None) -> dict:
+    """One MirrorJob at the default buf_size, timed from building it to
+    COMPLETED (target flushed); CPU of the whole process over the same span."""
+    from fastmirror import EventType, MirrorJob
+
+    timeout = fmbench.default_timeout(SIZE)
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
+    t0 = time.perf_counter()
+    job = MirrorJob(src, dst, io_engine=io_engine, io_size=io_size)
+    try:
+        if ring_calls is not None:
+            job._engine.ring_calls = ring_calls
+        job.start()
+        assert job.wait_ready(timeout), "not READY after %.0f s" % timeout
+        job.complete()
+        final = job.wait(timeout)
+        ring_io = job._engine.ring_io
+    finally:
+        job.close()
+    wall = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    assert final is not None and final.type == EventType.COMPLETED, final
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    return {"bytes_per_s": SIZE / wall, "cpu_s_per_gib": cpu / (SIZE / (1 << 30)),
+            "calls": ring_io or io_engine}
+
+
+@pytest.mark.parametrize("io_size", [None, SMALL_IO], ids=["default-io", "64KiB-io"])
+def test_copy_io_calls(benchmark, io_size, bench_source, bench_target):
+    """Interleaved rounds of every way of issuing the copy's I/O: with the
+    default copy size (buf_size/8), and in 64 KiB requests, where the work
+    per request weighs most."""
+    require_uring()
+    rng = random.Random(1)
+    rounds: list[dict[str, dict]] = []
+
+    def one_round():
+        order = list(IO_CALLS)
+        rng.shuffle(order)
+        got = {}
+        for row in order:
+            fmbench.reset_target(bench_target, SIZE)
+            fmbench.drop_caches()
+            got[row] = _copy_with(bench_source, bench_target, *IO_CALLS[row], io_size)
+            bad = fmbench.check_markers(bench_source, bench_target, SIZE)
+            assert bad is None, "%s left the target different at %d" % (row, bad)
+        rounds.append(got)
+
+    benchmark.group = "copy-io-calls-%s-%s" % ("64KiB" if io_size else "default", SIZE_LABEL)
+    benchmark.pedantic(one_round, rounds=IO_CALLS_ROUNDS, iterations=1)
+
+    info = benchmark.extra_info
+    info["bytes"] = SIZE
+    info["io_size"] = io_size or "default"
+    info["rounds_measured"] = len(rounds)
+    base = "ring-plain"
+    for row in IO_CALLS:
+        runs = [r[row] for r in rounds]
+        info[row + ".calls"] = runs[-1]["calls"]
+        info[row + ".throughput"] = statistics.median(x["bytes_per_s"] for x in runs)
+        info[row + ".throughput_min"] = min(x["bytes_per_s"] for x in runs)
+        info[row + ".throughput_max"] = max(x["bytes_per_s"] for x in runs)
+        info[row + ".cpu_s_per_gib"] = statistics.median(x["cpu_s_per_gib"] for x in runs)
+        if row != base:
+            tput = [r[row]["bytes_per_s"] / r[base]["bytes_per_s"] for r in rounds]
+            cpu = [r[row]["cpu_s_per_gib"] / r[base]["cpu_s_per_gib"] for r in rounds]
+            info[row + ".throughput_ratio_rounds"] = tput
+            info[row + ".throughput_ratio"] = statistics.median(tput)
+            info[row + ".cpu_ratio_rounds"] = cpu
+            info[row + ".cpu_ratio"] = statistics.median(cpu)
+    info["rounds"] = rounds

@@ -1,6 +1,7 @@
 /* An LD_PRELOAD shim that makes chosen system calls fail, for the fault
- * tests.  It sits at the C library boundary: the engine's pread/pwrite/
- * fdatasync calls reach it exactly as they would reach the kernel.
+ * tests.  It sits at the C library boundary: the engine's preadv/pwritev/
+ * fdatasync calls reach it exactly as they would reach the kernel (pread and
+ * pwrite are covered too).
  *
  * FM_FAULTS holds rules separated by ';', each
  *     op:path_substring:start:end:errno:count
@@ -11,6 +12,10 @@
  * engine's ring does (path, start and end are ignored): the kernel then
  * takes none of the queued entries, as when it is short of memory.
  * FM_FAULTS_LOG, if set, is a file where every injected failure is logged.
+ * FM_SHORT_IO=N, if set, makes every preadv/pwritev that gets through
+ * transfer at most N bytes, as a short read or write may (the caller must
+ * continue where it stopped, inside an iovec too); each such call is logged
+ * to FM_FAULTS_LOG as "short op offset".
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -24,6 +29,7 @@
 #include <stdarg.h>
 #include <sys/syscall.h>
 #include <sys/types.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 enum { OP_READ, OP_WRITE, OP_FLUSH, OP_URING_ENTER };
@@ -32,12 +38,15 @@ static struct rule rules[16];
 static int nrules = -1;
 static pthread_once_t once = PTHREAD_ONCE_INIT;
 static FILE *logf;
+static long long short_cap;     /* FM_SHORT_IO */
 
 static void parse(void)
 {
     const char *spec = getenv("FM_FAULTS");
     const char *log = getenv("FM_FAULTS_LOG");
+    const char *cap = getenv("FM_SHORT_IO");
     nrules = 0;
+    short_cap = cap ? atoll(cap) : 0;
     if (log) logf = fopen(log, "a");
     if (!spec) return;
     char *copy = strdup(spec), *save = NULL;
@@ -123,6 +132,47 @@ ssize_t pwrite64(int fd, const void *buf, size_t n, off_t off)
     if (e) { errno = e; return -1; }
     return real_pwrite64(fd, buf, n, off);
 }
+
+static int64_t iov_total(const struct iovec *iov, int n)
+{
+    int64_t t = 0;
+    for (int i = 0; i < n; i++)
+        t += (int64_t)iov[i].iov_len;
+    return t;
+}
+
+/* The first iovecs of iov[0..n), the last one trimmed, holding at most
+ * FM_SHORT_IO bytes (copied to part[]); n itself when FM_SHORT_IO is unset. */
+static int short_io(const struct iovec *iov, int n, struct iovec *part, int max)
+{
+    int k = 0;
+    pthread_once(&once, parse);
+    if (short_cap <= 0 || iov_total(iov, n) <= short_cap)
+        return -1;
+    for (long long left = short_cap; k < n && k < max && left > 0; k++) {
+        part[k] = iov[k];
+        if ((long long)part[k].iov_len > left)
+            part[k].iov_len = (size_t)left;
+        left -= (long long)part[k].iov_len;
+    }
+    return k;
+}
+
+#define VECTORED(name, op, iovtype) \
+ssize_t name(int fd, iovtype *iov, int n, off_t off) \
+{ \
+    REAL(name, ssize_t, int, iovtype *, int, off_t); \
+    struct iovec part[64]; \
+    int e = should_fail(op, fd, off, iov_total(iov, n)); \
+    if (e) { errno = e; return -1; } \
+    int k = short_io(iov, n, part, 64); \
+    if (k >= 0 && logf) { fprintf(logf, "short %d %lld\n", op, (long long)off); fflush(logf); } \
+    return k < 0 ? real_##name(fd, iov, n, off) : real_##name(fd, part, k, off); \
+}
+VECTORED(preadv, OP_READ, const struct iovec)
+VECTORED(preadv64, OP_READ, const struct iovec)
+VECTORED(pwritev, OP_WRITE, const struct iovec)
+VECTORED(pwritev64, OP_WRITE, const struct iovec)
 
 int fdatasync(int fd)
 {

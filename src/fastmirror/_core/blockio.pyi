@@ -1,9 +1,10 @@
 """Typed stub for fastmirror._core.blockio (a Cython module): O_DIRECT opening,
-alignment and size discovery, flush, zeroing, hole discovery
-and comparison.  Every function that takes an ``fd`` works on a descriptor
+alignment and size discovery, vectored reads and writes, flush, zeroing,
+hole discovery and comparison.  Every function that takes an ``fd`` works on a descriptor
 the caller owns; failures raise OSError carrying errno (and the path, where
 one is known)."""
 
+from collections.abc import Iterable
 from typing import Final, NoReturn
 
 from _typeshed import StrOrBytesPath
@@ -60,6 +61,16 @@ def zero(fd: int, offset: int, length: int, is_block: bool, unmap: bool = True) 
 
 def preallocate(fd: int, offset: int, length: int) -> bool:
     """Allocate a file range before writing it; False where not possible."""
+
+def preadv_into(fd: int, buffers: Iterable[Buffer], offset: int) -> int:
+    """Read into writable contiguous buffers from ``offset`` on, filling them
+    in order: preadv(2) until all are full or the file ends, retrying EINTR
+    and continuing short reads.  Returns the bytes read."""
+
+def pwritev_from(fd: int, buffers: Iterable[Buffer], offset: int) -> int:
+    """Write contiguous buffers from ``offset`` on, one after the other:
+    pwritev(2) until every byte is written, retrying EINTR and continuing
+    short writes.  Returns the bytes written."""
 
 def flush(fd: int) -> None:
     """fdatasync, retrying EINTR."""

@@ -1,6 +1,6 @@
 # cython: language_level=3
 """I/O primitives: O_DIRECT opening, alignment and size discovery, aligned
-buffers, full-length pread/pwrite, flush, zeroing and hole discovery.
+buffers, full-length preadv/pwritev, flush, zeroing and hole discovery.
 
 The C-level functions (declared in _io.pxd) run without the GIL and return
 -errno on failure; the Python-level functions raise OSError carrying errno and
@@ -17,10 +17,12 @@ glibc and musl, whatever their headers declare.
 import os
 import stat as _stat
 
-from libc.errno cimport errno, EINTR, EINVAL, EOPNOTSUPP, ENOTTY
+from libc.errno cimport errno, EINTR, EINVAL, EOPNOTSUPP, ENOTTY, EIO
 from libc.stdint cimport int64_t, uint64_t, uint32_t, uint16_t, uintptr_t
 from libc.string cimport memcmp
 from posix.time cimport timespec
+from posix.uio cimport iovec, preadv, pwritev
+from cpython.mem cimport PyMem_Malloc, PyMem_Free
 from fastmirror._core.sync cimport clock_gettime, CLOCK_MONOTONIC
 from fastmirror._core.ring cimport fm_ring_probe
 
@@ -163,8 +165,6 @@ cdef extern from *:
     void fm_unmap_buffer(void *buf, size_t length) nogil
     int64_t fm_lseek(int fd, int64_t off, int whence) nogil
     ctypedef long ssize_t
-    ssize_t pread(int fd, void *buf, size_t n, int64_t off) nogil
-    ssize_t pwrite(int fd, const void *buf, size_t n, int64_t off) nogil
     int fdatasync(int fd) nogil
     int munmap(void *addr, size_t length) nogil
 
@@ -180,36 +180,94 @@ DEFAULT_ALIGNMENT = 4096
 # C level: nogil, -errno
 # ---------------------------------------------------------------------------
 
-cdef int64_t pread_full(int fd, void *buf, int64_t length, int64_t offset) noexcept nogil:
-    """Read up to length bytes; fewer only at end of file."""
+cdef enum:
+    IOV_MAX = 1024       # iovecs one preadv/pwritev takes (Linux UIO_MAXIOV)
+    IOV_PART = 64        # iovecs passed after a short transfer stopped inside one
+
+
+cdef int64_t _rw_full(int fd, const iovec *iov, int iovcnt, int64_t offset,
+                      bint write) noexcept nogil:
+    """preadv/pwritev until every iovec is done (reads: or end of file).
+
+    A short transfer can stop anywhere, inside an iovec too: the next call
+    starts there.  The caller's array is never changed (it may be reused for
+    the next request, or shared); when the first iovec is partly done, a
+    copy of the next few, the first one trimmed, is passed instead."""
     cdef int64_t done = 0
     cdef ssize_t r
-    while done < length:
-        r = pread(fd, <char *>buf + done, <size_t>(length - done), offset + done)
+    cdef size_t skip = 0          # bytes of iov[i] already transferred
+    cdef size_t left
+    cdef int i = 0, n, k
+    cdef iovec part[IOV_PART]
+    cdef const iovec *v
+    while i < iovcnt:
+        if iov[i].iov_len <= skip:                 # an empty iovec, or done
+            i += 1
+            skip = 0
+            continue
+        n = iovcnt - i
+        if skip:
+            if n > IOV_PART:
+                n = IOV_PART
+            for k in range(n):
+                part[k] = iov[i + k]
+            part[0].iov_base = <char *>part[0].iov_base + skip
+            part[0].iov_len -= skip
+            v = part
+        else:
+            if n > IOV_MAX:
+                n = IOV_MAX
+            v = iov + i
+        if write:
+            r = pwritev(fd, v, n, offset + done)
+        else:
+            r = preadv(fd, v, n, offset + done)
         if r < 0:
             if errno == EINTR:
                 continue
             return -errno
         if r == 0:
-            break
+            if write:
+                return -EIO        # a zero-length write of a non-empty buffer
+            break                  # end of file
         done += r
+        while r > 0:               # step over what this call transferred
+            left = iov[i].iov_len - skip
+            if <size_t>r < left:
+                skip += <size_t>r
+                break
+            r -= <ssize_t>left
+            i += 1
+            skip = 0
     return done
+
+
+cdef int64_t preadv_full(int fd, const iovec *iov, int iovcnt, int64_t offset) noexcept nogil:
+    """Fill the iovecs from offset on; fewer bytes only at end of file.
+    Bytes read, or -errno."""
+    return _rw_full(fd, iov, iovcnt, offset, False)
+
+
+cdef int64_t pwritev_full(int fd, const iovec *iov, int iovcnt, int64_t offset) noexcept nogil:
+    """Write every byte of the iovecs from offset on, retrying EINTR and
+    short writes.  Bytes written, or -errno."""
+    return _rw_full(fd, iov, iovcnt, offset, True)
+
+
+cdef int64_t pread_full(int fd, void *buf, int64_t length, int64_t offset) noexcept nogil:
+    """Read up to length bytes; fewer only at end of file."""
+    cdef iovec v
+    v.iov_base = buf
+    v.iov_len = <size_t>length
+    return _rw_full(fd, &v, 1, offset, False)
 
 
 cdef int64_t pwrite_full(int fd, const void *buf, int64_t length, int64_t offset) noexcept nogil:
     """Write exactly length bytes, retrying EINTR and short writes."""
-    cdef int64_t done = 0
-    cdef ssize_t r
-    while done < length:
-        r = pwrite(fd, <const char *>buf + done, <size_t>(length - done), offset + done)
-        if r < 0:
-            if errno == EINTR:
-                continue
-            return -errno
-        if r == 0:
-            return -5  # EIO: a zero-length write of a non-empty buffer
-        done += r
-    return done
+    cdef iovec v
+    v.iov_base = <void *>buf
+    v.iov_len = <size_t>length
+    return _rw_full(fd, &v, 1, offset, True)
 
 
 cdef int flush_fd(int fd) noexcept nogil:
@@ -428,6 +486,54 @@ def preallocate(int fd, int64_t offset, int64_t length):
     with nogil:
         r = fm_fallocate(fd, 0, offset, length)
     return r == 0
+
+
+def _rw_py(int fd, buffers, int64_t offset, bint write):
+    """preadv_full/pwritev_full over a sequence of contiguous buffers."""
+    cdef const unsigned char[::1] ro
+    cdef unsigned char[::1] rw
+    cdef Py_ssize_t n, i
+    cdef int64_t r
+    cdef iovec *iov
+    buffers = list(buffers)
+    n = len(buffers)
+    iov = <iovec *>PyMem_Malloc((n if n else 1) * sizeof(iovec))
+    if iov == NULL:
+        raise MemoryError()
+    held = []                     # the views keep every buffer exported until the call ends
+    try:
+        for i in range(n):
+            if write:
+                ro = buffers[i]
+                held.append(ro)
+                iov[i].iov_base = <void *>&ro[0] if ro.shape[0] else NULL
+                iov[i].iov_len = <size_t>ro.shape[0]
+            else:
+                rw = buffers[i]
+                held.append(rw)
+                iov[i].iov_base = <void *>&rw[0] if rw.shape[0] else NULL
+                iov[i].iov_len = <size_t>rw.shape[0]
+        with nogil:
+            r = _rw_full(fd, iov, <int>n, offset, write)
+    finally:
+        PyMem_Free(iov)
+    if r < 0:
+        _raise(r)
+    return r
+
+
+def preadv_into(int fd, buffers, int64_t offset):
+    """Read into a sequence of writable buffers from offset on, filling them
+    in order (preadv until all are full or the file ends, retrying EINTR).
+    Returns the bytes read; raises OSError."""
+    return _rw_py(fd, buffers, offset, False)
+
+
+def pwritev_from(int fd, buffers, int64_t offset):
+    """Write a sequence of buffers from offset on, one after the other
+    (pwritev until every byte is written, retrying EINTR and short writes).
+    Returns the bytes written; raises OSError."""
+    return _rw_py(fd, buffers, offset, True)
 
 
 def flush(int fd):

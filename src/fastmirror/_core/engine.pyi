@@ -24,6 +24,9 @@ EV_STOPPED: Final = 3
 OP_READ: Final = 0
 OP_WRITE: Final = 1
 
+RING_CALLS: Final[tuple[str, ...]]
+"""The values of CopyEngine.ring_calls: "auto", "fixed", "vectored", "plain"."""
+
 @disjoint_base
 class CopyEngine:
     """Copies the dirty chunks of ``bitmap`` from ``src_fd`` to ``dst_fd``.
@@ -64,6 +67,21 @@ class CopyEngine:
         """Largest single copy in bytes, a multiple of the granularity."""
     @property
     def nworkers(self) -> int: ...
+    @property
+    def ring_calls(self) -> str:
+        """How io_uring drivers started from now on issue reads and writes:
+        "auto" (the default) and "fixed" register the slots' buffers and
+        issue READ_FIXED/WRITE_FIXED where the kernel takes them, READ/WRITE
+        otherwise; "vectored" READV/WRITEV; "plain" READ/WRITE."""
+    @ring_calls.setter
+    def ring_calls(self, value: str) -> None: ...
+    @property
+    def ring_io(self) -> str | None:
+        """What the io_uring drivers issue: None before one has started, else
+        "READ_FIXED/WRITE_FIXED" (registered buffers), "READV/WRITEV",
+        "READ/WRITE", with why registered buffers were refused where they
+        were, e.g. "READ/WRITE (registered buffers refused: Cannot allocate
+        memory)"; rings that differ are counted."""
     @property
     def bytes_copied(self) -> int: ...
     @property

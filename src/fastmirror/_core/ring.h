@@ -1,11 +1,18 @@
 /* A minimal io_uring: one ring per thread, reads and writes only.
  *
+ * A ring issues its reads and writes one of three ways (fm_ring.calls):
+ * FM_CALLS_PLAIN, IORING_OP_READ/WRITE on an address; FM_CALLS_VECTORED,
+ * IORING_OP_READV/WRITEV on one iovec; FM_CALLS_FIXED, READ_FIXED/
+ * WRITE_FIXED into buffers registered once with fm_ring_register_buffers(),
+ * which spares the kernel looking up and pinning the pages of every request
+ * (requests on other memory still go as READ/WRITE).
+ *
  * Spoken to through the raw system calls (io_uring_setup, io_uring_enter,
  * io_uring_register), so that neither liburing nor a recent C library is
  * needed to build or to run; the structures come from the kernel's own
  * <linux/io_uring.h>.  Where that header is missing, or the running kernel
  * or a seccomp profile refuses io_uring, fm_ring_init() returns -errno and
- * the caller falls back to blocking pread/pwrite in threads.
+ * the caller falls back to blocking preadv/pwritev in threads.
  *
  * Without SQPOLL the kernel reads the submission queue only inside
  * io_uring_enter(), so filling it needs no lock and no barrier but the
@@ -21,8 +28,10 @@
 #include <stdint.h>
 #include <string.h>
 #include <unistd.h>
+#include <stdlib.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
+#include <sys/uio.h>
 
 #if defined(__has_include)
 #  if __has_include(<linux/io_uring.h>)
@@ -42,6 +51,10 @@
 #define FM_RING_READ 0
 #define FM_RING_WRITE 1
 
+#define FM_CALLS_PLAIN 0       /* IORING_OP_READ / IORING_OP_WRITE */
+#define FM_CALLS_VECTORED 1    /* IORING_OP_READV / IORING_OP_WRITEV */
+#define FM_CALLS_FIXED 2       /* IORING_OP_READ_FIXED / IORING_OP_WRITE_FIXED */
+
 typedef struct fm_ring {
     int fd;
     unsigned sq_entries;
@@ -53,6 +66,10 @@ typedef struct fm_ring {
     size_t sq_map_len, cq_map_len, sqes_len;
     unsigned to_submit;    /* prepared, not yet handed to the kernel */
     unsigned in_flight;    /* handed to the kernel, completion not yet reaped */
+    int calls;             /* FM_CALLS_* */
+    struct iovec *vec;     /* FM_CALLS_VECTORED: one iovec per submission entry */
+    struct iovec *reg;     /* FM_CALLS_FIXED: the registered buffers, by index */
+    unsigned nreg;
 } fm_ring;
 
 #if FM_HAVE_URING
@@ -64,7 +81,9 @@ static inline void fm_ring_exit(fm_ring *r)
     if (r->sqes) munmap(r->sqes, r->sqes_len);
     if (r->cq_map) munmap(r->cq_map, r->cq_map_len);
     if (r->sq_map) munmap(r->sq_map, r->sq_map_len);
-    close(r->fd);
+    close(r->fd);          /* unregisters the buffers, unpins their pages */
+    free(r->vec);
+    free(r->reg);
     memset(r, 0, sizeof(*r));
     r->fd = -1;
 }
@@ -136,9 +155,30 @@ static inline int fm_ring_prep(fm_ring *r, int op, int fd, void *buf, unsigned l
     sqe = &((struct io_uring_sqe *)r->sqes)[idx];
     memset(sqe, 0, sizeof(*sqe));
     sqe->opcode = op == FM_RING_WRITE ? IORING_OP_WRITE : IORING_OP_READ;
-    sqe->fd = fd;
     sqe->addr = (uint64_t)(uintptr_t)buf;
     sqe->len = len;
+    if (r->calls == FM_CALLS_FIXED) {
+        unsigned i;
+        for (i = 0; i < r->nreg; i++) {
+            char *base = (char *)r->reg[i].iov_base;
+            if ((char *)buf >= base && (char *)buf + len <= base + r->reg[i].iov_len) {
+                sqe->opcode = op == FM_RING_WRITE ? IORING_OP_WRITE_FIXED
+                                                  : IORING_OP_READ_FIXED;
+                sqe->buf_index = (uint16_t)i;
+                break;
+            }
+        }
+    } else if (r->calls == FM_CALLS_VECTORED) {
+        /* The iovec is read at submission (IORING_FEAT_SUBMIT_STABLE, Linux
+           5.5, older than IORING_OP_READ); one per entry keeps it there
+           until then. */
+        r->vec[idx].iov_base = buf;
+        r->vec[idx].iov_len = len;
+        sqe->opcode = op == FM_RING_WRITE ? IORING_OP_WRITEV : IORING_OP_READV;
+        sqe->addr = (uint64_t)(uintptr_t)&r->vec[idx];
+        sqe->len = 1;
+    }
+    sqe->fd = fd;
     sqe->off = (uint64_t)off;
     sqe->user_data = user_data;
     r->sq_array[idx] = idx;
@@ -220,6 +260,63 @@ static inline int fm_ring_reap(fm_ring *r, uint64_t *user_data, int *res)
     return 1;
 }
 
+/* Can this ring issue reads and writes the `calls` way?  0 if so,
+ * -EOPNOTSUPP if the kernel lacks an opcode, or -errno of the probe
+ * (IORING_REGISTER_PROBE, Linux 5.6). */
+static inline int fm_ring_supports(fm_ring *r, int calls)
+{
+    char buf[sizeof(struct io_uring_probe) + 256 * sizeof(struct io_uring_probe_op)];
+    struct io_uring_probe *pr = (struct io_uring_probe *)buf;
+    int rd = calls == FM_CALLS_FIXED ? IORING_OP_READ_FIXED
+           : calls == FM_CALLS_VECTORED ? IORING_OP_READV : IORING_OP_READ;
+    int wr = calls == FM_CALLS_FIXED ? IORING_OP_WRITE_FIXED
+           : calls == FM_CALLS_VECTORED ? IORING_OP_WRITEV : IORING_OP_WRITE;
+    memset(buf, 0, sizeof(buf));
+    if (syscall(__NR_io_uring_register, r->fd, IORING_REGISTER_PROBE, pr, 256) < 0)
+        return -errno;
+    if (pr->last_op < rd || pr->last_op < wr ||
+        !(pr->ops[rd].flags & IO_URING_OP_SUPPORTED) ||
+        !(pr->ops[wr].flags & IO_URING_OP_SUPPORTED))
+        return -EOPNOTSUPP;
+    return 0;
+}
+
+/* Issue reads and writes the `calls` way from now on.  FM_CALLS_FIXED
+ * registers bufs[0..n) (IORING_REGISTER_BUFFERS): the kernel pins their pages
+ * once, charged to RLIMIT_MEMLOCK unless the process has CAP_IPC_LOCK, so it
+ * may answer -ENOMEM (or -EFAULT, -EOPNOTSUPP, -EPERM); on any failure the
+ * ring keeps issuing reads and writes as before, and nothing is registered. */
+static inline int fm_ring_use(fm_ring *r, int calls, const struct iovec *bufs, unsigned n)
+{
+    int err = fm_ring_supports(r, calls);
+    if (err < 0)
+        return err;
+    if (calls == FM_CALLS_VECTORED && r->vec == NULL) {
+        r->vec = calloc(r->sq_entries, sizeof(struct iovec));
+        if (r->vec == NULL)
+            return -ENOMEM;
+    }
+    if (calls == FM_CALLS_FIXED) {
+        if (r->nreg)
+            return -EBUSY;
+        if (n == 0 || n > UINT16_MAX)
+            return -EINVAL;
+        r->reg = malloc(n * sizeof(struct iovec));
+        if (r->reg == NULL)
+            return -ENOMEM;
+        if (syscall(__NR_io_uring_register, r->fd, IORING_REGISTER_BUFFERS, bufs, n) < 0) {
+            err = -errno;
+            free(r->reg);
+            r->reg = NULL;
+            return err;
+        }
+        memcpy(r->reg, bufs, n * sizeof(struct iovec));
+        r->nreg = n;
+    }
+    r->calls = calls;
+    return 0;
+}
+
 /* Does this kernel let us use io_uring for reads and writes?  0 if so. */
 static inline int fm_ring_probe(void)
 {
@@ -227,19 +324,7 @@ static inline int fm_ring_probe(void)
     int err = fm_ring_init(&r, 4);
     if (err < 0)
         return err;
-    {
-        size_t len = sizeof(struct io_uring_probe) + 256 * sizeof(struct io_uring_probe_op);
-        char buf[sizeof(struct io_uring_probe) + 256 * sizeof(struct io_uring_probe_op)];
-        struct io_uring_probe *pr = (struct io_uring_probe *)buf;
-        memset(buf, 0, len);
-        if (syscall(__NR_io_uring_register, r.fd, IORING_REGISTER_PROBE, pr, 256) < 0) {
-            err = -errno;
-        } else if (pr->last_op < IORING_OP_WRITE ||
-                   !(pr->ops[IORING_OP_READ].flags & IO_URING_OP_SUPPORTED) ||
-                   !(pr->ops[IORING_OP_WRITE].flags & IO_URING_OP_SUPPORTED)) {
-            err = -EOPNOTSUPP;
-        }
-    }
+    err = fm_ring_supports(&r, FM_CALLS_PLAIN);
     fm_ring_exit(&r);
     return err;
 }
@@ -258,6 +343,9 @@ static inline unsigned fm_ring_unqueue(fm_ring *r, uint64_t *out, unsigned max)
 static inline int fm_ring_reap(fm_ring *r, uint64_t *user_data, int *res)
 { (void)r; (void)user_data; (void)res; return 0; }
 static inline int fm_ring_probe(void) { return -ENOSYS; }
+static inline int fm_ring_supports(fm_ring *r, int calls) { (void)r; (void)calls; return -ENOSYS; }
+static inline int fm_ring_use(fm_ring *r, int calls, const struct iovec *bufs, unsigned n)
+{ (void)r; (void)calls; (void)bufs; (void)n; return -ENOSYS; }
 
 #endif
 #endif
