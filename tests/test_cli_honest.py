@@ -284,8 +284,9 @@ def test_verify_says_the_target_is_shorter(tmp_path):
     r = fm("verify", str(a), str(b), "--json")
     d = json.loads(r.stdout)
     assert d["target_shorter"] is True and d["first_difference"] == 100000
-    r = fm("verify", str(a), str(tmp_path / "none"))
+    r = fm("verify", str(a), str(tmp_path / "none"), "--json")
     assert r.returncode == 2 and "target" in r.stderr
+    assert json.loads(r.stdout)["side"] == "target"
     r = fm("verify", str(a), str(a), "--json")
     assert json.loads(r.stdout)["first_difference"] is None
 

@@ -372,8 +372,8 @@ def cmd_verify(args) -> int:
     try:
         diff = first_difference(args.source, args.target)
     except OSError as e:
-        print("fastmirror: %s" % _describe(e, args.source, args.target), file=sys.stderr)
-        return EXIT_USAGE if e.errno in (errno.ENOENT, errno.EISDIR, errno.EACCES) \
+        refused = _refuse(args, _describe(e, args.source, args.target), e)
+        return refused if e.errno in (errno.ENOENT, errno.EISDIR, errno.EACCES) \
             else EXIT_FAIL
     elapsed = time.monotonic() - t0
     ssize, tsize = _size_of(args.source), _size_of(args.target)

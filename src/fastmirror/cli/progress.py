@@ -66,13 +66,16 @@ class Progress:
     def __init__(self, stream=None):
         self.stream = stream or sys.stderr
         self.last = ""
+        self.bar = BAR_MAX      # only shrinks: a bar that changes width jitters
 
     def draw(self, st) -> None:
         # One column short of the width: a terminal that wraps at the last
         # column would move the cursor to the next line.
         room = max(1, columns(self.stream) - 1)
         frac, text = progress_text(st)
-        width = min(BAR_MAX, room - len(text) - 3)
+        width = min(self.bar, room - len(text) - 3)
+        if width >= BAR_MIN:
+            self.bar = width
         if width >= BAR_MIN:
             if frac is None:
                 bar = "[%s]" % ("." * width)
