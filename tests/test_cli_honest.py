@@ -295,3 +295,27 @@ def test_readme_documents_preallocation_and_units():
     readme = " ".join(README.read_text().split())
     assert "preallocat" in readme
     assert "MB" in readme and "decimal" in readme
+
+
+_SIGINT_IN_VERIFY = r"""
+import importlib, os, signal, sys, time
+import fastmirror.job.verify as verify
+cli = importlib.import_module("fastmirror.cli.main")
+
+def first_difference(*args, **kw):
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(5)
+    return -1
+verify.first_difference = first_difference
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_sigint_during_verify_does_not_say_the_target_is_partial(tmp_path):
+    src, dst = tmp_path / "src.img", tmp_path / "dst.img"
+    make_image(src, 2 * MiB)
+    r = subprocess.run([sys.executable, "-c", _SIGINT_IN_VERIFY, "mirror", str(src),
+                        str(dst), "--verify"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1, r.stderr          # not 130: the target is complete
+    assert "the target is complete" in r.stderr and "not compared" in r.stderr
+    assert dst.read_bytes() == src.read_bytes()

@@ -28,7 +28,7 @@ EXIT_CODES = """\
 exit codes:
   0    the target is complete (COMPLETED), also when SIGINT or SIGTERM came
        after READY; verify: equal
-  1    the job failed, or verify found a difference
+  1    the job failed, or verify found a difference (or was interrupted)
   2    bad usage, or input refused before anything was written
   130  cancelled before the target was complete (CANCELLED): the target is
        partial and must not be used as a copy of the source
@@ -340,6 +340,11 @@ def cmd_mirror(args) -> int:
         except OSError as e:
             print("fastmirror: verify: %s" % _describe(e, args.source, args.target),
                   file=sys.stderr)
+            diff, status = None, EXIT_FAIL
+        except KeyboardInterrupt:
+            # Not 130: the target is complete, only the comparison is not.
+            print("fastmirror: verify interrupted: the target is complete (COMPLETED) "
+                  "but was not compared", file=sys.stderr)
             diff, status = None, EXIT_FAIL
         if args.json and diff is not None:
             _json_line({"event": "VERIFY", "equal": diff < 0,
