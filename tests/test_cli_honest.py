@@ -273,6 +273,10 @@ def test_messages_name_options_sides_and_sizes(tmp_path):
                     "target /dev/x")
     assert "--on-source-error" in cli._describe(
         ValueError("on_source_error must be one of ('report',), not 'x'"))
+    assert cli._describe(ValueError("io_engine='io_uring' is not available here: x")) == \
+        "--io-engine io_uring is not available here: x"
+    same = "source /v/speed/a and target /v/speed/b are the same disk"
+    assert cli._describe(ValueError(same), "/v/speed/a", "/v/speed/b") == same
 
 
 def test_verify_says_the_target_is_shorter(tmp_path):

@@ -110,9 +110,13 @@ def _options_text(text: str, source: Optional[str] = None,
     names for parameter names, sizes in units, the side for a path."""
     def size(m):
         return "%s %s" % (m.group(1), _size_words(int(m.group(2))))
+    # MirrorJob's own texts begin with the parameter's name; other texts
+    # (with paths, which may hold any word) are left as they are.
     for name, option in _OPTIONS.items():
-        text = re.sub(r"(?<![\w-])%s(?![\w-])" % name, option, text)
-    text = re.sub(r"(--granularity|--buf-size|--speed|alignment) (\d+)", size, text)
+        text = re.sub(r"^%s(?![\w-])" % name, option, text)
+    text = re.sub(r"^(--granularity|--buf-size|--speed) (\d+)", size, text)
+    text = re.sub(r"^(--[\w-]+)='([^']*)'", r"\1 \2", text)
+    text = re.sub(r"(I/O alignment|more than) (\d+)", size, text)
     for name, p in (("source", source), ("target", target)):
         if p and not re.search(r"\b%s %s" % (name, re.escape(p)), text):
             text = re.sub(r"of %s$" % re.escape(p), "of the %s %s" % (name, p), text)
