@@ -85,15 +85,17 @@ def run(args) -> int:
     from fastmirror.job.verify import first_difference
 
     size = args.size
-    workdir = args.dir or tempfile.mkdtemp(prefix="fastmirror-demo-", dir="/var/tmp"
-                                           if os.path.isdir("/var/tmp") else None)
-    os.makedirs(workdir, exist_ok=True)
+    out = sys.stderr
+    if args.dir is not None and not os.path.isdir(args.dir):
+        print("fastmirror demo: --dir %s is not an existing folder" % args.dir, file=out)
+        return 2
+    parent = args.dir if args.dir is not None else \
+        "/var/tmp" if os.path.isdir("/var/tmp") else None
+    # A new folder of our own, even inside the user's DIR: the demo never
+    # overwrites or removes a file it did not create, and removes only this.
+    workdir = tempfile.mkdtemp(prefix="fastmirror-demo-", dir=parent)
     src = os.path.join(workdir, "source.img")
     dst = os.path.join(workdir, "target.img")
-    for p in (src, dst):
-        if os.path.exists(p):
-            os.unlink(p)
-    out = sys.stderr
     try:
         print("fastmirror demo: generating a %s image with data and holes in %s"
               % (human(size), workdir), file=out)
@@ -188,9 +190,7 @@ def run(args) -> int:
             return 1
         return 0 if final.type.value == "COMPLETED" and diff < 0 else 1
     finally:
-        if not args.keep and not args.dir:
+        if args.keep:
+            print("fastmirror demo: the images are kept in %s" % workdir, file=out)
+        else:
             shutil.rmtree(workdir, ignore_errors=True)
-        elif not args.keep:
-            for p in (src, dst):
-                if os.path.exists(p):
-                    os.unlink(p)

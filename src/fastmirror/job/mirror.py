@@ -420,6 +420,8 @@ class MirrorJob:
                 chunks_recopied=max(0, copied - self._initial_chunks),
                 copy_mode="write-blocking" if self._write_blocking else "background",
                 io_engine=self.io_engine,
+                bytes_zeroed=self._engine.bytes_zeroed,
+                bytes_zero_detected=self._engine.bytes_zero_detected,
             )
 
     @property
