@@ -99,5 +99,6 @@ class JobStatus:
     chunks_recopied: int   # copied again because a write dirtied them
     copy_mode: str = "background"   # in effect now: "background" or "write-blocking"
     io_engine: str = "threads"      # "io_uring", or "threads" and why (see MirrorJob)
+    io_calls: str = "preadv/pwritev"  # the calls a copy issues, e.g. READ_FIXED/WRITE_FIXED
     bytes_zeroed: int = 0           # holes of the source made to read zeros on the target
     bytes_zero_detected: int = 0    # read as zeros, stored as zeroed ranges (in bytes_copied)

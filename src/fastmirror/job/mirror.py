@@ -420,9 +420,17 @@ class MirrorJob:
                 chunks_recopied=max(0, copied - self._initial_chunks),
                 copy_mode="write-blocking" if self._write_blocking else "background",
                 io_engine=self.io_engine,
+                io_calls=self._io_calls(),
                 bytes_zeroed=self._engine.bytes_zeroed,
                 bytes_zero_detected=self._engine.bytes_zero_detected,
             )
+
+    def _io_calls(self) -> str:
+        """What the copies issue: the rings' calls (registered buffers or
+        not, and why) once the drivers run, else the blocking calls."""
+        if self.io_engine == "io_uring":
+            return self._engine.ring_io or "io_uring"
+        return "preadv/pwritev"
 
     @property
     def io_mode(self) -> str:
