@@ -513,8 +513,16 @@ class MirrorJob:
     def _auto_copy_mode(self, now: float) -> None:
         """copy_mode="auto": switch to write-blocking when writes outpace the
         copy, that is when over AUTO_WINDOW seconds of writes the work left
-        did not shrink by a tenth (and is more than two copies' worth)."""
+        did not shrink by a tenth (and is more than two copies' worth).
+
+        Only time spent running counts: while the job is paused (by the user
+        or an error policy) the copy is stopped on purpose, so writes piling
+        up then say nothing about convergence.  A pause drops the window, and
+        measuring starts afresh once the job runs again."""
         if self.copy_mode != "auto" or self._write_blocking:
+            return
+        if self._state in PAUSED_STATES:
+            self._progress.clear()
             return
         _, inflight, _, _ = self._engine.snapshot()
         left = self._bitmap.dirty_bytes + inflight
@@ -525,6 +533,10 @@ class MirrorJob:
         if now - t0 < AUTO_WINDOW or self._engine.bytes_marked == marked0:
             return
         if left >= 0.9 * left0 and left > 2 * self._engine.max_io:
+            with self._lock:
+                if self._state in PAUSED_STATES:   # paused since the check above
+                    self._progress.clear()
+                    return
             self._enter_write_blocking()
             _log.info("writes outpace the copy (%d bytes left, was %d %.1f s ago): "
                       "switching to write-blocking", left, left0, now - t0)
