@@ -2,7 +2,8 @@
 
 from fastmirror import trace
 from fastmirror._core.hbitmap import HBitmap
-from fastmirror.job.events import EventType, JobEvent, JobState, JobStateError, JobStatus
+from fastmirror.job.events import (EventType, JobError, JobEvent, JobState, JobStateError,
+                                   JobStatus)
 from fastmirror.job.mirror import MirrorJob
 from fastmirror.job.source import BlockHandle
 
@@ -12,6 +13,7 @@ __all__ = [
     "BlockHandle",
     "EventType",
     "HBitmap",
+    "JobError",
     "JobEvent",
     "JobState",
     "JobStateError",
