@@ -5,7 +5,7 @@ are equal without a read: the compare covers the union of both files' data
 extents (SEEK_DATA/SEEK_HOLE), and inside it reads both sides, holes
 included (a hole reads as zeros, and a data range must hold zeros to match
 it).  The answer is the one a full compare gives; the cost follows the data,
-not the size: a 8 TiB sparse pair with a few MiB of data reads a few MiB.
+not the size: an 8 TiB sparse pair with a few MiB of data reads a few MiB.
 Block devices have no hole information and are read whole.
 """
 
