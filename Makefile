@@ -15,7 +15,7 @@ $(DEPS): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "setuptools>=77" "Cython>=3.1" wheel build numpy \
-		pytest hypothesis pytest-benchmark pytest-timeout matplotlib
+		pytest hypothesis pytest-benchmark pytest-timeout matplotlib mypy
 	touch $@
 
 venv: $(DEPS)

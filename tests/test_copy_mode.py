@@ -176,3 +176,65 @@ def test_force_cancel_ends_promptly_while_writers_hammer(images, copy_mode, io_e
         job.wait(30)
         job.close()
         job.source.close()
+
+
+@pytest.mark.parametrize("phase", ["running", "ready"])
+def test_auto_ignores_time_spent_paused(images, phase):
+    """A user's pause is not a failure to converge: writes piling up while
+    the job is paused (PAUSED in phase 1, STANDBY in phase 2) must not
+    switch to write-blocking, however long the pause.  After resume the
+    usual rule applies again: a copy throttled below the writer's pace
+    switches."""
+    src, dst = images
+    job = fastmirror.MirrorJob(src, dst, copy_mode="auto", granularity=65536,
+                               buf_size=1 << 20)
+    events = []
+    job.add_listener(events.append)
+    stop = threading.Event()
+
+    def writer():
+        rng = random.Random(9)
+        while not stop.is_set():
+            job.source.pwrite(rng.randbytes(4096), rng.randrange(0, SIZE - 4096))
+            time.sleep(0.0005)
+
+    t = threading.Thread(target=writer)
+    try:
+        job.start()
+        if phase == "ready":
+            assert job.wait_ready(30)
+        job.pause()
+        assert job.status().paused
+        t.start()
+        time.sleep(fastmirror.job.mirror.AUTO_WINDOW * 2 + 0.5)
+        assert job.status().paused
+        switches = [e for e in events if e.type == fastmirror.EventType.COPY_MODE]
+        assert switches == [], "switched to write-blocking while paused"
+        assert job.status().copy_mode == "background"
+        assert job.status().dirty_bytes > 2 * (1 << 20), "the writer did not dirty enough"
+
+        # Running again, a copy at 256 KiB/s cannot keep up with the writer.
+        job.set_speed(256 << 10)
+        resumed = time.time()
+        job.resume()
+        deadline = time.monotonic() + 30
+        while job.status().copy_mode != "write-blocking" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        switches = [e for e in events if e.type == fastmirror.EventType.COPY_MODE]
+        assert len(switches) == 1, "auto never switched after resume"
+        assert switches[0].time - resumed >= fastmirror.job.mirror.AUTO_WINDOW - 0.2
+        job.set_speed(0)
+        assert job.wait_ready(30)
+        stop.set()
+        t.join(30)
+        job.complete()
+        final = job.wait(30)
+        assert final.type == fastmirror.EventType.COMPLETED
+        assert final.copy_mode == "write-blocking"
+    finally:
+        stop.set()
+        if t.is_alive():
+            t.join(30)
+        job.close()
+        job.source.close()
+    assert first_difference(src, dst) == -1

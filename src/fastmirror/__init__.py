@@ -2,7 +2,8 @@
 
 from fastmirror import trace
 from fastmirror._core.hbitmap import HBitmap
-from fastmirror.job.events import EventType, JobEvent, JobState, JobStateError, JobStatus
+from fastmirror.job.events import (EventType, JobError, JobEvent, JobState, JobStateError,
+                                   JobStatus)
 from fastmirror.job.mirror import MirrorJob
 from fastmirror.job.owners import ImageTargetError, InUseError
 from fastmirror.job.source import BlockHandle
@@ -15,6 +16,7 @@ __all__ = [
     "HBitmap",
     "ImageTargetError",
     "InUseError",
+    "JobError",
     "JobEvent",
     "JobState",
     "JobStateError",

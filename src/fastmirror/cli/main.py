@@ -520,7 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--json", action="store_true")
     v.set_defaults(func=cmd_verify)
 
-    b = sub.add_parser("bench", help="throughput side by side with dd and qemu-img")
+    # The same words as the README's command table.
+    b = sub.add_parser("bench", help="throughput side by side with QEMU's mirror job, "
+                                     "qemu-img convert, dd and fio's ceilings")
     try:
         from fastmirror.bench import harness as benchmark
         benchmark.add_arguments(b)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import errno as _errno
 import os
 import time
 from dataclasses import dataclass, field
@@ -10,6 +11,8 @@ from typing import Optional
 
 
 class EventType(str, enum.Enum):
+    """What a JobEvent reports; COMPLETED, CANCELLED and FAILED are final."""
+
     READY = "READY"            # phase 2 began: the target matches the source
     ERROR = "ERROR"            # an I/O error; not final: see .action
     COMPLETED = "COMPLETED"    # final: the target equals a past state of the source
@@ -19,10 +22,14 @@ class EventType(str, enum.Enum):
 
     @property
     def final(self) -> bool:
+        """True for the event that ends the job (one per job)."""
         return self in (EventType.COMPLETED, EventType.CANCELLED, EventType.FAILED)
 
 
 class JobState(str, enum.Enum):
+    """MirrorJob.state: where the job is in its lifecycle (job/states.py
+    holds the table of moves and of the verbs each state allows)."""
+
     CREATED = "created"
     RUNNING = "running"        # phase 1, copying
     PAUSED = "paused"          # phase 1, paused by the user or an error policy
@@ -37,29 +44,97 @@ class JobStateError(RuntimeError):
     """A verb that the job's current state does not allow."""
 
 
+class JobError(OSError):
+    """An OSError raised or reported by fastmirror, with where it happened.
+
+    errno still picks the usual subclass: an error with ENOENT is both a
+    JobError and a FileNotFoundError, one with ENOSPC both a JobError and an
+    OSError whose .errno is ENOSPC.  Beside errno, strerror and filename (the
+    path of the side that failed) it carries:
+
+    offset:    the byte offset where the operation failed, or None where no
+               offset applies (a failed open or stat); for a verify failure,
+               the first differing byte; for a source whose size changed,
+               the new size.
+    operation: what failed: "read", "write", "flush", "open", "stat" or
+               "verify"; None when unknown.
+    """
+
+    offset: Optional[int] = None
+    operation: Optional[str] = None
+
+    def __reduce__(self):
+        return (_rebuild, (self.errno, self.strerror, self.filename, self.offset,
+                           self.operation))
+
+
+# errno's OSError subclass -> the JobError subclass deriving from both.
+_ERROR_CLASSES: dict[type, type[JobError]] = {OSError: JobError}
+
+
+def _error_class(base: type) -> type[JobError]:
+    cls = _ERROR_CLASSES.get(base)
+    if cls is None:
+        cls = type(base.__name__, (JobError, base),
+                   {"__module__": __name__, "__doc__": JobError.__doc__})
+        _ERROR_CLASSES[base] = cls
+    return cls
+
+
 def io_error(err: int, path: Optional[str], offset: Optional[int] = None,
-             operation: Optional[str] = None) -> OSError:
-    """An OSError of the right subclass (errno picks it) carrying the path,
-    the offset and the operation that failed."""
-    e = OSError(err, os.strerror(err), path)
-    e.offset = offset          # type: ignore[attr-defined]
-    e.operation = operation    # type: ignore[attr-defined]
+             operation: Optional[str] = None) -> JobError:
+    """A JobError of the right subclass (errno picks it, as OSError's own
+    constructor does) carrying the path, the offset and the operation that
+    failed."""
+    plain = OSError(err, os.strerror(err), path)
+    e = _error_class(type(plain))(err, os.strerror(err), path)
+    e.offset = offset
+    e.operation = operation
+    return e
+
+
+def as_job_error(e: OSError) -> JobError:
+    """e itself when it is a JobError; otherwise a JobError with the same
+    errno, message and path (offset and operation kept where e has them),
+    chained to e."""
+    if isinstance(e, JobError):
+        return e
+    err = io_error(e.errno or _errno.EIO, e.filename, getattr(e, "offset", None),
+                   getattr(e, "operation", None))
+    if e.strerror:
+        err.strerror = e.strerror
+        err.args = (err.errno, e.strerror)
+    err.__cause__ = e
+    return err
+
+
+def _rebuild(err, strerror, path, offset, operation) -> JobError:
+    e = io_error(err, path, offset, operation)
+    e.strerror = strerror
+    e.args = (err, strerror)
     return e
 
 
 @dataclass(frozen=True)
 class JobEvent:
+    """One event of a job, passed to listeners and returned by wait().
+
+    `error` is a JobError: an OSError (errno, strerror, filename: the path of
+    the side that failed) with `.offset` (int, or None) and `.operation`.
+    `offset`/`len` are the job's progress when the event fired (len when
+    READY or later)."""
+
     type: EventType
     offset: int                       # progress when the event fired
     len: int
-    error: Optional[OSError] = None   # ERROR, FAILED
+    error: Optional[JobError] = None  # ERROR, FAILED: errno, path, .offset, .operation
     operation: Optional[str] = None   # ERROR: "read", "write" or "flush"
     action: Optional[str] = None      # ERROR: "report", "ignore" or "stop"
     copy_mode: Optional[str] = None   # the copy mode in effect: "background" or "write-blocking"
     time: float = field(default_factory=time.time)
 
-    def to_dict(self) -> dict:
-        d = {"event": self.type.value, "offset": self.offset, "len": self.len,
+    def to_dict(self) -> dict[str, object]:
+        d: dict[str, object] = {"event": self.type.value, "offset": self.offset, "len": self.len,
              "time": round(self.time, 6)}
         if self.error is not None:
             d["errno"] = self.error.errno
@@ -77,6 +152,10 @@ class JobEvent:
 
 @dataclass(frozen=True)
 class JobStatus:
+    """A snapshot returned by MirrorJob.status(); QEMU's query-block-jobs
+    fields (offset, len, ready, paused, busy, speed, io_status) and measured
+    ones.  `error` is the last JobError, as in the events."""
+
     state: str
     offset: int            # len - dirty_bytes (== len when ready and clean)
     len: int
@@ -86,7 +165,7 @@ class JobStatus:
     speed: int             # the limit in bytes/s, 0 = none (as QEMU's "speed")
     dirty_bytes: int       # bytes still to copy, copies in flight included
     io_status: str         # "ok", "failed" or "nospace"
-    error: Optional[OSError]
+    error: Optional[JobError]  # the last error (see JobError), None if none
     bytes_copied: int      # data moved so far, recopies included
     copy_rate: float       # bytes/s, measured over the last seconds
     dirty_rate: float      # bytes/s written through the job or mark_dirty

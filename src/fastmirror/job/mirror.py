@@ -30,15 +30,15 @@ import os
 import threading
 import time
 import warnings
-from typing import Callable, Optional
+from typing import Callable, Optional, overload
 
 from fastmirror import trace
 from fastmirror._core import blockio as _io
 from fastmirror._core.engine import (CopyEngine, EV_CLEAN, EV_ERROR, EV_STOPPED,
                                 OP_READ)
 from fastmirror._core.hbitmap import HBitmap
-from fastmirror.job.events import (EventType, JobEvent, JobState, JobStateError,
-                               JobStatus, io_error)
+from fastmirror.job.events import (EventType, JobError, JobEvent, JobState,
+                               JobStateError, JobStatus, as_job_error, io_error)
 from fastmirror.job.endpoints import validate_pair
 from fastmirror.job.source import TrackedSource
 from fastmirror.job.states import PAUSED_STATES, TRANSITIONS, VERBS, WORKING_STATES
@@ -139,6 +139,42 @@ class MirrorJob:
     O_EXCL).  A target that starts with an image format header (qcow2,
     vmdk, vhdx, vdi, LUKS...) raises owners.ImageTargetError unless
     `allow_image_target=True`.
+
+    Bad input raises ValueError or the OSError subclass of its errno, naming
+    the path.
+
+    The job runs in two phases, as QEMU's mirror job: start() begins phase 1,
+    the bulk copy; the first moment the target equals the source (flushed)
+    is the READY event and phase 2, where the job keeps the target in sync;
+    complete() then drains what is left, flushes, ends COMPLETED and pivots
+    (writes through `source` go to the target from then on).  cancel(),
+    pause(), resume() and set_speed() act at any time their state allows
+    (JobStateError otherwise); wait_ready(), wait(), status() and
+    add_listener() observe it.
+
+    Attributes:
+
+    source
+        The tracked handle (a BlockHandle: pwrite, pread, write_zeroes,
+        discard, flush, close) through which writers reach the disk while
+        the job runs: a write lands on the source, then its chunks are
+        marked dirty (or, in write-blocking mode, it reaches both sides
+        before it returns).  Hand it to whoever writes the disk instead of
+        the source's path.  Its lifetime is not the job's: after a
+        complete() it writes to the target; after a cancel or a failure it
+        writes to the source, no longer tracked.  It holds a descriptor of
+        its own until source.close(), which job.close() does not call.
+    size, granularity, buf_size, copy_mode, io_engine, ...
+        The settings in effect (construction arguments after validation).
+
+    `with MirrorJob(...) as job:` starts the job on entry (unless already
+    started).  On exit, a job that has not ended is cancelled (cancel(); with
+    force=True when the block raised), waited for and closed: before READY it
+    ends CANCELLED, after READY the cancel drains and it ends COMPLETED
+    without a pivot.  Without `with`, call close() when done: it releases the
+    job's descriptors (cancelling a running job first, with force) and may be
+    called more than once.  A job garbage-collected while still running emits
+    a ResourceWarning.
     """
 
     def __init__(self, source, target, *, granularity: int = 65536,
@@ -226,7 +262,7 @@ class MirrorJob:
         # (no pivot); None until complete() or cancel() in phase 2.
         self._ending: Optional[str] = None
         self._final: Optional[JobEvent] = None
-        self._error: Optional[OSError] = None
+        self._error: Optional[JobError] = None
         self._io_status = "ok"
         self._listeners: list[Callable[[JobEvent], object]] = []
         self._threads: list[threading.Thread] = []
@@ -271,6 +307,7 @@ class MirrorJob:
 
     @property
     def state(self) -> JobState:
+        """The state now (see fastmirror.job.states for the table)."""
         return self._state
 
     # ------------------------------------------------------------------
@@ -278,6 +315,9 @@ class MirrorJob:
     # ------------------------------------------------------------------
 
     def start(self) -> "MirrorJob":
+        """Begin phase 1 (the bulk copy) and return the job.  The copy runs
+        on the job's own threads; start() returns at once.  Only once, on a
+        job just created; `with MirrorJob(...)` calls it for you."""
         with self._lock:
             self._verb("start")
             self._transition(S.RUNNING)
@@ -292,12 +332,20 @@ class MirrorJob:
         return self
 
     def pause(self) -> None:
+        """Stop copying until resume(): phase 1 goes PAUSED, phase 2 (also a
+        drain asked for by complete() or cancel()) goes STANDBY.  Writes
+        through `source` go on and are tracked; a paused drain lets writers
+        through again.  The job stays ready in phase 2, and a paused job
+        never switches copy_mode="auto" to write-blocking: only time spent
+        running counts."""
         with self._lock:
             self._verb("pause")
             self._transition(S.PAUSED if self._state == S.RUNNING else S.STANDBY)
 
     def resume(self) -> None:
-        """Also after an error policy's pause (stop, enospc)."""
+        """Copy again after pause(), also after an error policy's pause
+        (stop, enospc), which it acknowledges (status().io_status is "ok"
+        again).  A paused drain drains again."""
         with self._lock:
             self._verb("resume")
             self._io_status = "ok"
@@ -307,6 +355,8 @@ class MirrorJob:
                 self._transition(S.DRAINING if self._ending else S.READY)
 
     def set_speed(self, speed: int) -> None:
+        """Limit the copy to `speed` bytes per second (0: no limit), at once,
+        also for a copy already waiting on the previous limit."""
         speed = _positive_int("speed", speed, 0, MAX_SPEED)
         with self._lock:
             self._verb("set_speed")
@@ -347,8 +397,18 @@ class MirrorJob:
             self._cond.wait_for(lambda: self._ready or self._final is not None, timeout)
             return self._ready
 
+    @overload
+    def wait(self, timeout: None = None) -> JobEvent: ...
+
+    @overload
+    def wait(self, timeout: Optional[float]) -> Optional[JobEvent]: ...
+
     def wait(self, timeout: Optional[float] = None) -> Optional[JobEvent]:
-        """The final event, or None on timeout.  Joins every thread of the job."""
+        """The final event (COMPLETED, CANCELLED or FAILED), once the job has
+        ended; joins every thread of the job.  Without a timeout it waits as
+        long as it takes and always returns the event; with one it returns
+        None when the job has not ended in time.  A job never started never
+        ends by itself: cancel() or close() it."""
         with self._cond:
             if not self._cond.wait_for(lambda: self._final is not None, timeout):
                 return None
@@ -372,6 +432,8 @@ class MirrorJob:
             self._listeners.append(callback)
 
     def remove_listener(self, callback: Callable[[JobEvent], object]) -> None:
+        """Stop calling a callback given to add_listener (ValueError if it
+        was not)."""
         with self._lock:
             self._listeners.remove(callback)
 
@@ -380,6 +442,9 @@ class MirrorJob:
     # ------------------------------------------------------------------
 
     def status(self) -> JobStatus:
+        """A snapshot of the job now (a JobStatus: state, progress as
+        offset/len, dirty_bytes, rates and ETA, the copy mode and I/O engine
+        in effect, the last error); cheap enough to poll."""
         busy, inflight, _, _ = self._engine.snapshot()
         with self._lock:
             dirty = min(self.size, self._bitmap.dirty_bytes + inflight)
@@ -434,6 +499,8 @@ class MirrorJob:
 
     @property
     def io_mode(self) -> str:
+        """"direct" when both sides use O_DIRECT, otherwise "buffered (...)"
+        saying why and which side."""
         if self._src.direct and self._dst.direct:
             return "direct"
         sides = [e.path for e in (self._src, self._dst) if not e.direct]
@@ -445,11 +512,14 @@ class MirrorJob:
     # ------------------------------------------------------------------
 
     def __enter__(self) -> "MirrorJob":
+        """Start the job (unless already started) and return it."""
         if self._state == S.CREATED:
             self.start()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        """Cancel a job that has not ended (with force when the block
+        raised), wait for it and close it.  job.source stays open."""
         if self._final is None:
             try:
                 self.cancel(force=exc_type is not None)
@@ -461,7 +531,9 @@ class MirrorJob:
     def close(self) -> None:
         """Release the job's descriptors.  A running job is cancelled first
         (forcefully); its threads are joined, also when it concluded just now
-        and they are still on their way out."""
+        and they are still on their way out.  Safe to call more than once.
+        job.source is not closed: it outlives the job (see the class
+        documentation); close it with job.source.close()."""
         self.cancel(force=True)
         if self._coordinator is not None:
             self.wait()
@@ -548,8 +620,16 @@ class MirrorJob:
     def _auto_copy_mode(self, now: float) -> None:
         """copy_mode="auto": switch to write-blocking when writes outpace the
         copy, that is when over AUTO_WINDOW seconds of writes the work left
-        did not shrink by a tenth (and is more than two copies' worth)."""
+        did not shrink by a tenth (and is more than two copies' worth).
+
+        Only time spent running counts: while the job is paused (by the user
+        or an error policy) the copy is stopped on purpose, so writes piling
+        up then say nothing about convergence.  A pause drops the window, and
+        measuring starts afresh once the job runs again."""
         if self.copy_mode != "auto" or self._write_blocking:
+            return
+        if self._state in PAUSED_STATES:
+            self._progress.clear()
             return
         _, inflight, _, _ = self._engine.snapshot()
         left = self._bitmap.dirty_bytes + inflight
@@ -560,12 +640,16 @@ class MirrorJob:
         if now - t0 < AUTO_WINDOW or self._engine.bytes_marked == marked0:
             return
         if left >= 0.9 * left0 and left > 2 * self._engine.max_io:
+            with self._lock:
+                if self._state in PAUSED_STATES:   # paused since the check above
+                    self._progress.clear()
+                    return
             self._enter_write_blocking()
             _log.info("writes outpace the copy (%d bytes left, was %d %.1f s ago): "
                       "switching to write-blocking", left, left0, now - t0)
             self._emit(self._event(EventType.COPY_MODE))
 
-    def _conclude(self, type_: EventType, error: Optional[OSError] = None) -> None:
+    def _conclude(self, type_: EventType, error: Optional[JobError] = None) -> None:
         """Under the lock: record the final event (emitted by the caller)."""
         if self._final is not None:
             return
@@ -601,7 +685,7 @@ class MirrorJob:
         except BaseException as e:   # a bug must still end the job
             _log.exception("mirror job crashed")
             final_type = EventType.FAILED
-            error = e if isinstance(e, OSError) else io_error(_errno.EIO, None)
+            error = as_job_error(e) if isinstance(e, OSError) else io_error(_errno.EIO, None)
             if not isinstance(e, OSError):
                 error.__cause__ = e
         finally:
@@ -684,7 +768,7 @@ class MirrorJob:
                 self._initial_chunks += (end - clean + self.granularity - 1) // self.granularity
             pos = end
 
-    def _loop(self) -> tuple[EventType, Optional[OSError]]:
+    def _loop(self) -> tuple[EventType, Optional[JobError]]:
         eng = self._engine
         last_size_check = 0.0
         while True:
@@ -735,7 +819,7 @@ class MirrorJob:
                 trace.emit("mirror_before_sleep", self, self._bitmap.dirty_count,
                            int(self._ready))
 
-    def _drain(self) -> Optional[tuple[EventType, Optional[OSError]]]:
+    def _drain(self) -> Optional[tuple[EventType, Optional[JobError]]]:
         """complete() or cancel() in phase 2: quiesce writers, copy what is
         left, flush.  None when the state left DRAINING (a pause, by the user
         or an error policy, or an abort): the caller looks at the state."""
@@ -782,20 +866,20 @@ class MirrorJob:
         finally:
             self.source.open_gate()
 
-    def _verify_target(self) -> Optional[OSError]:
+    def _verify_target(self) -> Optional[JobError]:
         """verify=True: with writers still held at the gate, compare the
         source and the flushed target byte for byte (GIL released)."""
         from fastmirror.job.verify import first_difference
         try:
             diff = first_difference(self._src.path, self._dst.path, self.size)
         except OSError as e:
-            return e
+            return as_job_error(e)
         if diff < 0:
             return None
-        e = io_error(_errno.EIO, self._dst.path, diff, "verify")
-        e.strerror = "target differs from source at offset %d" % diff
-        e.args = (_errno.EIO, e.strerror)
-        return e
+        err = io_error(_errno.EIO, self._dst.path, diff, "verify")
+        err.strerror = "target differs from source at offset %d" % diff
+        err.args = (_errno.EIO, err.strerror)
+        return err
 
     def _flush_target(self) -> Optional[str]:
         """Flush the target; on failure apply the target's policy and return
@@ -812,7 +896,7 @@ class MirrorJob:
             return "stop" if err == _errno.ENOSPC else "report"
         return pol
 
-    def _handle_failures(self) -> Optional[tuple[EventType, Optional[OSError]]]:
+    def _handle_failures(self) -> Optional[tuple[EventType, Optional[JobError]]]:
         failures, dropped = self._engine.take_failures()
         if dropped:
             _log.warning("%d further I/O errors were not reported one by one", dropped)
@@ -854,7 +938,7 @@ class MirrorJob:
             self._engine.release()
         return worst
 
-    def _check_source_size(self) -> Optional[OSError]:
+    def _check_source_size(self) -> Optional[JobError]:
         try:
             size = self._src.current_size()
         except OSError as e:
