@@ -200,8 +200,10 @@ class MirrorJob:
             self._close_endpoints(remove_created=True)
             raise
         self._engine.set_speed(speed)
+        # The handle reopens the checked source through its own duplicate
+        # of our descriptor, not by path (a path may name another file now).
         self.source = TrackedSource(self._src.path, self.size, self._src.info.is_block,
-                                    self._mark_write)
+                                    self._mark_write, fd=os.dup(self._src.fd))
 
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
@@ -445,14 +447,11 @@ class MirrorJob:
         self._close_endpoints()
 
     def _close_endpoints(self, remove_created: bool = False) -> None:
+        if remove_created and getattr(self, "_dst", None) is not None:
+            self._dst.remove_created()      # while its descriptor tells which file it is
         for e in (getattr(self, "_src", None), getattr(self, "_dst", None)):
             if e is not None:
                 e.close()
-        if remove_created and getattr(self, "_dst", None) is not None and self._dst.created:
-            try:
-                os.unlink(self._dst.path)
-            except OSError:
-                pass
 
     def __del__(self):
         try:
@@ -773,7 +772,8 @@ class MirrorJob:
         source and the flushed target byte for byte (GIL released)."""
         from fastmirror.verify import first_difference
         try:
-            diff = first_difference(self._src.path, self._dst.path, self.size)
+            diff = first_difference(self._src.path, self._dst.path, self.size,
+                                    fds=(self._src.fd, self._dst.fd))
         except OSError as e:
             return e
         if diff < 0:

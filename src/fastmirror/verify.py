@@ -16,8 +16,10 @@ SEGMENT = 64 << 20     # bytes one thread compares before taking the next segmen
 THREADS = 16           # segments in flight
 
 
-def _open(path: str) -> tuple[int, int]:
-    fd, _ = _io.open_file(path, os.O_RDONLY, True)
+def _open(path: str, fd: Optional[int] = None) -> tuple[int, int]:
+    """A read-only descriptor (O_DIRECT where allowed) and the size of path,
+    or, when fd is given, of the file behind fd whatever path names now."""
+    fd, _ = _io.open_file(path if fd is None else "/proc/self/fd/%d" % fd, os.O_RDONLY, True)
     try:
         return fd, _io.probe(fd).size
     except BaseException:
@@ -37,7 +39,8 @@ def _compare_range(sfd: int, tfd: int, start: int, end: int, chunk: int,
 
 
 def first_difference(source, target, length: Optional[int] = None,
-                     chunk: int = CHUNK, threads: int = THREADS) -> int:
+                     chunk: int = CHUNK, threads: int = THREADS,
+                     fds: Optional[tuple[int, int]] = None) -> int:
     """The first offset in [0, length) where target differs from source, or -1.
 
     length defaults to the source's size; a target larger than that is
@@ -45,10 +48,12 @@ def first_difference(source, target, length: Optional[int] = None,
     differs at its end.  Several threads compare consecutive segments with the
     GIL released, in large aligned reads, O_DIRECT where the filesystem allows
     it; the first difference in file order wins, and later segments are
-    dropped as soon as it is known."""
-    sfd, ssize = _open(os.fspath(source))
+    dropped as soon as it is known.  fds, descriptors of source and target
+    (a job's checked ones), are reopened instead of the paths, which then
+    only name the sides in errors."""
+    sfd, ssize = _open(os.fspath(source), fds[0] if fds else None)
     try:
-        tfd, tsize = _open(os.fspath(target))
+        tfd, tsize = _open(os.fspath(target), fds[1] if fds else None)
         try:
             n = ssize if length is None else length
             common = min(n, tsize)
