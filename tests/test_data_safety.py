@@ -43,6 +43,237 @@ def _flush_errors(events):
     return [e for e in events if e["event"] == "ERROR" and e["operation"] == "flush"]
 
 
+# -- 1. a failed flush dirties again what it may have lost -----------------
+
+def test_failed_flush_in_phase1_copies_everything_again_ignore(shim, images):  # noqa: F811
+    """The first flush (before READY) fails and loses the whole copy: under
+    "ignore" the job copies it all again before it retries the flush."""
+    src, dst = images
+    events, _, final = run_driver(shim, LOSSY_ONCE, src, dst, "--on-target-error", "ignore")
+    errors = _flush_errors(events)
+    assert len(errors) == 1 and errors[0]["action"] == "ignore"
+    assert final["event"] == "COMPLETED"
+    assert _ready(events)["bytes_copied"] >= 2 * SIZE     # copied before and after the failure
+    assert_same(src, dst)
+
+
+def test_failed_flush_in_phase1_copies_everything_again_stop_resume(shim, images):  # noqa: F811
+    src, dst = images
+    events, paused, final = run_driver(shim, LOSSY_ONCE, src, dst,
+                                       "--on-target-error", "stop", "--resume-after-pause", "2")
+    assert [e["action"] for e in _flush_errors(events)] == ["stop"]
+    # While paused by the policy, what the failed flush covered is dirty.
+    assert paused and paused[0]["failed_chunk_dirty"] is True
+    assert final["event"] == "COMPLETED"
+    assert _ready(events)["bytes_copied"] >= 2 * SIZE
+    assert_same(src, dst)
+
+
+@pytest.mark.parametrize("copy_mode", ["background", "write-blocking"])
+def test_failed_flush_in_drain_redoes_the_writes_since_the_last_good_flush(shim, images,  # noqa: F811
+                                                                           copy_mode):
+    """READY's flush succeeds; then 4 blocks are written through job.source
+    (copied in background mode, written to both sides in write-blocking
+    mode) and the drain's flush fails, losing them.  Exactly those chunks
+    are copied again, not the whole disk (it was flushed at READY)."""
+    src, dst = images
+    events, _, final = run_driver(shim, LOSSY_ONCE + ":1", src, dst,
+                                  "--on-target-error", "ignore", "--copy-mode", copy_mode,
+                                  "--write-when-ready", "4")
+    assert final["event"] == "COMPLETED" and final["copy_mode"] == copy_mode
+    assert len(_flush_errors(events)) == 1
+    after_ready = final["bytes_copied"] - _ready(events)["bytes_copied"]
+    copies_per_write = 2 if copy_mode == "background" else 1
+    assert 4 * GRAN * copies_per_write <= after_ready < SIZE // 2
+    assert_same(src, dst)
+
+
+# -- the engine: failed flushes, owned descriptors ---------------------------
+
+def _engine(src_fd, dst_fd, size, nworkers=2, max_io=MiB):
+    return CopyEngine(HBitmap(size, GRAN), src_fd, dst_fd, dst_fd, size, 512, max_io, nworkers)
+
+
+@contextlib.contextmanager
+def _workers(eng, use_ring=False):
+    """The engine's workers run inside the block (stop() is for good)."""
+    if use_ring:
+        threads = [threading.Thread(target=eng.run_driver, args=(0, eng.nworkers))]
+    else:
+        threads = [threading.Thread(target=eng.run_worker, args=(i,))
+                   for i in range(eng.nworkers)]
+    for t in threads:
+        t.start()
+    try:
+        yield
+    finally:
+        eng.stop()
+        for t in threads:
+            t.join()
+
+
+def _wait_clean(eng):
+    ev = eng.wait_event(30.0)
+    assert ev == EV_CLEAN, ev
+
+
+def _copy_all(eng):
+    with _workers(eng):
+        _wait_clean(eng)
+
+
+def _fds():
+    return set(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("use_ring", [False, True], ids=["threads", "io_uring"])
+def test_engine_failed_flush_dirties_what_was_copied(tmp_path, use_ring):
+    """The blocking workers and the io_uring driver both record their
+    copies: a flush that fails (fdatasync of /dev/null: EINVAL) dirties
+    every chunk copied since the last successful flush."""
+    if use_ring:
+        require_uring()
+    size = 4 * MiB
+    src = make_image(tmp_path / "s", size, seed=1)
+    sfd = os.open(src, os.O_RDONLY)
+    dfd = os.open("/dev/null", os.O_WRONLY)
+    try:
+        eng = _engine(sfd, dfd, size)
+        eng.bitmap.set(0, size)
+        with _workers(eng, use_ring):
+            _wait_clean(eng)
+            assert eng.bytes_copied == size and eng.bitmap.dirty_count == 0
+            assert eng.unflushed_bytes == size
+            assert eng.flush() == -errno.EINVAL
+            assert eng.bitmap.dirty_bytes == size
+            assert eng.snapshot()[3]             # held until the policy is applied
+            eng.release()
+            _wait_clean(eng)
+            assert eng.bytes_copied == 2 * size
+        eng.close()
+    finally:
+        os.close(sfd)
+        os.close(dfd)
+
+
+def test_engine_failed_flush_dirties_a_claim_in_flight(tmp_path):
+    """A write that goes to both sides (write-blocking) may have reached the
+    target just before a flush failed: its chunks are dirty afterwards."""
+    size = 4 * MiB
+    src = make_image(tmp_path / "s", size, seed=1)
+    sfd = os.open(src, os.O_RDONLY)
+    dfd = os.open("/dev/null", os.O_WRONLY)
+    try:
+        eng = _engine(sfd, dfd, size)
+        slot = eng.claim(MiB, 4096)
+        assert eng.flush() < 0
+        eng.unclaim(slot)
+        assert eng.bitmap.get(MiB) and eng.bitmap.dirty_count == 1
+        eng.close()
+    finally:
+        os.close(sfd)
+        os.close(dfd)
+
+
+def test_engine_records_every_write_until_a_flush_succeeds(tmp_path):
+    """Copies, zeroing and claims count as written until a successful flush."""
+    size = 4 * MiB
+    src = make_image(tmp_path / "s", size, seed=1)
+    dst = make_image(tmp_path / "d", size, pattern=0)
+    sfd = os.open(src, os.O_RDONLY)
+    dfd = os.open(dst, os.O_RDWR)
+    try:
+        eng = _engine(sfd, dfd, size)
+        eng.bitmap.set(0, MiB)
+        with _workers(eng):          # claim() works until stop()
+            _wait_clean(eng)
+            assert eng.unflushed_bytes == MiB
+            assert eng.flush() == 0 and eng.unflushed_bytes == 0
+            assert eng.zero_target(2 * MiB, GRAN) == 0
+            slot = eng.claim(3 * MiB, 100)
+            assert slot >= 0
+            eng.unclaim(slot)
+            assert eng.unflushed_bytes == 2 * GRAN
+            assert eng.flush() == 0 and eng.unflushed_bytes == 0
+            assert eng.bitmap.dirty_count == 0
+        eng.close()
+    finally:
+        os.close(sfd)
+        os.close(dfd)
+
+
+def test_engine_works_on_its_own_descriptors(tmp_path):
+    """Closing the descriptors the engine was given breaks nothing: it copies
+    and flushes through its own close-on-exec duplicates, and close()
+    releases them."""
+    size = 4 * MiB + 4096
+    src = make_image(tmp_path / "s", size, seed=2)
+    dst = make_image(tmp_path / "d", size, pattern=0)
+    before = _fds()
+    sfd = os.open(src, os.O_RDONLY)
+    dfd = os.open(dst, os.O_RDWR)
+    eng = _engine(sfd, dfd, size)
+    os.close(sfd)
+    os.close(dfd)
+    mine = _fds() - before
+    assert len(mine) == 2
+    for fd in mine:
+        assert fcntl.fcntl(int(fd), fcntl.F_GETFD) & fcntl.FD_CLOEXEC
+    eng.bitmap.set(0, size)
+    _copy_all(eng)
+    assert eng.take_failures() == ([], 0)
+    assert eng.flush() == 0
+    assert_same(src, dst)
+    eng.close()
+    assert _fds() == before
+    eng.close()                                  # again: nothing to do
+    assert eng.flush() == -errno.EBADF
+    with pytest.raises(RuntimeError):
+        eng.run_worker(0)
+
+
+def test_engine_close_refused_while_workers_run(tmp_path):
+    size = MiB
+    src = make_image(tmp_path / "s", size, seed=2)
+    sfd = os.open(src, os.O_RDONLY)
+    dfd = os.open("/dev/null", os.O_WRONLY)
+    eng = _engine(sfd, dfd, size, nworkers=1, max_io=GRAN)
+    os.close(sfd)
+    os.close(dfd)
+    eng.set_speed(GRAN)               # one chunk a second: the worker stays in
+    eng.bitmap.set(0, size)
+    t = threading.Thread(target=eng.run_worker, args=(0,))
+    t.start()
+    try:
+        while eng.copies == 0:        # the worker is inside run_worker
+            eng.wait_event(0.01, want_clean=False)
+        with pytest.raises(RuntimeError):
+            eng.close()
+        assert eng.flush() == -errno.EINVAL      # still open
+    finally:
+        eng.stop()
+        t.join()
+    eng.close()
+
+
+def test_job_leaves_no_descriptor_after_close(tmp_path):
+    """A job's lifetime, with writes through job.source, write-blocking mode
+    and a pivot, ends with exactly the descriptors open before it."""
+    src = make_image(tmp_path / "s", 4 * MiB, seed=3)
+    dst = str(tmp_path / "d")
+    before = _fds()
+    job = fastmirror.MirrorJob(src, dst, copy_mode="write-blocking")
+    job.start()
+    job.source.pwrite(b"x" * 4096, 0)
+    assert job.wait_ready(30)
+    job.source.pwrite(b"y" * 4096, 8192)
+    job.complete()
+    assert job.wait(30).type == EventType.COMPLETED
+    job.close()
+    job.source.close()
+    assert _fds() <= before
+
+
 # -- 3. files are reopened through the checked descriptor --------------------
 
 def _decoy(tmp_path, path, byte):

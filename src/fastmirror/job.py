@@ -443,7 +443,8 @@ class MirrorJob:
                 self.cancel()
             else:
                 self.cancel(force=True)
-                self.wait()
+        self.wait()                 # the workers have returned: the engine can close
+        self._engine.close()
         self._close_endpoints()
 
     def _close_endpoints(self, remove_created: bool = False) -> None:
@@ -786,7 +787,7 @@ class MirrorJob:
     def _flush_target(self) -> Optional[str]:
         """Flush the target; on failure apply the target's policy and return
         the action taken (self._flush_failed tells whether it failed)."""
-        r = self._engine.flush()
+        r = self._engine.flush()     # on failure, what it may have lost is dirty again
         self._flush_failed = r != 0
         if r == 0:
             return None
