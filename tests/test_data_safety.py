@@ -88,6 +88,38 @@ def test_failed_flush_in_drain_redoes_the_writes_since_the_last_good_flush(shim,
     assert_same(src, dst)
 
 
+# -- 2. the "ignore" backoff starts over after a success --------------------
+
+def test_ignore_backoff_starts_over_after_a_successful_flush(shim, images):  # noqa: F811
+    """Three failed flushes wait 10, 20, 40 ms; the fourth flush succeeds
+    (READY); the drain's failed flush waits 10 ms again, not 80."""
+    src, dst = images
+    faults = "flush:target.img:0:0:5:3;flush:target.img:0:0:5:1:1"
+    events, _, final = run_driver(shim, faults, src, dst, "--on-target-error", "ignore")
+    delays = [e["retry_delay"] for e in _flush_errors(events)]
+    assert delays == pytest.approx([0.01, 0.02, 0.04, 0.01])
+    kinds = [e["event"] for e in events]
+    assert kinds.index("READY") == 3                       # between the 3rd and 4th failure
+    assert final["event"] == "COMPLETED"
+    assert_same(src, dst)
+
+
+def test_ignore_backoff_starts_over_after_a_successful_copy(shim, images):  # noqa: F811
+    """One copy worker (1 MiB buffer), copying in one sweep.  The read of
+    [6, 7) MiB fails once (10 ms), then [7, 8) MiB fails (20 ms: a failure in
+    a row), then [6, 7) MiB copies, then [7, 8) MiB fails again: 10 ms, the
+    copy in between was a success."""
+    src, dst = images
+    faults = ";".join("read:source.img:%d:%d:5:%d" % (off, off + GRAN, n)
+                      for off, n in ((6 * MiB, 1), (7 * MiB, 2)))
+    events, _, final = run_driver(shim, faults, src, dst, "--on-source-error", "ignore")
+    errors = [e for e in events if e["event"] == "ERROR"]
+    assert [e["error_offset"] for e in errors] == [6 * MiB, 7 * MiB, 7 * MiB]
+    assert [e["retry_delay"] for e in errors] == pytest.approx([0.01, 0.02, 0.01])
+    assert final["event"] == "COMPLETED"
+    assert_same(src, dst)
+
+
 # -- the engine: failed flushes, owned descriptors ---------------------------
 
 def _engine(src_fd, dst_fd, size, nworkers=2, max_io=MiB):

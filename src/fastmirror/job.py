@@ -228,7 +228,8 @@ class MirrorJob:
         # sync="full" until _initial_marking is done: nothing is known to be
         # copied yet, so progress must not read as complete (offset == len).
         self._marking = sync == "full"
-        self._retries = 0
+        self._retries = 0           # "ignore": failures in a row, for the backoff
+        self._last_failure: Optional[tuple[str, int]] = None   # (kind, engine.copies then)
         self._flush_failed = False
 
     # ------------------------------------------------------------------
@@ -790,6 +791,8 @@ class MirrorJob:
         r = self._engine.flush()     # on failure, what it may have lost is dirty again
         self._flush_failed = r != 0
         if r == 0:
+            self._retries = 0        # a success: the next failure waits the first backoff
+            self._last_failure = None
             return None
         return self._apply_policy([("flush", -r, 0, self.size)])
 
@@ -816,18 +819,22 @@ class MirrorJob:
         The failed ranges were already marked dirty again by the engine."""
         worst = "ignore"
         rank = {"ignore": 0, "stop": 1, "report": 2}
-        for operation, err, off, length in failures:
+        actions = [self._policy_for(op == "read", err) for op, err, _, _ in failures]
+        for action in actions:
+            if rank[action] > rank[worst]:
+                worst = action
+        delay = None
+        if worst == "ignore":
+            delay = self._backoff("flush" if failures[0][0] == "flush" else "copy")
+        for (operation, err, off, length), action in zip(failures, actions):
             source_side = operation == "read"
-            action = self._policy_for(source_side, err)
             path = self._src.path if source_side else self._dst.path
             error = io_error(err, path, off, operation)
             with self._lock:
                 self._error = error
                 self._io_status = "nospace" if err == _errno.ENOSPC else "failed"
             self._emit(self._event(EventType.ERROR, error=error, operation=operation,
-                                   action=action))
-            if rank[action] > rank[worst]:
-                worst = action
+                                   action=action, retry_delay=delay))
         if worst == "stop":
             with self._lock:
                 self._error_paused = True
@@ -837,12 +844,25 @@ class MirrorJob:
                     self._transition(S.STANDBY)
                 self._engine.set_paused(True)
                 self._engine.release()
-        elif worst == "ignore":
-            delay = min(RETRY_BACKOFF[1], RETRY_BACKOFF[0] * (2 ** min(self._retries, 10)))
-            self._retries += 1
+        elif delay is not None:
             self._engine.wait_event(delay, want_clean=False)   # sleeps unless kicked
             self._engine.release()
         return worst
+
+    def _backoff(self, kind: str) -> float:
+        """"ignore": seconds to wait before retrying after a failure of
+        `kind` ("copy" or "flush").  The wait doubles with each failure in a
+        row and starts again from the first once the last failure was
+        followed by a success: a successful flush (see _flush_target), or,
+        after a failed copy, a successful one."""
+        copies = self._engine.copies
+        last = self._last_failure
+        if last is not None and last[0] == "copy" and copies != last[1]:
+            self._retries = 0
+        self._last_failure = (kind, copies)
+        delay = min(RETRY_BACKOFF[1], RETRY_BACKOFF[0] * (2 ** min(self._retries, 10)))
+        self._retries += 1
+        return delay
 
     def _check_source_size(self) -> Optional[OSError]:
         try:
