@@ -70,8 +70,8 @@ def test_failed_flush_in_phase1_copies_everything_again_stop_resume(shim, images
 
 
 @pytest.mark.parametrize("copy_mode", ["background", "write-blocking"])
-def test_failed_flush_in_drain_redoes_the_writes_since_the_last_good_flush(shim, images,  # noqa: F811
-                                                                           copy_mode):
+def test_failed_flush_in_drain_redoes_writes_since_the_last_good_flush(shim, images,  # noqa: F811
+                                                                       copy_mode):
     """READY's flush succeeds; then 4 blocks are written through job.source
     (copied in background mode, written to both sides in write-blocking
     mode) and the drain's flush fails, losing them.  Exactly those chunks
