@@ -4,6 +4,7 @@ error policy, and the final status."""
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -23,6 +24,10 @@ def main():
     # I/O never passes through them, so shim runs use the threads engine.
     # (tests/test_faults_qemu.py injects faults below both engines.)
     p.add_argument("--io-engine", default="threads")
+    p.add_argument("--copy-mode", default="auto")
+    p.add_argument("--write-when-ready", type=int, default=0, metavar="N",
+                   help="once READY, write N blocks of 64 KiB through job.source "
+                        "(at offsets 0, 1 MiB, 2 MiB, ...), then complete")
     a = p.parse_args()
 
     def out(obj):
@@ -31,8 +36,10 @@ def main():
 
     job = fastmirror.MirrorJob(a.source, a.target, on_source_error=a.on_source_error,
                                on_target_error=a.on_target_error, buf_size=1 << 20,
-                               io_engine=a.io_engine)
-    job.add_listener(lambda ev: out(dict(ev.to_dict(), kind="event")))
+                               io_engine=a.io_engine, copy_mode=a.copy_mode)
+    # bytes_copied when the event fired: READY's is what phase 1 copied.
+    job.add_listener(lambda ev: out(dict(ev.to_dict(), kind="event",
+                                         bytes_copied=job._engine.bytes_copied)))
     job.start()
     resumes = 0
     completing = False
@@ -57,6 +64,8 @@ def main():
             job.resume()
         elif st.ready and not completing:
             completing = True
+            for i in range(a.write_when_ready):
+                job.source.pwrite(os.urandom(65536), i << 20)
             job.complete()
     else:
         job.cancel(force=True)
@@ -65,8 +74,10 @@ def main():
     out({"kind": "final", "event": final.type.value, "io_status": st.io_status,
          "errno": final.error.errno if final.error else None,
          "operation": getattr(final.error, "operation", None),
-         "path": final.error.filename if final.error else None})
+         "path": final.error.filename if final.error else None,
+         "bytes_copied": st.bytes_copied, "copy_mode": st.copy_mode})
     job.close()
+    job.source.close()
 
 
 if __name__ == "__main__":

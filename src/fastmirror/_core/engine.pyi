@@ -31,8 +31,10 @@ RING_CALLS: Final[tuple[str, ...]]
 class CopyEngine:
     """Copies the dirty chunks of ``bitmap`` from ``src_fd`` to ``dst_fd``.
 
-    The caller owns the descriptors and the threads: it starts ``nworkers``
-    threads running ``run_worker(slot)``, or a few running
+    The engine works on its own close-on-exec duplicates of the descriptors
+    it is given, closed by ``close()`` or when it is freed, so the caller
+    may close its own at any time.  The caller owns the threads: it starts
+    ``nworkers`` threads running ``run_worker(slot)``, or a few running
     ``run_driver(first, count)`` over disjoint slot ranges, and, to finish,
     calls ``stop()`` and joins them."""
 
@@ -103,6 +105,10 @@ class CopyEngine:
     @property
     def speed(self) -> int:
         """The speed limit in bytes per second; 0 means unlimited."""
+    @property
+    def unflushed_bytes(self) -> int:
+        """Bytes written to the target since the last successful flush, in
+        whole chunks (an upper bound while a flush is in progress)."""
 
     # Marking (any thread)
     def mark_dirty(self, offset: int, length: int) -> None:
@@ -124,7 +130,9 @@ class CopyEngine:
         ``unclaim()``.  Returns the slot for unclaim(), or -1 once the engine
         has stopped."""
     def unclaim(self, slot: int) -> None:
-        """Release a claim; -1 (what claim() returns after stop) is a no-op."""
+        """Release a claim once its write is done on both sides (or failed);
+        a failed flush from then on dirties its chunks again.  -1 (what
+        claim() returns after stop) is a no-op."""
     def set_speed(self, speed: int) -> None: ...
     def set_trace(
         self,
@@ -138,7 +146,13 @@ class CopyEngine:
     def take_failures(self) -> tuple[list[tuple[int, int, int, int]], int]:
         """``([(op, errno, offset, length), ...], dropped)``, oldest first."""
     def flush(self) -> int:
-        """fdatasync the target: 0 or -errno."""
+        """fdatasync the target: 0 or -errno.  On failure every chunk written
+        to the target since the last successful flush, and every copy or
+        claim in flight, is dirty again when it returns, and the workers
+        pick nothing until ``release()``."""
+    def close(self) -> None:
+        """Close the engine's descriptors once no worker runs (RuntimeError
+        otherwise); later I/O fails with EBADF.  Idempotent."""
     def zero_target(self, offset: int, length: int) -> int:
         """Make a target range read as zeros: 0 or -errno; -EOPNOTSUPP means
         the caller must copy the range instead."""

@@ -23,6 +23,18 @@ A failed copy marks its range dirty again before anything else can see it
 (a failed range is never left clean) and holds the engine until the job
 decides what the error policy says.
 
+A failed flush loses writes: Linux drops the dirty pages of a failed fsync
+and a later fsync succeeds, so data the target acknowledged may never reach
+the disk.  The engine therefore records every range written to the target
+since the last successful flush (`unflushed`: set by a copy once it is
+written, by zeroing, and by a write that went to both sides when it lets go
+of its claim) and, when a flush fails, dirties all of it again, together
+with the copies and claims still in flight, before flush() returns.
+
+The engine owns its descriptors: it duplicates those it is given (close-on-
+exec) and closes them in close() or when it is freed, so the objects that
+opened them (a job's endpoints, an export) may close theirs at any time.
+
 Locking: `mu` protects the engine's fields; the bitmap's own lock is taken
 inside `mu` (never the other way round).  Writers marking chunks take only
 the bitmap lock, then `mu` briefly to wake a worker.  No lock is held while
@@ -33,7 +45,9 @@ import os
 
 cimport cython
 
-from libc.errno cimport ETIMEDOUT, ENXIO, EOPNOTSUPP, EAGAIN, EINTR, ENOMEM
+from libc.errno cimport ETIMEDOUT, ENXIO, EOPNOTSUPP, EAGAIN, EINTR, ENOMEM, EBADF, errno
+from posix.fcntl cimport fcntl, F_DUPFD_CLOEXEC
+from posix.unistd cimport close as c_close
 from libc.stdint cimport int64_t, uint64_t
 from posix.time cimport timespec
 from fastmirror._core.hbitmap cimport HBitmap
@@ -128,14 +142,26 @@ cdef inline void deadline_after(timespec *ts, int64_t ns) noexcept nogil:
 cdef class CopyEngine:
     """Copies dirty chunks of `bitmap` from src_fd to dst_fd.
 
-    The caller owns the file descriptors and the worker threads: it starts
-    `nworkers` threads running run_worker(slot) and, to finish, calls stop()
-    and joins them.  The coordinator (MirrorJob) sleeps in wait_event()."""
+    The engine works on its own duplicates of the descriptors it is given
+    (closed by close() or when it is freed).  The caller owns the worker
+    threads: it starts `nworkers` threads running run_worker(slot) and, to
+    finish, calls stop() and joins them.  The coordinator (MirrorJob) sleeps
+    in wait_event()."""
 
     cdef readonly HBitmap bitmap
     cdef int src_fd                 # opened read-only (O_DIRECT when possible)
     cdef int dst_fd                 # the target (O_DIRECT when possible)
     cdef int dst_tail_fd            # buffered target descriptor for the unaligned tail
+    cdef bint fds_closed            # close() was called: no I/O any more
+    cdef int users                  # flush() and zero_target() calls using the descriptors
+    # Chunks written to the target since the last successful flush, and
+    # those a flush in progress covers (moved there when it starts: a write
+    # that lands after the fsync began is not covered by it).  Both are only
+    # touched under mu; their own locks are taken inside mu, before the
+    # dirty bitmap's.
+    cdef HBitmap unflushed
+    cdef HBitmap flushing
+    cdef bint flush_busy            # one flush at a time
     cdef bint dst_is_block          # zeroing uses BLKZEROOUT instead of fallocate
     cdef public bint detect_zeroes  # all-zero data becomes a zeroed range on the target
     cdef public bint unmap          # zeroed file ranges are punched out (holes)
@@ -228,9 +254,15 @@ cdef class CopyEngine:
             max_io = bitmap.granularity
         max_io -= max_io % bitmap.granularity
         self.bitmap = bitmap
-        self.src_fd = src_fd
-        self.dst_fd = dst_fd
-        self.dst_tail_fd = dst_tail_fd
+        self.unflushed = HBitmap(size, bitmap.granularity)
+        self.flushing = HBitmap(size, bitmap.granularity)
+        # Our own descriptors (__dealloc__ closes them if this raises).
+        self.src_fd = _dup_fd(src_fd)
+        self.dst_fd = _dup_fd(dst_fd)
+        if dst_tail_fd == dst_fd:
+            self.dst_tail_fd = self.dst_fd
+        elif dst_tail_fd >= 0:
+            self.dst_tail_fd = _dup_fd(dst_tail_fd)
         self.dst_is_block = dst_is_block
         self.detect_zeroes = detect_zeroes
         self.unmap = unmap
@@ -255,6 +287,7 @@ cdef class CopyEngine:
 
     def __dealloc__(self):
         cdef int i
+        self._close_fds()
         for i in range(MAX_WORKERS):
             self.buffers[i] = NULL
         free_buffer(self.arena, self.arena_len)
@@ -263,6 +296,49 @@ cdef class CopyEngine:
         pthread_cond_destroy(&self.event_cv)
         pthread_cond_destroy(&self.claim_cv)
         pthread_mutex_destroy(&self.mu)
+
+    cdef void _close_fds(self) noexcept nogil:
+        if self.dst_tail_fd >= 0 and self.dst_tail_fd != self.dst_fd:
+            c_close(self.dst_tail_fd)
+        if self.dst_fd >= 0:
+            c_close(self.dst_fd)
+        if self.src_fd >= 0:
+            c_close(self.src_fd)
+        self.src_fd = self.dst_fd = self.dst_tail_fd = -1
+
+    def close(self):
+        """Close the engine's descriptors, once every worker has returned
+        (stop() and join first) and no flush or zeroing is in progress.
+        Later I/O fails with EBADF; calling it again does nothing."""
+        cdef bint busy
+        with nogil:
+            pthread_mutex_lock(&self.mu)
+            busy = self.running > 0
+            if not busy:
+                self.fds_closed = True
+                while self.users > 0:
+                    pthread_cond_wait(&self.event_cv, &self.mu)
+                self._close_fds()
+            pthread_mutex_unlock(&self.mu)
+        if busy:
+            raise RuntimeError("close() while copy workers run: stop() and join them first")
+
+    cdef int _use(self) noexcept nogil:
+        """Before I/O outside the workers: 0, or -EBADF once closed."""
+        cdef int r = 0
+        pthread_mutex_lock(&self.mu)
+        if self.fds_closed:
+            r = -EBADF
+        else:
+            self.users += 1
+        pthread_mutex_unlock(&self.mu)
+        return r
+
+    cdef void _unuse(self) noexcept nogil:
+        """Under mu: the I/O that _use() allowed is over."""
+        self.users -= 1
+        if self.users == 0:
+            pthread_cond_broadcast(&self.event_cv)
 
     # ------------------------------------------------------------------
     # Marking (any thread)
@@ -363,12 +439,19 @@ cdef class CopyEngine:
         return slot
 
     def unclaim(self, int slot):
+        """Release a claim once the write is done on both sides (or has
+        failed); from now on a failed flush dirties its chunks again."""
         if slot < 0:
             return
         if slot < self.nworkers or slot >= MAX_WORKERS:
             raise ValueError("not a claim slot: %d" % slot)
         with nogil:
             pthread_mutex_lock(&self.mu)
+            # The claim's write has reached the target (or failed and was
+            # marked dirty): a flush that fails from now on must redo it.
+            if self.inflight_first[slot] >= 0:
+                self.unflushed.c_set(self.inflight_first[slot],
+                                     self.inflight_end[slot] - self.inflight_first[slot])
             self.inflight_first[slot] = -1
             self.inflight_end[slot] = -1
             pthread_cond_broadcast(&self.claim_cv)
@@ -445,23 +528,106 @@ cdef class CopyEngine:
     def flush(self):
         """fdatasync the target; 0 or -errno.  fdatasync covers the whole
         inode, so the buffered tail descriptor is flushed too when it is
-        another descriptor of the same file; flush it as well to be plain."""
+        another descriptor of the same file; flush it as well to be plain.
+
+        On failure every chunk written to the target since the last
+        successful flush is dirty again when this returns (see the module
+        docstring), so that the copy redoes it before any retry, and, as
+        after a failed copy, the workers pick nothing until release()."""
         cdef int r
         with nogil:
-            r = flush_fd(self.dst_fd)
-            if r == 0 and self.dst_tail_fd >= 0 and self.dst_tail_fd != self.dst_fd:
-                r = flush_fd(self.dst_tail_fd)
+            r = self._use()
+            if r == 0:
+                pthread_mutex_lock(&self.mu)
+                while self.flush_busy:
+                    pthread_cond_wait(&self.event_cv, &self.mu)
+                self.flush_busy = True
+                # What this flush covers: everything written before it starts.
+                self._or_into(self.unflushed, self.flushing)
+                self.unflushed.c_reset(0, self.nchunks)
+                pthread_mutex_unlock(&self.mu)
+
+                r = flush_fd(self.dst_fd)
+                if r == 0 and self.dst_tail_fd >= 0 and self.dst_tail_fd != self.dst_fd:
+                    r = flush_fd(self.dst_tail_fd)
+
+                pthread_mutex_lock(&self.mu)
+                if r < 0:
+                    self._redirty()
+                self.flushing.c_reset(0, self.nchunks)
+                self.flush_busy = False
+                pthread_cond_broadcast(&self.event_cv)
+                self._unuse()
+                pthread_mutex_unlock(&self.mu)
         return r
+
+    cdef void _or_into(self, HBitmap src, HBitmap dst) noexcept nogil:
+        """Under mu: set in dst every chunk set in src."""
+        cdef int64_t c = 0, n = 0
+        src.lock()
+        while c < self.nchunks:
+            c = src.next_dirty_area_locked(c, self.nchunks, 0, &n)
+            if c < 0:
+                break
+            dst.c_set(c, n)
+            c += n
+        src.unlock()
+
+    cdef void _redirty(self) noexcept nogil:
+        """Under mu, after a failed flush: the pages it dropped may hold any
+        write since the last successful flush.  Dirty them all again: what
+        was written (flushing, unflushed) and what is being written now
+        (copies and claims in flight, whose data may have landed just before
+        the failure; they stay dirty after they finish, as for a write that
+        lands during a copy)."""
+        cdef int i
+        self._or_into(self.flushing, self.bitmap)
+        self._or_into(self.unflushed, self.bitmap)
+        for i in range(MAX_WORKERS):
+            if self.inflight_first[i] >= 0:
+                self.bitmap.c_set(self.inflight_first[i],
+                                  self.inflight_end[i] - self.inflight_first[i])
+        # Dirty now: their copies record them again once written.
+        self.unflushed.c_reset(0, self.nchunks)
+        # As after a failed copy, nothing is picked until the job has
+        # applied its error policy (release()).
+        self.held = True
+
+    @property
+    def unflushed_bytes(self):
+        """Bytes written to the target since the last successful flush (an
+        upper bound while a flush is in progress), whole chunks."""
+        cdef int64_t n
+        with nogil:
+            pthread_mutex_lock(&self.mu)
+            n = self.unflushed.c_count() + self.flushing.c_count()
+            pthread_mutex_unlock(&self.mu)
+        return min(n << self.shift, self.size)
 
     def zero_target(self, int64_t offset, int64_t length):
         """Make a target range read as zeros (a hole of the source that the
         bulk copy will not read).  0, or -errno; -EOPNOTSUPP means the caller
         must copy the range instead."""
         cdef int r
+        cdef int64_t first, end
         if offset < 0 or length < 0 or offset + length > self.size:
             raise ValueError("range outside the mirrored size")
+        first = offset >> self.shift
+        end = (offset + length + (<int64_t>1 << self.shift) - 1) >> self.shift
         with nogil:
-            r = zero_range(self.dst_fd, offset, length, self.dst_is_block, self.unmap)
+            r = self._use()
+            if r == 0:
+                # Recorded before and after: a flush that fails while the
+                # range is being zeroed dirties it, and one that starts then
+                # and succeeds does not clear it.
+                pthread_mutex_lock(&self.mu)
+                self.unflushed.c_set(first, end - first)
+                pthread_mutex_unlock(&self.mu)
+                r = zero_range(self.dst_fd, offset, length, self.dst_is_block, self.unmap)
+                pthread_mutex_lock(&self.mu)
+                self.unflushed.c_set(first, end - first)
+                self._unuse()
+                pthread_mutex_unlock(&self.mu)
         if r == 0:
             fm_atomic_add(&self.bytes_zeroed, length)
         return r
@@ -515,13 +681,13 @@ cdef class CopyEngine:
             raise ValueError("slot out of range")
         with nogil:
             pthread_mutex_lock(&self.mu)
-            taken = self.slot_running[slot]
+            taken = self.slot_running[slot] or self.fds_closed
             if not taken:
                 self.slot_running[slot] = True
                 self.running += 1
             pthread_mutex_unlock(&self.mu)
         if taken:
-            raise RuntimeError("a worker already runs in slot %d" % slot)
+            raise RuntimeError("a worker already runs in slot %d, or the engine is closed" % slot)
         with nogil:
             self._worker(slot)
 
@@ -772,6 +938,7 @@ cdef class CopyEngine:
             self.bitmap.c_set(first, n)
             self._fail(op, -r, self.slot_off[slot], self.slot_len[slot])
         else:
+            self.unflushed.c_set(first, n)    # written: the next flush must cover it
             self.bytes_copied += self.slot_len[slot]
             self.chunks_copied += n
             self.copies += 1
@@ -842,6 +1009,7 @@ cdef class CopyEngine:
             raise OSError(-r, "io_uring: " + os.strerror(-r))
         with nogil:
             pthread_mutex_lock(&self.mu)
+            taken = self.fds_closed
             for i in range(first, first + count):
                 taken = taken or self.slot_running[i]
             if not taken:
@@ -852,7 +1020,8 @@ cdef class CopyEngine:
             pthread_mutex_unlock(&self.mu)
         if taken:
             fm_ring_exit(&ring)
-            raise RuntimeError("a worker already runs in slots [%d, %d)" % (first, first + count))
+            raise RuntimeError("a worker already runs in slots [%d, %d), or the engine is closed"
+                               % (first, first + count))
         try:
             with nogil:
                 self._ring_calls(&ring, first, count)
@@ -1087,6 +1256,14 @@ cdef class CopyEngine:
         self.running -= 1
         pthread_cond_broadcast(&self.event_cv)
         pthread_mutex_unlock(&self.mu)
+
+cdef int _dup_fd(int fd) except -1:
+    """A close-on-exec duplicate of fd, at or above 3."""
+    cdef int r = fcntl(fd, F_DUPFD_CLOEXEC, 3)
+    if r < 0:
+        raise OSError(errno, "cannot duplicate descriptor %d: %s" % (fd, os.strerror(errno)))
+    return r
+
 
 def _log_callback_error(name):
     import logging

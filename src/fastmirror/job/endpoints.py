@@ -8,7 +8,8 @@ writable (a read-only block device is refused too, though it opens for
 writing) and at least as large as the source, and a missing target's folder
 exists.  The checks run on the descriptors
 that the job will use, so a path swapped between check and use cannot slip
-through.
+through; later descriptors of the same file are reopened through a checked
+descriptor (reopen()), never by path.
 
 Then the other owners (owners.py, invariant 8): a block device target is
 opened with O_EXCL (refused while mounted or held), a target with an image
@@ -55,7 +56,13 @@ class Endpoint:
 
     def open_buffered(self) -> int:
         """A new buffered read-write descriptor of the same file."""
-        return os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        return reopen(self.fd, os.O_RDWR)
+
+    def remove_created(self) -> None:
+        """Unlink the file that open created, if its path still names it
+        (not a file put there since)."""
+        if self.created and self.fd >= 0:
+            _unlink_if_same(self.path, os.fstat(self.fd))
 
     def close(self) -> None:
         # Unlock explicitly: closing fd alone keeps the locks while a child
@@ -70,6 +77,20 @@ class Endpoint:
                 except OSError:
                     pass
         self.fd = self.tail_fd = -1
+
+
+def reopen(fd: int, flags: int) -> int:
+    """A new open file description, with `flags`, of the file behind fd:
+    /proc/self/fd/N names that inode whatever its path names now."""
+    return os.open("/proc/self/fd/%d" % fd, flags | os.O_CLOEXEC)
+
+
+def _unlink_if_same(path: str, st: os.stat_result) -> None:
+    try:
+        if _same_object(os.stat(path), st):
+            os.unlink(path)
+    except OSError:
+        pass
 
 
 _KINDS = ((stat.S_ISREG, "file"), (stat.S_ISBLK, "block"), (stat.S_ISDIR, "directory"),
@@ -256,19 +277,16 @@ def validate_pair(src_path: str, dst_path: str, direct: bool, force_share: bool 
         # The unaligned tail of the source goes through a buffered descriptor,
         # so that O_DIRECT never writes past the source's size.
         if dst_direct and src.info.size % max(info.alignment, src.info.alignment):
-            tail_fd = os.open(dst_path, os.O_WRONLY | os.O_CLOEXEC)
+            tail_fd = reopen(dst_fd, os.O_WRONLY)
         dst = Endpoint(dst_path, dst_fd, dst_direct, info, created,
                        tail_fd if tail_fd >= 0 else None)
         dst.locks = locks
         return src, dst
     except BaseException:
         src.close()
+        if created:
+            _unlink_if_same(dst_path, os.fstat(dst_fd))
         for fd in (dst_fd, tail_fd):
             if fd >= 0:
                 os.close(fd)
-        if created:
-            try:
-                os.unlink(dst_path)
-            except OSError:
-                pass
         raise

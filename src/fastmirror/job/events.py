@@ -131,6 +131,7 @@ class JobEvent:
     operation: Optional[str] = None   # ERROR: "read", "write" or "flush"
     action: Optional[str] = None      # ERROR: "report", "ignore" or "stop"
     copy_mode: Optional[str] = None   # the copy mode in effect: "background" or "write-blocking"
+    retry_delay: Optional[float] = None   # ERROR, action "ignore": seconds before the retry
     time: float = field(default_factory=time.time)
 
     def to_dict(self) -> dict[str, object]:
@@ -147,6 +148,8 @@ class JobEvent:
             d["action"] = self.action
         if self.copy_mode is not None:
             d["copy_mode"] = self.copy_mode
+        if self.retry_delay is not None:
+            d["retry_delay"] = self.retry_delay
         return d
 
 

@@ -251,8 +251,10 @@ class MirrorJob:
             self._close_endpoints(remove_created=True)
             raise
         self._engine.set_speed(speed)
+        # The handle reopens the checked source through its own duplicate
+        # of our descriptor, not by path (a path may name another file now).
         self.source = TrackedSource(self._src.path, self.size, self._src.info.is_block,
-                                    self._mark_write)
+                                    self._mark_write, fd=os.dup(self._src.fd))
 
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
@@ -275,7 +277,8 @@ class MirrorJob:
         # sync="full" until _initial_marking is done: nothing is known to be
         # copied yet, so progress must not read as complete (offset == len).
         self._marking = sync == "full"
-        self._retries = 0
+        self._retries = 0           # "ignore": failures in a row, for the backoff
+        self._last_failure: Optional[tuple[str, int]] = None   # (kind, engine.copies then)
         self._flush_failed = False
 
     # ------------------------------------------------------------------
@@ -537,17 +540,15 @@ class MirrorJob:
         self.cancel(force=True)
         if self._coordinator is not None:
             self.wait()
+        self._engine.close()        # the workers have returned
         self._close_endpoints()
 
     def _close_endpoints(self, remove_created: bool = False) -> None:
+        if remove_created and getattr(self, "_dst", None) is not None:
+            self._dst.remove_created()      # while its descriptor tells which file it is
         for e in (getattr(self, "_src", None), getattr(self, "_dst", None)):
             if e is not None:
                 e.close()
-        if remove_created and getattr(self, "_dst", None) is not None and self._dst.created:
-            try:
-                os.unlink(self._dst.path)
-            except OSError:
-                pass
 
     def __del__(self):
         try:
@@ -871,7 +872,8 @@ class MirrorJob:
         source and the flushed target byte for byte (GIL released)."""
         from fastmirror.job.verify import first_difference
         try:
-            diff = first_difference(self._src.path, self._dst.path, self.size)
+            diff = first_difference(self._src.path, self._dst.path, self.size,
+                                    fds=(self._src.fd, self._dst.fd))
         except OSError as e:
             return as_job_error(e)
         if diff < 0:
@@ -884,9 +886,11 @@ class MirrorJob:
     def _flush_target(self) -> Optional[str]:
         """Flush the target; on failure apply the target's policy and return
         the action taken (self._flush_failed tells whether it failed)."""
-        r = self._engine.flush()
+        r = self._engine.flush()     # on failure, what it may have lost is dirty again
         self._flush_failed = r != 0
         if r == 0:
+            self._retries = 0        # a success: the next failure waits the first backoff
+            self._last_failure = None
             return None
         return self._apply_policy([("flush", -r, 0, self.size)])
 
@@ -913,30 +917,47 @@ class MirrorJob:
         The failed ranges were already marked dirty again by the engine."""
         worst = "ignore"
         rank = {"ignore": 0, "stop": 1, "report": 2}
-        for operation, err, off, length in failures:
+        actions = [self._policy_for(op == "read", err) for op, err, _, _ in failures]
+        for action in actions:
+            if rank[action] > rank[worst]:
+                worst = action
+        delay = None
+        if worst == "ignore":
+            delay = self._backoff("flush" if failures[0][0] == "flush" else "copy")
+        for (operation, err, off, length), action in zip(failures, actions):
             source_side = operation == "read"
-            action = self._policy_for(source_side, err)
             path = self._src.path if source_side else self._dst.path
             error = io_error(err, path, off, operation)
             with self._lock:
                 self._error = error
                 self._io_status = "nospace" if err == _errno.ENOSPC else "failed"
             self._emit(self._event(EventType.ERROR, error=error, operation=operation,
-                                   action=action))
-            if rank[action] > rank[worst]:
-                worst = action
+                                   action=action, retry_delay=delay))
         if worst == "stop":
             with self._lock:
                 # Already paused by the user: it stays paused, and resume()
                 # (which releases the held workers) ends both pauses.
                 if self._state in WORKING_STATES:
                     self._transition(S.PAUSED if self._state == S.RUNNING else S.STANDBY)
-        elif worst == "ignore":
-            delay = min(RETRY_BACKOFF[1], RETRY_BACKOFF[0] * (2 ** min(self._retries, 10)))
-            self._retries += 1
+        elif delay is not None:
             self._engine.wait_event(delay, want_clean=False)   # sleeps unless kicked
             self._engine.release()
         return worst
+
+    def _backoff(self, kind: str) -> float:
+        """"ignore": seconds to wait before retrying after a failure of
+        `kind` ("copy" or "flush").  The wait doubles with each failure in a
+        row and starts again from the first once the last failure was
+        followed by a success: a successful flush (see _flush_target), or,
+        after a failed copy, a successful one."""
+        copies = self._engine.copies
+        last = self._last_failure
+        if last is not None and last[0] == "copy" and copies != last[1]:
+            self._retries = 0
+        self._last_failure = (kind, copies)
+        delay = min(RETRY_BACKOFF[1], RETRY_BACKOFF[0] * (2 ** min(self._retries, 10)))
+        self._retries += 1
+        return delay
 
     def _check_source_size(self) -> Optional[JobError]:
         try:

@@ -18,6 +18,7 @@ import threading
 from typing import Callable, Optional
 
 from fastmirror._core import blockio as _io
+from fastmirror.job.endpoints import reopen
 from fastmirror.job.events import io_error
 
 
@@ -53,12 +54,18 @@ class _Side:
 
 class TrackedSource(BlockHandle):
     """Writes go to the source and are marked dirty after they land; after a
-    pivot they go to the target untracked."""
+    pivot they go to the target untracked.
+
+    fd, if given, is a descriptor of the source that the handle takes over:
+    the first write reopens that very file read-write through it, so that
+    writes reach the file the job checked and copies, even if `path` names
+    another file by then.  Without it the handle opens `path`."""
 
     def __init__(self, path: str, size: int, is_block: bool,
-                 mark: Callable[[int, int], None]):
+                 mark: Callable[[int, int], None], fd: Optional[int] = None):
         self.size = size
         self._path = path
+        self._origin = fd            # closed once the read-write side is open
         self._is_block = is_block
         self._mark: Optional[Callable[[int, int], None]] = mark
         self._side: Optional[_Side] = None   # opened on first use
@@ -94,8 +101,11 @@ class TrackedSource(BlockHandle):
             self._side = _Side(path, fd, is_block)
             self._mark = None
             mirror, self._mirror = self._mirror, None
+            origin, self._origin = self._origin, None   # the source is not reopened any more
         if old is not None:
             os.close(old.fd)
+        if origin is not None:
+            os.close(origin)
         if mirror is not None:
             os.close(mirror[2].fd)
 
@@ -154,7 +164,12 @@ class TrackedSource(BlockHandle):
             if self._closed:
                 raise ValueError("I/O on a closed handle")
             if self._side is None:
-                fd = os.open(self._path, os.O_RDWR | os.O_CLOEXEC)
+                if self._origin is not None:
+                    fd = reopen(self._origin, os.O_RDWR)
+                    os.close(self._origin)
+                    self._origin = None
+                else:
+                    fd = os.open(self._path, os.O_RDWR | os.O_CLOEXEC)
                 self._side = _Side(self._path, fd, self._is_block)
             self._writers += 1
             if self._mirror is not None:
@@ -260,16 +275,20 @@ class TrackedSource(BlockHandle):
         with self._cond:
             self._closed = True
             side, self._side = self._side, None
+            origin, self._origin = self._origin, None
         if side is not None:
             os.close(side.fd)
+        if origin is not None:
+            os.close(origin)
 
     def __del__(self) -> None:
         side = getattr(self, "_side", None)
-        if side is not None and side.fd >= 0:
-            try:
-                os.close(side.fd)
-            except OSError:
-                pass
+        for fd in (side.fd if side is not None else -1, getattr(self, "_origin", None)):
+            if fd is not None and fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
 
     def __repr__(self) -> str:
         return "<TrackedSource %s size=%d%s>" % (self.path, self.size,

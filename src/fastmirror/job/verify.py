@@ -30,9 +30,13 @@ THREADS = 16           # segments in flight
 GRAIN = 1 << 20
 
 
-def _open(path: str) -> tuple[int, _io.DeviceInfo]:
+def _open(path: str, fd: Optional[int] = None) -> tuple[int, _io.DeviceInfo]:
+    """A read-only descriptor (O_DIRECT where allowed) and what is known of
+    path, or, when fd is given, of the file behind fd whatever path names
+    now (path then only names the side in errors)."""
     try:
-        fd, _ = _io.open_file(path, os.O_RDONLY, True)
+        fd, _ = _io.open_file(path if fd is None else "/proc/self/fd/%d" % fd,
+                              os.O_RDONLY, True)
     except OSError as e:
         raise io_error(e.errno or 5, path, None, "open") from None
     try:
@@ -80,7 +84,8 @@ def data_ranges(sfd: int, tfd: int, length: int, grain: int = GRAIN,
 
 
 def first_difference(source, target, length: Optional[int] = None,
-                     chunk: int = CHUNK, threads: int = THREADS) -> int:
+                     chunk: int = CHUNK, threads: int = THREADS,
+                     fds: Optional[tuple[int, int]] = None) -> int:
     """The first offset in [0, length) where target differs from source, or -1.
 
     length defaults to the source's size; a target larger than that is
@@ -91,11 +96,13 @@ def first_difference(source, target, length: Optional[int] = None,
     reads, O_DIRECT where the filesystem allows it; the first difference in
     file order wins, and later segments are dropped as soon as it is known.
     Errors raise OSError (errno picks the subclass) carrying the path, the
-    offset and the operation ("open" or "read")."""
+    offset and the operation ("open" or "read").  fds, descriptors of
+    source and target (a job's checked ones), are reopened instead of the
+    paths."""
     source, target = os.fspath(source), os.fspath(target)
-    sfd, sinfo = _open(source)
+    sfd, sinfo = _open(source, fds[0] if fds else None)
     try:
-        tfd, tinfo = _open(target)
+        tfd, tinfo = _open(target, fds[1] if fds else None)
         try:
             n = sinfo.size if length is None else length
             common = min(n, tinfo.size)
