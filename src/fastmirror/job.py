@@ -201,7 +201,7 @@ class MirrorJob:
             raise
         self._engine.set_speed(speed)
         self.source = TrackedSource(self._src.path, self.size, self._src.info.is_block,
-                                    self._mark_write)
+                                    self._engine)
 
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
@@ -514,8 +514,7 @@ class MirrorJob:
     def _enter_write_blocking(self) -> None:
         """From now on writes through job.source reach both sides before
         they return, so they no longer add work: the job always converges."""
-        self.source.start_mirroring(self._engine.claim, self._engine.unclaim,
-                                    self._dst.path, self._dst.open_buffered(),
+        self.source.start_mirroring(self._dst.path, self._dst.open_buffered(),
                                     self._dst.info.is_block)
         with self._lock:
             self._write_blocking = True
