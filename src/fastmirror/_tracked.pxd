@@ -49,6 +49,12 @@ cdef class TrackedDisk:
     cdef int c_discard(self, int64_t offset, int64_t length) noexcept nogil
     cdef int64_t c_read(self, void *buf, int64_t length, int64_t offset) noexcept nogil
     cdef int c_flush(self) noexcept nogil
+    # The job's side: hold new requests and wait for those inside to end;
+    # let them in again; switch to the target (fd handed over), untracked,
+    # with the gate closed.
+    cdef void c_close_gate(self) noexcept nogil
+    cdef void c_open_gate(self) noexcept nogil
+    cdef void c_pivot(self, int fd, bint is_block) noexcept nogil
 
     cdef int64_t _request(self, int op, const iovec *iov, int iovcnt, int64_t offset,
                           int64_t length) noexcept nogil

@@ -256,6 +256,37 @@ cdef class TrackedDisk:
         self.c_leave(&route)
         return r
 
+    cdef void c_close_gate(self) noexcept nogil:
+        pthread_mutex_lock(&self.mu)
+        self.gate_closed = True
+        while self.writers:
+            pthread_cond_wait(&self.cv, &self.mu)
+        pthread_mutex_unlock(&self.mu)
+
+    cdef void c_open_gate(self) noexcept nogil:
+        pthread_mutex_lock(&self.mu)
+        self.gate_closed = False
+        pthread_cond_broadcast(&self.cv)
+        pthread_mutex_unlock(&self.mu)
+
+    cdef void c_pivot(self, int fd, bint is_block) noexcept nogil:
+        """With the gate closed (no request holds the descriptors it
+        closes): requests go to fd from now on, untracked."""
+        cdef int old, old_mirror
+        pthread_mutex_lock(&self.mu)
+        old = self.fd
+        old_mirror = self.mirror_fd
+        self.fd = fd
+        self.is_block = is_block
+        self.mirror_fd = -1
+        self.engine = NULL
+        self.pivoted = True
+        pthread_mutex_unlock(&self.mu)
+        if old >= 0:
+            c_close(old)
+        if old_mirror >= 0:
+            c_close(old_mirror)
+
     cdef void _trace(self, int event, int64_t offset, int64_t length) noexcept with gil:
         with cython.critical_section(self):
             cb = self.on_event          # a new reference: safe after the section
@@ -341,38 +372,17 @@ cdef class TrackedDisk:
         """Hold new requests at the gate and wait for those inside to end
         (written and marked)."""
         with nogil:
-            pthread_mutex_lock(&self.mu)
-            self.gate_closed = True
-            while self.writers:
-                pthread_cond_wait(&self.cv, &self.mu)
-            pthread_mutex_unlock(&self.mu)
+            self.c_close_gate()
 
     def open_gate(self):
         with nogil:
-            pthread_mutex_lock(&self.mu)
-            self.gate_closed = False
-            pthread_cond_broadcast(&self.cv)
-            pthread_mutex_unlock(&self.mu)
+            self.c_open_gate()
 
     def pivot(self, int fd, bint is_block):
         """From now on requests go to fd (the target, handed over) and are no
-        longer tracked.  Call it with the gate closed: no request holds the
-        descriptors it closes."""
-        cdef int old, old_mirror
+        longer tracked.  Call it with the gate closed."""
         with nogil:
-            pthread_mutex_lock(&self.mu)
-            old = self.fd
-            old_mirror = self.mirror_fd
-            self.fd = fd
-            self.is_block = is_block
-            self.mirror_fd = -1
-            self.engine = NULL
-            self.pivoted = True
-            pthread_mutex_unlock(&self.mu)
-            if old >= 0:
-                c_close(old)
-            if old_mirror >= 0:
-                c_close(old_mirror)
+            self.c_pivot(fd, is_block)
 
     def stop_tracking(self):
         """Writes are no longer marked nor sent to the target."""

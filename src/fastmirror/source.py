@@ -125,7 +125,9 @@ class TrackedSource(BlockHandle):
     def pwrite(self, data, offset: int) -> int:
         if not self._disk.attached:
             self._attach()
-        r = self._disk.pwrite(memoryview(data).cast("B"), offset)
+        if type(data) is not bytes:
+            data = memoryview(data).cast("B")
+        r = self._disk.pwrite(data, offset)
         if r < 0:
             raise self._fail(r, offset, "write")
         return r
