@@ -17,6 +17,26 @@ the figures to read are in extra_info: writes_per_s (median of the rounds),
 p50_us and p99_us (latency of one write, median of the rounds' percentiles),
 and the per-round values.
 
+Measured on the shared 2-core development machine (load average 5 to 13
+from other builds), FASTMIRROR_BENCH_SIZE=256M, 8 writers, before (gate,
+claims and marks in Python, GIL taken for each) and after (one C call,
+_tracked.TrackedDisk, GIL released around it).  The load swung so much that
+whole pytest runs of either code differed by 5x from one minute to the next
+(7 runs x 5 rounds each, alternating: medians 34,000 vs 27,000 writes/s in
+background mode, 22,000 vs 21,000 in write-blocking mode, min-max ranges
+11,000-75,000 both ways: no conclusion).  So the figures below come from
+8 pairs of 1.5 s windows (this module's _write_window), before and after
+back to back in each pair; medians, and the median of the 8 per-pair
+ratios after/before:
+
+  mode            writes/s before  after  ratio   p50 us before  after   p99 ms before  after
+  background               74,700  78,200  1.16             9.3    8.0             3.9    3.4
+  write-blocking           25,200  37,600  1.37            22.0   12.5             9.0    6.3
+
+After won 7 of 8 pairs in background mode and 8 of 8 in write-blocking
+mode, with a lower p50 in every pair.  The p99 is the GIL's 5 ms switch
+interval: 8 Python threads share it between writes.
+
     FASTMIRROR_BENCH_SIZE=256M pytest bench/bench_tracked.py --benchmark-only
     FASTMIRROR_BENCH_SIZE=32M pytest bench/bench_tracked.py --benchmark-disable
 """
