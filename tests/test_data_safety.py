@@ -24,6 +24,7 @@ import fastmirror
 from fastmirror import EventType, HBitmap
 from fastmirror._core import blockio as _io
 from fastmirror._core.engine import EV_CLEAN, CopyEngine
+from fastmirror._core.tracked import Claim
 
 KiB = 1024
 GRAN = 64 * KiB
@@ -198,9 +199,10 @@ def test_engine_failed_flush_dirties_a_claim_in_flight(tmp_path):
     dfd = os.open("/dev/null", os.O_WRONLY)
     try:
         eng = _engine(sfd, dfd, size)
-        slot = eng.claim(MiB, 4096)
+        claim = Claim(eng, MiB, 4096)
+        claim.acquire()
         assert eng.flush() < 0
-        eng.unclaim(slot)
+        claim.release()
         assert eng.bitmap.get(MiB) and eng.bitmap.dirty_count == 1
         eng.close()
     finally:
@@ -218,14 +220,14 @@ def test_engine_records_every_write_until_a_flush_succeeds(tmp_path):
     try:
         eng = _engine(sfd, dfd, size)
         eng.bitmap.set(0, MiB)
-        with _workers(eng):          # claim() works until stop()
+        with _workers(eng):
             _wait_clean(eng)
             assert eng.unflushed_bytes == MiB
             assert eng.flush() == 0 and eng.unflushed_bytes == 0
             assert eng.zero_target(2 * MiB, GRAN) == 0
-            slot = eng.claim(3 * MiB, 100)
-            assert slot >= 0
-            eng.unclaim(slot)
+            claim = Claim(eng, 3 * MiB, 100)
+            claim.acquire()
+            claim.release()
             assert eng.unflushed_bytes == 2 * GRAN
             assert eng.flush() == 0 and eng.unflushed_bytes == 0
             assert eng.bitmap.dirty_count == 0

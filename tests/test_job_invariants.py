@@ -23,6 +23,7 @@ import threading
 import pytest
 
 from fastmirror import EventType, JobState, MirrorJob, trace
+from fastmirror._core.tracked import CLAIM_HELD, CLAIM_WAIT, MARK
 
 from conftest import (KiB, MiB, Writers, allocated_bytes, assert_all_bytes,
                       assert_qemu_equal, assert_same, make_image, phase1_then_phase2,
@@ -116,17 +117,17 @@ def test_inv2_job_source_marks_after_the_write_reached_the_source(tmp_path, mkjo
     dst = tmp_path / "dst.img"
     job = mkjob(src, dst, granularity=G)
     handle = job.source
-    original_mark = handle._mark
     expected = {}
     checks = []
 
-    def spy(offset, length):
+    def spy(event, offset, length):
+        if event != MARK:
+            return
         want = expected["data"]
         got = read_bytes(src, offset, length)
         checks.append((expected["op"], offset, length, got == want[:length]))
-        original_mark(offset, length)
 
-    handle._mark = spy
+    handle.set_trace(spy)
     rng = random.Random(3)
 
     def do(op, offset, length):
@@ -239,7 +240,7 @@ class _FlightRecorder:
         # first chunk -> (tick, first chunk, end chunk).  Keyed by the copy, not
         # the thread: one io_uring thread has many copies in flight.
         self.open_copies = {}
-        self.open_claims = {}     # slot -> (tick, first, end)
+        self.open_claims = {}     # first chunk -> (tick, first, end)
         self.copies = []          # (start, end tick, first, end chunk)
         self.claims = []
         self.contended = 0        # claims asked for while an overlapping copy ran
@@ -270,33 +271,23 @@ class _FlightRecorder:
                 return
             self.copies.append((start[0], self._tick(), start[1], start[2]))
 
-    def wrap_claims(self):
-        # The job enters write-blocking mode once its initial marking is done.
-        for _ in range(TIMEOUT * 100):
-            if self.job.source.write_blocking:
-                break
-            threading.Event().wait(0.01)
-        claim, unclaim, side = self.job.source._mirror
-
-        def claim_w(off, length):
-            first, end = self._chunks(off, length)
-            with self.lock:
+    def on_claim(self, event, off, length):
+        """job.source's trace: overlapping claims cannot be held at once, so
+        the first chunk names an open claim."""
+        if event == MARK:
+            return
+        first, end = self._chunks(off, length)
+        with self.lock:
+            if event == CLAIM_WAIT:
                 if any(f < end and first < e for _, f, e in self.open_copies.values()):
                     self.contended += 1
-            slot = claim(off, length)
-            if slot >= 0:
-                with self.lock:
-                    self.open_claims[slot] = (self._tick(), first, end)
-            return slot
-
-        def unclaim_w(slot):
-            if slot >= 0:
-                with self.lock:
-                    s = self.open_claims.pop(slot)
-                    self.claims.append((s[0], self._tick(), s[1], s[2]))
-            unclaim(slot)
-
-        self.job.source._mirror = (claim_w, unclaim_w, side)
+            elif event == CLAIM_HELD:
+                if first in self.open_claims:
+                    self.problems.append("two claims of chunk %d held at once" % first)
+                self.open_claims[first] = (self._tick(), first, end)
+            else:
+                s = self.open_claims.pop(first)
+                self.claims.append((s[0], self._tick(), s[1], s[2]))
 
     def overlaps(self):
         """Pairs of intervals overlapping both in time and in chunks (a sweep
@@ -337,18 +328,12 @@ def test_inv3_two_copies_of_one_chunk_never_overlap(tmp_path, mkjob, copy_mode):
     trace.connect("mirror_iteration_done", rec.on_done)
     writers = Writers(job.source, n=4, hi=hot, seed=9, job=job, min_len=512,
                       max_len=64 * KiB)
-    # Write-blocking mode begins after the initial marking, in the job's
-    # thread: wrap the claims as soon as it does.
-    wrapper = threading.Thread(target=rec.wrap_claims, daemon=True)
+    job.source.set_trace(rec.on_claim)
     try:
-        if copy_mode == "write-blocking":
-            wrapper.start()
         phase1_then_phase2(job, writers, 300, timeout=TIMEOUT)
         writers.stop()
-        if copy_mode == "write-blocking":
-            wrapper.join(TIMEOUT)
-            assert job.source._mirror[0].__name__ == "claim_w"
     finally:
+        job.source.set_trace(None)
         writers.stop_event.set()
         trace.disconnect("mirror_one_iteration", rec.on_iteration)
         trace.disconnect("mirror_iteration_done", rec.on_done)

@@ -123,16 +123,6 @@ class CopyEngine:
         """Workers finish the copy in hand and return."""
     def kick(self) -> None:
         """Wake the coordinator from wait_event()."""
-    def claim(self, offset: int, length: int) -> int:
-        """Reserve the chunks of ``[offset, offset + length)`` for a write that
-        goes to both sides (write-blocking mode): wait until no copy and no
-        other claim overlaps them, then keep workers off them until
-        ``unclaim()``.  Returns the slot for unclaim(), or -1 once the engine
-        has stopped."""
-    def unclaim(self, slot: int) -> None:
-        """Release a claim once its write is done on both sides (or failed);
-        a failed flush from then on dirties its chunks again.  -1 (what
-        claim() returns after stop) is a no-op."""
     def set_speed(self, speed: int) -> None: ...
     def set_trace(
         self,

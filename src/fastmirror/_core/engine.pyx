@@ -15,7 +15,8 @@ Invariants kept here (DESIGN.md):
   1. clear before copy: `_pick` resets the bits under the bitmap lock and only
      then is the source read;
   3. one copy of a chunk in flight: each slot records the extent it copies
-     in `inflight_*[slot]`; `_pick` never hands out a chunk that overlaps one;
+     in `inflight_*[slot]`; `_pick` never hands out a chunk that overlaps one,
+     nor one claimed by a write that goes to both sides (fm_engine_claim);
   4. the source is opened read-only by the caller; the target is written only
      in [0, size): the last, unaligned piece of a file whose size is not a
      multiple of the O_DIRECT alignment goes through a buffered descriptor.
@@ -68,8 +69,7 @@ from fastmirror._core.ring cimport (fm_ring, fm_ring_init, fm_ring_exit, fm_ring
                                FM_CALLS_PLAIN, FM_CALLS_VECTORED, FM_CALLS_FIXED)
 
 cdef enum:
-    MAX_WORKERS = 64         # slots: copy workers first, then claims by blocking writes
-    MIN_CLAIM_SLOTS = 8
+    MAX_WORKERS = 64         # copy slots
     MAX_FAILURES = 64
     ZERO_BLOCK = 4096        # zero detection looks at blocks of this size (or the alignment)
     MIN_ZERO_RUN = 4096      # shorter zero runs inside data are written as data
@@ -180,14 +180,14 @@ cdef class CopyEngine:
     cdef pthread_cond_t work_cv     # idle, paused or throttled workers sleep here
     cdef pthread_cond_t event_cv    # the coordinator sleeps here
     cdef pthread_cond_t claim_cv    # blocking writes wait here for overlapping copies
+    cdef fm_claim *claims           # writes to both sides in progress (fm_engine_claim)
     cdef int running                # workers inside run_worker()
     cdef int busy                   # workers holding an extent
     cdef bint paused                # the job asked workers to stop picking
     cdef bint held                  # a failure stopped picking until release()
     cdef bint stopping
     cdef bint kicked                # wake the coordinator once
-    # Chunk range per slot; first == -1: none.  Slots [0, nworkers) belong to
-    # the copy workers, the rest to writes that go to both sides (claim()).
+    # Chunk range per copy slot; first == -1: none.
     cdef int64_t inflight_first[MAX_WORKERS]
     cdef int64_t inflight_end[MAX_WORKERS]
     cdef int64_t cursor             # next chunk to look at: copy in one sweep, like QEMU
@@ -248,8 +248,8 @@ cdef class CopyEngine:
         if align <= 0 or align & (align - 1) or bitmap.granularity % align:
             raise ValueError("alignment %d must be a power of two dividing granularity %d"
                              % (align, bitmap.granularity))
-        if nworkers < 1 or nworkers > MAX_WORKERS - MIN_CLAIM_SLOTS:
-            raise ValueError("nworkers must be in [1, %d]" % (MAX_WORKERS - MIN_CLAIM_SLOTS))
+        if nworkers < 1 or nworkers > MAX_WORKERS:
+            raise ValueError("nworkers must be in [1, %d]" % MAX_WORKERS)
         if max_io < bitmap.granularity:
             max_io = bitmap.granularity
         max_io -= max_io % bitmap.granularity
@@ -350,19 +350,24 @@ cdef class CopyEngine:
         pthread_cond_signal(&self.work_cv)
         pthread_mutex_unlock(&self.mu)
 
-    def mark_dirty(self, int64_t offset, int64_t length):
-        """Dirty every chunk overlapping [offset, offset+length) and wake a
-        worker.  Call it after the write has reached the source."""
+    cdef void mark_bytes(self, int64_t offset, int64_t length) noexcept nogil:
+        """mark_dirty() without the checks: the caller keeps the range
+        inside [0, size)."""
         cdef int64_t first, end
-        if offset < 0 or length < 0 or offset + length > self.size:
-            raise ValueError("range [%d, %d) outside [0, %d)" % (offset, offset + length, self.size))
-        if length == 0:
+        if length <= 0:
             return
         first = offset >> self.shift
         end = (offset + length + (<int64_t>1 << self.shift) - 1) >> self.shift
+        self.mark_chunks(first, end - first)
+        fm_atomic_add(&self.bytes_marked, length)
+
+    def mark_dirty(self, int64_t offset, int64_t length):
+        """Dirty every chunk overlapping [offset, offset+length) and wake a
+        worker.  Call it after the write has reached the source."""
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise ValueError("range [%d, %d) outside [0, %d)" % (offset, offset + length, self.size))
         with nogil:
-            self.mark_chunks(first, end - first)
-            fm_atomic_add(&self.bytes_marked, length)
+            self.mark_bytes(offset, length)
 
     # ------------------------------------------------------------------
     # Control (the job)
@@ -402,61 +407,80 @@ cdef class CopyEngine:
             pthread_cond_broadcast(&self.event_cv)
             pthread_mutex_unlock(&self.mu)
 
-    def claim(self, int64_t offset, int64_t length):
-        """Reserve the chunks of [offset, offset+length) for a write that goes
-        to both source and target (write-blocking mode): wait until no copy
-        and no other such write overlaps them, then keep workers off them
-        until unclaim().  Returns a slot for unclaim(), or -1 once the engine
-        has stopped (no copy can overlap any more)."""
-        cdef int64_t first, end
-        cdef int i, slot = -1
-        cdef bint overlap
-        if offset < 0 or length < 0 or offset + length > self.size:
-            raise ValueError("range outside the mirrored size")
-        first = offset >> self.shift
-        end = (offset + length + (<int64_t>1 << self.shift) - 1) >> self.shift
-        if end == first:
-            end = first + 1
-        with nogil:
-            pthread_mutex_lock(&self.mu)
-            while not self.stopping:
-                overlap = False
-                for i in range(MAX_WORKERS):
-                    if self.inflight_first[i] < end and first < self.inflight_end[i]:
-                        overlap = True
-                        break
-                if not overlap:
-                    for i in range(self.nworkers, MAX_WORKERS):
-                        if self.inflight_first[i] < 0:
-                            slot = i
-                            break
-                    if slot >= 0:
-                        self.inflight_first[slot] = first
-                        self.inflight_end[slot] = end
-                        break
-                pthread_cond_wait(&self.claim_cv, &self.mu)
-            pthread_mutex_unlock(&self.mu)
-        return slot
+    # ------------------------------------------------------------------
+    # Claims: writes that go to both sides (write-blocking mode)
+    # ------------------------------------------------------------------
 
-    def unclaim(self, int slot):
-        """Release a claim once the write is done on both sides (or has
-        failed); from now on a failed flush dirties its chunks again."""
-        if slot < 0:
-            return
-        if slot < self.nworkers or slot >= MAX_WORKERS:
-            raise ValueError("not a claim slot: %d" % slot)
-        with nogil:
-            pthread_mutex_lock(&self.mu)
-            # The claim's write has reached the target (or failed and was
-            # marked dirty): a flush that fails from now on must redo it.
-            if self.inflight_first[slot] >= 0:
-                self.unflushed.c_set(self.inflight_first[slot],
-                                     self.inflight_end[slot] - self.inflight_first[slot])
-            self.inflight_first[slot] = -1
-            self.inflight_end[slot] = -1
-            pthread_cond_broadcast(&self.claim_cv)
-            pthread_cond_signal(&self.work_cv)
-            pthread_mutex_unlock(&self.mu)
+    cdef void claim_range(self, fm_claim *c, int64_t offset, int64_t length) noexcept nogil:
+        """Reserve the chunks of [offset, offset+length) for a write that goes
+        to both source and target: wait until no copy and no other claim
+        overlaps them, then keep workers off them until unclaim_range(c).
+        `c` lives in the caller (its stack) until then: claims are a list,
+        so any number may be held at once.
+
+        A claim blocked by another claim sleeps on its own condition and is
+        woken by that claim's release alone, so overlapping claims serialize
+        and disjoint ones never wake each other; a claim blocked by a copy
+        sleeps on claim_cv, which every finished copy broadcasts."""
+        cdef fm_claim *k
+        cdef int i
+        cdef bint busy
+        c.first = offset >> self.shift
+        c.end = (offset + length + (<int64_t>1 << self.shift) - 1) >> self.shift
+        if c.end == c.first:
+            c.end = c.first + 1
+        c.prev = c.next = c.waiters = c.next_waiter = c.blocker = NULL
+        pthread_cond_init(&c.cv, NULL)
+        pthread_mutex_lock(&self.mu)
+        while True:
+            k = self.claims
+            while k != NULL and not (k.first < c.end and c.first < k.end):
+                k = k.next
+            if k != NULL:
+                c.blocker = k
+                c.next_waiter = k.waiters
+                k.waiters = c
+                while c.blocker != NULL:
+                    pthread_cond_wait(&c.cv, &self.mu)
+                continue
+            # Copies last until _done() even after stop(): wait for them too.
+            busy = False
+            for i in range(self.nworkers):
+                if self.inflight_first[i] < c.end and c.first < self.inflight_end[i]:
+                    busy = True
+                    break
+            if not busy:
+                break
+            pthread_cond_wait(&self.claim_cv, &self.mu)
+        c.next = self.claims
+        if c.next != NULL:
+            c.next.prev = c
+        self.claims = c
+        pthread_mutex_unlock(&self.mu)
+
+    cdef void unclaim_range(self, fm_claim *c) noexcept nogil:
+        """Release a claim taken by claim_range() and wake the claims that
+        wait for it; they look again (another claim may block them still)."""
+        cdef fm_claim *w
+        pthread_mutex_lock(&self.mu)
+        if c.prev != NULL:
+            c.prev.next = c.next
+        else:
+            self.claims = c.next
+        if c.next != NULL:
+            c.next.prev = c.prev
+        # The claim's write has reached the target (or failed and was marked
+        # dirty): a flush that fails from now on must redo it.
+        self.unflushed.c_set(c.first, c.end - c.first)
+        w = c.waiters
+        while w != NULL:
+            w.blocker = NULL
+            pthread_cond_signal(&w.cv)
+            w = w.next_waiter
+        c.waiters = NULL
+        pthread_cond_signal(&self.work_cv)     # its chunks may be dirty: a worker may copy them
+        pthread_mutex_unlock(&self.mu)
+        pthread_cond_destroy(&c.cv)
 
     def set_speed(self, int64_t speed):
         if speed < 0:
@@ -581,12 +605,16 @@ cdef class CopyEngine:
         the failure; they stay dirty after they finish, as for a write that
         lands during a copy)."""
         cdef int i
+        cdef fm_claim *k = self.claims
         self._or_into(self.flushing, self.bitmap)
         self._or_into(self.unflushed, self.bitmap)
         for i in range(MAX_WORKERS):
             if self.inflight_first[i] >= 0:
                 self.bitmap.c_set(self.inflight_first[i],
                                   self.inflight_end[i] - self.inflight_first[i])
+        while k != NULL:
+            self.bitmap.c_set(k.first, k.end - k.first)
+            k = k.next
         # Dirty now: their copies record them again once written.
         self.unflushed.c_reset(0, self.nchunks)
         # As after a failed copy, nothing is picked until the job has
@@ -695,10 +723,16 @@ cdef class CopyEngine:
         """Is chunk inside an extent that another worker is copying?  If so,
         *end is where that extent ends."""
         cdef int i
+        cdef fm_claim *k = self.claims
         for i in range(MAX_WORKERS):
             if self.inflight_first[i] <= chunk < self.inflight_end[i]:
                 end[0] = self.inflight_end[i]
                 return True
+        while k != NULL:
+            if k.first <= chunk < k.end:
+                end[0] = k.end
+                return True
+            k = k.next
         return False
 
     cdef bint _pick_in(self, int slot, int64_t lo, int64_t hi) noexcept nogil:
@@ -706,6 +740,7 @@ cdef class CopyEngine:
         [lo, hi) that no other worker is copying."""
         cdef int64_t c, e, lim, cend
         cdef int i
+        cdef fm_claim *k = self.claims
         c = self.bitmap.next_dirty_locked(lo, hi)
         while c >= 0:
             if not self._conflicts(c, &cend):
@@ -719,6 +754,10 @@ cdef class CopyEngine:
         for i in range(MAX_WORKERS):
             if c < self.inflight_first[i] < lim:
                 lim = self.inflight_first[i]
+        while k != NULL:
+            if c < k.first < lim:
+                lim = k.first
+            k = k.next
         e = self.bitmap.next_clean_locked(c, lim)
         if e < 0:
             e = lim
@@ -1268,3 +1307,19 @@ cdef int _dup_fd(int fd) except -1:
 def _log_callback_error(name):
     import logging
     logging.getLogger("fastmirror").exception("tracepoint %s listener raised", name)
+
+
+# The C API of _engine.pxd: the tracked write path calls these without the
+# GIL.  `engine` is a CopyEngine that the caller keeps alive.
+
+cdef void fm_engine_claim(void *engine, fm_claim *c, int64_t offset,
+                          int64_t length) noexcept nogil:
+    (<CopyEngine>engine).claim_range(c, offset, length)
+
+
+cdef void fm_engine_unclaim(void *engine, fm_claim *c) noexcept nogil:
+    (<CopyEngine>engine).unclaim_range(c)
+
+
+cdef void fm_engine_mark(void *engine, int64_t offset, int64_t length) noexcept nogil:
+    (<CopyEngine>engine).mark_bytes(offset, length)

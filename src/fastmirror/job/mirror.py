@@ -254,7 +254,7 @@ class MirrorJob:
         # The handle reopens the checked source through its own duplicate
         # of our descriptor, not by path (a path may name another file now).
         self.source = TrackedSource(self._src.path, self.size, self._src.info.is_block,
-                                    self._mark_write, fd=os.dup(self._src.fd))
+                                    self._engine, fd=os.dup(self._src.fd))
 
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
@@ -612,8 +612,7 @@ class MirrorJob:
     def _enter_write_blocking(self) -> None:
         """From now on writes through job.source reach both sides before
         they return, so they no longer add work: the job always converges."""
-        self.source.start_mirroring(self._engine.claim, self._engine.unclaim,
-                                    self._dst.path, self._dst.open_buffered(),
+        self.source.start_mirroring(self._dst.path, self._dst.open_buffered(),
                                     self._dst.info.is_block)
         with self._lock:
             self._write_blocking = True

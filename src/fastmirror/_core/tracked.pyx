@@ -1,0 +1,517 @@
+# cython: language_level=3
+"""The tracked write path in C: gate, claim, write, mark (see _tracked.pxd).
+
+A request through TrackedDisk never takes the GIL: the Python handle
+(source.TrackedSource) releases it around one c_* call, and a C caller (the
+NBD export) calls the c_* methods directly.
+
+Locking: `mu` guards the gate, the descriptors and the counters; it is never
+held during I/O, nor while the engine's lock is taken (claims and marks are
+made after leaving it), so the lock order is mu, then nothing.  The
+descriptors a request took at the gate stay open until it leaves: pivot()
+runs with the gate closed (no request inside), stop_mirroring() and close()
+wait for the requests that use what they close.
+"""
+
+cimport cython
+
+from libc.errno cimport EBADF, EINVAL, EOPNOTSUPP
+from libc.stdint cimport int64_t
+from libc.stdlib cimport calloc, free
+from posix.uio cimport iovec
+from posix.unistd cimport close as c_close
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
+from fastmirror._core.engine cimport fm_claim, fm_engine_claim, fm_engine_unclaim, fm_engine_mark
+from fastmirror._core.blockio cimport pread_full, pwrite_full, pwritev_full, flush_fd, zero_range
+from fastmirror._core.sync cimport (pthread_mutex_init, pthread_mutex_destroy,
+                               pthread_mutex_lock, pthread_mutex_unlock,
+                               pthread_cond_init, pthread_cond_destroy, pthread_cond_wait,
+                               pthread_cond_broadcast)
+
+# What a request does to each side.
+cdef enum:
+    OP_WRITE = 0
+    OP_ZEROES = 1       # write zeros (allocated on files)
+    OP_DISCARD = 2      # a hole on files; zeros on block devices
+
+cdef enum:
+    ZERO_BUF = 1 << 20  # zeros written per call where no zeroing call exists
+
+# Trace events (the hook tests use to see claims and marks as they happen).
+cdef enum:
+    C_CLAIM_WAIT = 0        # before waiting for the claim
+    C_CLAIM_HELD = 1        # claimed: the write to both sides starts
+    C_CLAIM_RELEASE = 2     # about to release
+    C_MARK = 3              # about to mark: the write has landed
+
+CLAIM_WAIT = C_CLAIM_WAIT
+CLAIM_HELD = C_CLAIM_HELD
+CLAIM_RELEASE = C_CLAIM_RELEASE
+MARK = C_MARK
+
+
+cdef int _zero(int fd, bint is_block, int64_t offset, int64_t length, bint discard) noexcept nogil:
+    """Make [offset, offset+length) read as zeros; 0 or -errno.  Where the
+    file system or device has no zeroing call, write_zeroes writes zeros and
+    discard fails with -EOPNOTSUPP (a discard may not cost a full write)."""
+    cdef int r = zero_range(fd, offset, length, is_block, discard)
+    cdef int64_t n, w, done = 0
+    cdef void *zeros
+    if r != -EOPNOTSUPP:
+        return r
+    if discard:
+        return -EOPNOTSUPP
+    n = length if length < ZERO_BUF else ZERO_BUF
+    zeros = calloc(<size_t>(n if n > 0 else 1), 1)
+    if zeros == NULL:
+        return -12     # ENOMEM
+    while done < length:
+        w = pwrite_full(fd, zeros, n if length - done > n else length - done, offset + done)
+        if w < 0:
+            free(zeros)
+            return <int>w
+        done += w
+    free(zeros)
+    return 0
+
+
+cdef int64_t _apply(int op, int fd, bint is_block, const iovec *iov, int iovcnt,
+                    int64_t offset, int64_t length) noexcept nogil:
+    if op == OP_WRITE:
+        return pwritev_full(fd, iov, iovcnt, offset)
+    cdef int r = _zero(fd, is_block, offset, length, op == OP_DISCARD)
+    return r if r < 0 else length
+
+
+@cython.final
+cdef class TrackedDisk:
+    """A disk of `size` bytes whose writes are tracked for a CopyEngine.
+
+    TrackedDisk(size, engine): writes are marked dirty in `engine` (a
+    CopyEngine covering the same size) until stop_tracking() or pivot().
+    The descriptors it is given (attach, start_mirroring, pivot) are its own:
+    it closes them."""
+
+    def __cinit__(self):
+        self.fd = -1
+        self.mirror_fd = -1
+        pthread_mutex_init(&self.mu, NULL)
+        pthread_cond_init(&self.cv, NULL)
+        self.ready = True
+
+    def __init__(self, int64_t size, engine):
+        from fastmirror._core.engine import CopyEngine
+        if not isinstance(engine, CopyEngine):
+            raise TypeError("engine must be a CopyEngine, not %r" % type(engine).__name__)
+        if size < 0 or engine.size != size:
+            raise ValueError("the engine covers %d bytes, the disk %d" % (engine.size, size))
+        if self.engine_ref is not None:
+            raise RuntimeError("TrackedDisk is already initialised")
+        self.size = size
+        self.engine_ref = engine
+        self.engine = <void *>engine
+
+    def __dealloc__(self):
+        if self.fd >= 0:
+            c_close(self.fd)
+        if self.mirror_fd >= 0:
+            c_close(self.mirror_fd)
+        if self.ready:
+            pthread_cond_destroy(&self.cv)
+            pthread_mutex_destroy(&self.mu)
+
+    # ------------------------------------------------------------------
+    # The C API
+    # ------------------------------------------------------------------
+
+    cdef int c_enter(self, fm_route *r) noexcept nogil:
+        """Pass the gate (wait while it is closed) and take the route of one
+        request; 0, or -EBADF on a closed or unattached disk."""
+        pthread_mutex_lock(&self.mu)
+        while self.gate_closed and not self.closed:
+            pthread_cond_wait(&self.cv, &self.mu)
+        if self.closed or self.fd < 0:
+            pthread_mutex_unlock(&self.mu)
+            return -EBADF
+        r.fd = self.fd
+        r.is_block = self.is_block
+        r.mirror_fd = self.mirror_fd
+        r.mirror_is_block = self.mirror_is_block
+        r.engine = self.engine
+        self.writers += 1
+        if r.mirror_fd >= 0:
+            self.mirror_users += 1
+        pthread_mutex_unlock(&self.mu)
+        return 0
+
+    cdef void c_leave(self, fm_route *r) noexcept nogil:
+        pthread_mutex_lock(&self.mu)
+        self.writers -= 1
+        if r.mirror_fd >= 0:
+            self.mirror_users -= 1
+        if self.writers == 0 or (r.mirror_fd >= 0 and self.mirror_users == 0):
+            pthread_cond_broadcast(&self.cv)
+        pthread_mutex_unlock(&self.mu)
+
+    cdef int64_t _request(self, int op, const iovec *iov, int iovcnt, int64_t offset,
+                          int64_t length) noexcept nogil:
+        """gate -> claim -> write -> mark, for every kind of write."""
+        cdef fm_route route
+        cdef fm_claim claim
+        cdef bint both
+        cdef int64_t n, w
+        if offset < 0 or length < 0 or offset > self.size - length:
+            return -EINVAL
+        n = self.c_enter(&route)
+        if n < 0:
+            return n
+        # Write-blocking: no copy of these chunks may be in flight while both
+        # sides are written, or an older read could land after this write;
+        # nor another such write, or the sides could see them in two orders.
+        both = route.mirror_fd >= 0 and route.engine != NULL and length > 0
+        if both:
+            if self.trace_on:
+                self._trace(C_CLAIM_WAIT, offset, length)
+            fm_engine_claim(route.engine, &claim, offset, length)
+            if self.trace_on:
+                self._trace(C_CLAIM_HELD, offset, length)
+        n = _apply(op, route.fd, route.is_block, iov, iovcnt, offset, length)
+        if route.engine != NULL and length > 0:
+            # A failed write may have landed in part: mark it too, a range is
+            # never left clean that the two sides may disagree on.
+            w = -1
+            if both and n >= 0:
+                w = _apply(op, route.mirror_fd, route.mirror_is_block, iov, iovcnt,
+                           offset, length)
+            if w < 0:
+                # Invariant 2: the write has reached the source; mark it now.
+                # (A target that refused it: the background copy retries.)
+                if self.trace_on:
+                    self._trace(C_MARK, offset, length)
+                fm_engine_mark(route.engine, offset, length)
+        if both:
+            if self.trace_on:
+                self._trace(C_CLAIM_RELEASE, offset, length)
+            fm_engine_unclaim(route.engine, &claim)
+        self.c_leave(&route)
+        return n
+
+    cdef int64_t c_writev(self, const iovec *iov, int iovcnt, int64_t offset) noexcept nogil:
+        cdef int i
+        cdef int64_t length = 0
+        for i in range(iovcnt):
+            length += <int64_t>iov[i].iov_len
+        return self._request(OP_WRITE, iov, iovcnt, offset, length)
+
+    cdef int64_t c_write(self, const void *buf, int64_t length, int64_t offset) noexcept nogil:
+        cdef iovec v
+        v.iov_base = <void *>buf
+        v.iov_len = <size_t>length
+        return self._request(OP_WRITE, &v, 1, offset, length)
+
+    cdef int c_write_zeroes(self, int64_t offset, int64_t length) noexcept nogil:
+        cdef int64_t r = self._request(OP_ZEROES, NULL, 0, offset, length)
+        return <int>r if r < 0 else 0
+
+    cdef int c_discard(self, int64_t offset, int64_t length) noexcept nogil:
+        cdef int64_t r = self._request(OP_DISCARD, NULL, 0, offset, length)
+        return <int>r if r < 0 else 0
+
+    cdef int64_t c_read(self, void *buf, int64_t length, int64_t offset) noexcept nogil:
+        """Read [offset, offset+length): bytes read (fewer only at the end of
+        the file) or -errno.  Reads pass the gate too: they never race a
+        pivot."""
+        cdef fm_route route
+        cdef int64_t n
+        if offset < 0 or length < 0 or offset > self.size - length:
+            return -EINVAL
+        n = self.c_enter(&route)
+        if n < 0:
+            return n
+        n = pread_full(route.fd, buf, length, offset)
+        self.c_leave(&route)
+        return n
+
+    cdef int c_flush(self) noexcept nogil:
+        """fdatasync the disk and, in write-blocking mode, the target."""
+        cdef fm_route route
+        cdef int r = self.c_enter(&route)
+        if r < 0:
+            return r
+        r = flush_fd(route.fd)
+        if r == 0 and route.mirror_fd >= 0:
+            r = flush_fd(route.mirror_fd)
+        self.c_leave(&route)
+        return r
+
+    cdef void c_close_gate(self) noexcept nogil:
+        pthread_mutex_lock(&self.mu)
+        self.gate_closed = True
+        while self.writers:
+            pthread_cond_wait(&self.cv, &self.mu)
+        pthread_mutex_unlock(&self.mu)
+
+    cdef void c_open_gate(self) noexcept nogil:
+        pthread_mutex_lock(&self.mu)
+        self.gate_closed = False
+        pthread_cond_broadcast(&self.cv)
+        pthread_mutex_unlock(&self.mu)
+
+    cdef void c_pivot(self, int fd, bint is_block) noexcept nogil:
+        """With the gate closed (no request holds the descriptors it
+        closes): requests go to fd from now on, untracked."""
+        cdef int old, old_mirror
+        pthread_mutex_lock(&self.mu)
+        old = self.fd
+        old_mirror = self.mirror_fd
+        self.fd = fd
+        self.is_block = is_block
+        self.mirror_fd = -1
+        self.engine = NULL
+        self.pivoted = True
+        pthread_mutex_unlock(&self.mu)
+        if old >= 0:
+            c_close(old)
+        if old_mirror >= 0:
+            c_close(old_mirror)
+
+    cdef void _trace(self, int event, int64_t offset, int64_t length) noexcept with gil:
+        with cython.critical_section(self):
+            cb = self.on_event          # a new reference: safe after the section
+        if cb is not None:
+            try:
+                cb(event, offset, length)
+            except BaseException:
+                import logging
+                logging.getLogger("fastmirror").exception("tracked disk trace listener raised")
+
+    # ------------------------------------------------------------------
+    # Python: each call releases the GIL around one C call
+    # ------------------------------------------------------------------
+
+    def pwrite(self, const unsigned char[::1] data, int64_t offset):
+        """Bytes written, or -errno."""
+        cdef int64_t n = data.shape[0]
+        cdef const void *p = &data[0] if n else NULL
+        self._check(offset, n)
+        with nogil:
+            n = self.c_write(p, n, offset)
+        return n
+
+    def write_zeroes(self, int64_t offset, int64_t length):
+        """0 or -errno."""
+        cdef int r
+        self._check(offset, length)
+        with nogil:
+            r = self.c_write_zeroes(offset, length)
+        return r
+
+    def discard(self, int64_t offset, int64_t length):
+        """0 or -errno (-EOPNOTSUPP where the disk cannot)."""
+        cdef int r
+        self._check(offset, length)
+        with nogil:
+            r = self.c_discard(offset, length)
+        return r
+
+    def pread(self, int64_t length, int64_t offset):
+        """The bytes read (fewer only at the end of the file), or -errno."""
+        cdef int64_t n
+        cdef char *p
+        self._check(offset, length)
+        out = PyBytes_FromStringAndSize(NULL, length)
+        p = PyBytes_AS_STRING(out)
+        with nogil:
+            n = self.c_read(p, length, offset)
+        if n < 0:
+            return n
+        return out if n == length else out[:n]
+
+    def flush(self):
+        """0 or -errno."""
+        cdef int r
+        with nogil:
+            r = self.c_flush()
+        return r
+
+    cdef int _check(self, int64_t offset, int64_t length) except -1:
+        if offset < 0 or length < 0 or offset > self.size - length:
+            raise ValueError("range [%d, %d) outside the disk [0, %d)"
+                             % (offset, offset + length, self.size))
+        return 0
+
+    # -- control (the job) --------------------------------------------------
+
+    def attach(self, int fd, bint is_block):
+        """Give the disk its descriptor (the source, opened read-write).
+        False, and fd stays the caller's, if it has one already or is
+        closed."""
+        cdef bint taken = False
+        with nogil:
+            pthread_mutex_lock(&self.mu)
+            if self.fd < 0 and not self.closed:
+                self.fd = fd
+                self.is_block = is_block
+                taken = True
+            pthread_mutex_unlock(&self.mu)
+        return taken
+
+    def close_gate(self):
+        """Hold new requests at the gate and wait for those inside to end
+        (written and marked)."""
+        with nogil:
+            self.c_close_gate()
+
+    def open_gate(self):
+        with nogil:
+            self.c_open_gate()
+
+    def pivot(self, int fd, bint is_block):
+        """From now on requests go to fd (the target, handed over) and are no
+        longer tracked.  Call it with the gate closed."""
+        with nogil:
+            self.c_pivot(fd, is_block)
+
+    def stop_tracking(self):
+        """Writes are no longer marked nor sent to the target."""
+        with nogil:
+            pthread_mutex_lock(&self.mu)
+            self.engine = NULL
+            pthread_mutex_unlock(&self.mu)
+        self.stop_mirroring()
+
+    def start_mirroring(self, int fd, bint is_block):
+        """Write-blocking mode: from now on a write returns once it reached
+        both the disk and fd (a buffered target descriptor, handed over)."""
+        cdef int old = -1
+        with nogil:
+            pthread_mutex_lock(&self.mu)
+            if self.closed:
+                old = fd
+            else:
+                # Requests inside took the old descriptor: wait for them.
+                while self.mirror_users:
+                    pthread_cond_wait(&self.cv, &self.mu)
+                old = self.mirror_fd
+                self.mirror_fd = fd
+                self.mirror_is_block = is_block
+            pthread_mutex_unlock(&self.mu)
+            if old >= 0:
+                c_close(old)
+
+    def stop_mirroring(self):
+        cdef int old
+        with nogil:
+            pthread_mutex_lock(&self.mu)
+            old = self.mirror_fd
+            self.mirror_fd = -1
+            # Requests that took the old descriptor may still use it; new
+            # ones do not see it, so this wait is bounded even while
+            # requests keep coming.
+            while self.mirror_users:
+                pthread_cond_wait(&self.cv, &self.mu)
+            pthread_mutex_unlock(&self.mu)
+            if old >= 0:
+                c_close(old)
+
+    def close(self):
+        """Refuse new requests (-EBADF), wait for those inside, close the
+        descriptors."""
+        cdef int old
+        self.stop_mirroring()
+        with nogil:
+            pthread_mutex_lock(&self.mu)
+            self.closed = True
+            pthread_cond_broadcast(&self.cv)       # requests held at the gate: refused
+            while self.writers:
+                pthread_cond_wait(&self.cv, &self.mu)
+            old = self.fd
+            self.fd = -1
+            pthread_mutex_unlock(&self.mu)
+            if old >= 0:
+                c_close(old)
+
+    def set_trace(self, on_event):
+        """on_event(event, offset, length) around every claim (CLAIM_WAIT,
+        CLAIM_HELD, CLAIM_RELEASE) and before every mark (MARK), called with
+        the GIL from the writing thread; None to stop.  For tests."""
+        with cython.critical_section(self):
+            self.on_event = on_event
+            self.trace_on = on_event is not None
+
+    @property
+    def attached(self):
+        return self.fd >= 0
+
+    @property
+    def is_closed(self):
+        return self.closed
+
+    @property
+    def write_blocking(self):
+        return self.mirror_fd >= 0
+
+    @property
+    def tracking(self):
+        return self.engine != NULL
+
+    @property
+    def writers_inside(self):
+        """Requests between the gate and their end."""
+        return self.writers
+
+    @property
+    def gate_is_closed(self):
+        return self.gate_closed
+
+
+cdef class Claim:
+    """A claim held from Python, for tests and tools: the chunks of
+    [offset, offset+length) of `engine`, held from acquire() to release()
+    (or until the object goes away)."""
+
+    cdef fm_claim claim
+    cdef object engine_ref
+    cdef void *engine
+    cdef readonly int64_t offset
+    cdef readonly int64_t length
+    cdef readonly bint held
+
+    def __init__(self, engine, int64_t offset, int64_t length):
+        from fastmirror._core.engine import CopyEngine
+        if not isinstance(engine, CopyEngine):
+            raise TypeError("engine must be a CopyEngine")
+        if offset < 0 or length < 0 or offset > engine.size - length:
+            raise ValueError("range outside the mirrored size")
+        if self.engine_ref is not None:
+            raise RuntimeError("Claim is already initialised")
+        self.engine_ref = engine
+        self.engine = <void *>engine
+        self.offset = offset
+        self.length = length
+
+    def acquire(self):
+        """Wait (GIL released) until no copy and no other claim overlaps."""
+        if self.held:
+            raise RuntimeError("claim already held")
+        with nogil:
+            fm_engine_claim(self.engine, &self.claim, self.offset, self.length)
+        self.held = True
+
+    def release(self):
+        if not self.held:
+            raise RuntimeError("claim not held")
+        self.held = False
+        with nogil:
+            fm_engine_unclaim(self.engine, &self.claim)
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+    def __dealloc__(self):
+        if self.held:
+            fm_engine_unclaim(self.engine, &self.claim)
