@@ -816,7 +816,7 @@ class MirrorJob:
         The failed ranges were already marked dirty again by the engine."""
         worst = "ignore"
         rank = {"ignore": 0, "stop": 1, "report": 2}
-        for operation, err, off, length in failures:
+        for operation, err, off, _length in failures:
             source_side = operation == "read"
             action = self._policy_for(source_side, err)
             path = self._src.path if source_side else self._dst.path
