@@ -36,6 +36,7 @@ cimport cython
 from libc.errno cimport ETIMEDOUT, ENXIO, EOPNOTSUPP, ENOTTY, EINVAL, EAGAIN, EINTR, ENOMEM
 from libc.stdint cimport int64_t, uint64_t
 from posix.time cimport timespec
+from fastmirror._core.fm_assert cimport FM_DEBUG, fm_assert, fm_assert_locked
 from fastmirror._core.hbitmap cimport HBitmap
 from fastmirror._core.blockio cimport (pread_full, pwrite_full, flush_fd, zero_range,
                              buffer_is_zero, alloc_buffer, free_buffer, monotonic_ns)
@@ -132,7 +133,7 @@ cdef class CopyEngine:
     cdef int shift                  # log2(granularity)
     cdef int64_t nchunks
     cdef readonly int nworkers
-    cdef void *buffers[MAX_WORKERS] # max_io bytes per slot, inside arena
+    cdef void *buffers[MAX_WORKERS]  # max_io bytes per slot, inside arena
     cdef char *arena                # all the slots' buffers: one mapping, huge pages
     cdef size_t arena_len
 
@@ -260,7 +261,8 @@ cdef class CopyEngine:
         worker.  Call it after the write has reached the source."""
         cdef int64_t first, end
         if offset < 0 or length < 0 or offset + length > self.size:
-            raise ValueError("range [%d, %d) outside [0, %d)" % (offset, offset + length, self.size))
+            raise ValueError("range [%d, %d) outside [0, %d)"
+                             % (offset, offset + length, self.size))
         if length == 0:
             return
         first = offset >> self.shift
@@ -539,6 +541,8 @@ cdef class CopyEngine:
         e = self.bitmap.next_clean_locked(c, lim)
         if e < 0:
             e = lim
+        if FM_DEBUG:
+            fm_assert(0 <= c < e <= self.nchunks, "0 <= c < e <= nchunks")
         # Invariant 1: the bits go clean before the source is read.
         self.bitmap.reset_locked(c, e - c)
         self.inflight_first[slot] = c
@@ -549,6 +553,7 @@ cdef class CopyEngine:
     cdef bint _pick(self, int slot) noexcept nogil:
         cdef bint found
         cdef int64_t start = self.cursor
+        fm_assert_locked(&self.mu)
         self.bitmap.lock()
         found = self._pick_in(slot, start, self.nchunks)
         if not found and start > 0:
@@ -742,6 +747,9 @@ cdef class CopyEngine:
         cdef int64_t first = self.inflight_first[slot]
         cdef int64_t n = self.inflight_end[slot] - first
         cdef int64_t now
+        fm_assert_locked(&self.mu)
+        if FM_DEBUG:
+            fm_assert(self.busy > 0 and first >= 0 and n > 0, "busy > 0, first >= 0, n > 0")
         if r < 0:
             # Never leave a failed range clean: dirty it again while it is
             # still ours, so no other worker can copy it in between.
@@ -935,6 +943,8 @@ cdef class CopyEngine:
 
             while fm_ring_reap(ring, &ud, &res):
                 s = <int>ud
+                if FM_DEBUG:
+                    fm_assert(first <= s < first + count and self.slot_state[s], "our slot, busy")
                 off = self.slot_off[s]
                 length = self.slot_len[s]
                 buf = <char *>self.buffers[s]
@@ -984,6 +994,7 @@ cdef class CopyEngine:
         self.running -= 1
         pthread_cond_broadcast(&self.event_cv)
         pthread_mutex_unlock(&self.mu)
+
 
 def _log_callback_error(name):
     import logging
