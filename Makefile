@@ -7,7 +7,8 @@ PIP    := $(PY) -m pip
 DEPS   := $(VENV)/.deps-stamp
 PYTEST_ARGS ?=
 
-.PHONY: all venv build debug test demo bench bench-smoke sdist wheel packaging clean
+.PHONY: all venv build debug test demo bench bench-smoke sdist wheel packaging clean \
+	lint debug-test sanitize-test
 
 all: build
 
@@ -34,6 +35,63 @@ test: build
 
 demo: build
 	$(VENV)/bin/fastmirror demo
+
+# Linters, in the venv but not in the test dependencies: ruff over the Python
+# code, cython-lint (which runs pycodestyle) over the .pyx and .pxd files;
+# their settings are in pyproject.toml.  Versions pinned so that a new release
+# cannot fail a build that passed; raise them deliberately.
+LINT_STAMP := $(VENV)/.lint-stamp
+$(LINT_STAMP): $(DEPS)
+	$(PIP) install -q ruff==0.17.6 cython-lint==0.22.1 pycodestyle==2.15.0
+	touch $@
+
+lint: $(LINT_STAMP)
+	$(VENV)/bin/ruff check src tests bench
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/cython-lint src tests bench
+
+# Variant builds of the extensions go to build/<variant>/lib, with a copy of
+# the package, and their generated C to build/<variant>/c; the tests run
+# against them through PYTHONPATH.  The in-place release build that
+# `make test` uses is never touched.
+VARIANT_BUILD = rm -rf build/$(1) && FASTMIRROR_CYTHON_DIR=build/$(1)/c $(2) \
+	$(PY) setup.py -q build --build-base build/$(1) --build-lib build/$(1)/lib --force
+
+# pytest captures Python's output only: what the C code writes to stderr
+# (an FM_ASSERT or sanitizer report) is seen even when the process aborts.
+VARIANT_PYTEST = $(PY) -m pytest --capture=sys $(PYTEST_ARGS)
+
+# The debug build (-O0, bounds checks, line tracing, FM_ASSERT invariant
+# checks in the engine, the ring and the bitmap) under the engine and job
+# tests, the fault injection and the randomized schedules.
+DEBUG_TESTS ?= tests/test_build_switches.py tests/test_io_engine.py tests/test_copy_mode.py \
+	tests/test_job_lifecycle.py tests/test_job_invariants.py tests/test_job_stress.py \
+	tests/test_schedules.py tests/test_faults.py tests/test_threads_many.py \
+	tests/test_hbitmap.py tests/test_hbitmap_threads.py
+
+debug-test: $(DEPS)
+	$(call VARIANT_BUILD,debug,FASTMIRROR_DEBUG=1)
+	FASTMIRROR_DEBUG=1 PYTHONPATH=build/debug/lib $(VARIANT_PYTEST) $(DEBUG_TESTS)
+
+# The extensions built with AddressSanitizer and UndefinedBehaviorSanitizer,
+# under the engine, I/O and bitmap tests.  Python itself is not instrumented:
+# the sanitizer runtime must be loaded first (LD_PRELOAD of the compiler's own
+# libasan), Python's allocations go through malloc so that ASan sees them, and
+# leak checking is off (the interpreter frees little at exit).  test_faults is
+# left out: its child processes replace LD_PRELOAD with the fault shim.
+SANITIZE ?= address,undefined
+SANITIZE_TESTS ?= tests/test_build_switches.py tests/test_io_engine.py tests/test_copy_mode.py \
+	tests/test_job_lifecycle.py tests/test_job_invariants.py tests/test_threads_many.py \
+	tests/test_hbitmap.py tests/test_hbitmap_hypothesis.py tests/test_hbitmap_threads.py
+SANITIZE_CC = $${CC:-$$($(PY) -c 'import sysconfig; print(sysconfig.get_config_var("CC").split()[0])')}
+
+sanitize-test: $(DEPS)
+	$(call VARIANT_BUILD,sanitize,FASTMIRROR_SANITIZE=$(SANITIZE))
+	asan=$$($(SANITIZE_CC) -print-file-name=libasan.so) && test -e "$$asan" \
+		|| { echo "no libasan.so for $(SANITIZE_CC)"; exit 1; }; \
+	LD_PRELOAD="$$asan" PYTHONMALLOC=malloc \
+	ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+	FASTMIRROR_SANITIZE=$(SANITIZE) PYTHONPATH=build/sanitize/lib \
+	$(VARIANT_PYTEST) $(SANITIZE_TESTS)
 
 bench: build
 	$(PY) -m pytest bench --benchmark-only --benchmark-json=bench/results/latest.json

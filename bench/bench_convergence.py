@@ -26,7 +26,8 @@ A job that does not reach READY within FASTMIRROR_BENCH_WRITER_TIMEOUT seconds
 and one that reaches READY but does not complete within twice that plus 10 s
 (QEMU's background mode lets a busy writer go on while it drains) is
 cancelled and recorded as not completed: results, not failures.  After a run
-that did not converge, the remaining rounds of that case are not run.  A missing tool skips its benchmark with the reason, or fails it
+that did not converge, the remaining rounds of that case are not run.  A
+missing tool skips its benchmark with the reason, or fails it
 when FASTMIRROR_REQUIRE_ALL=1.  CI smoke-runs this module with
 --benchmark-disable and FASTMIRROR_BENCH_SIZE=32M: every case runs once.
 

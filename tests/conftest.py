@@ -311,7 +311,8 @@ class Writers:
         self.regions = regions
         self.stop_event = threading.Event()
         self.lock = threading.Lock()
-        self.log: list[tuple[int, int, int, bytes, str, str]] = []  # (writer, seq, off, data, before, after)
+        # (writer, seq, off, data, before, after)
+        self.log: list[tuple[int, int, int, bytes, str, str]] = []
         self.errors: list[BaseException] = []
         self.count = 0
         self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True,

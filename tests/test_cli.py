@@ -1,5 +1,6 @@
 """The fastmirror command, run as a user runs it: a separate process."""
 
+import argparse
 import json
 import os
 import signal
@@ -31,9 +32,9 @@ def test_parse_size():
     assert parse_size("1M") == 1 << 20
     assert parse_size("1.5G") == 3 << 29
     assert parse_size("512") == 512
-    with pytest.raises(Exception):
+    with pytest.raises(argparse.ArgumentTypeError):
         parse_size("lots")
-    with pytest.raises(Exception):
+    with pytest.raises(argparse.ArgumentTypeError):
         parse_size("-1M")
 
 

@@ -452,7 +452,8 @@ def test_bad_constructor(size, granularity):
         HBitmap(size, granularity)
 
 
-@pytest.mark.parametrize("size, granularity", [(4096.0, 512), ("4096", 512), (4096, 512.0), (None, 512)])
+@pytest.mark.parametrize("size, granularity",
+                         [(4096.0, 512), ("4096", 512), (4096, 512.0), (None, 512)])
 def test_non_int_constructor(size, granularity):
     with pytest.raises((TypeError, ValueError)):
         HBitmap(size, granularity)

@@ -113,7 +113,8 @@ class HBitmapMachine(RuleBasedStateMachine):
             start, length = area
             assert start == want_dirty and length > 0
             # Dirty all the way, and it stops at a clean chunk or the limit.
-            assert all(c in self.model for c in range(start // self.g, (start + length - 1) // self.g + 1))
+            assert all(c in self.model
+                       for c in range(start // self.g, (start + length - 1) // self.g + 1))
             assert start + length == limit or (start + length) // self.g not in self.model
 
     @invariant()

@@ -189,7 +189,7 @@ def test_many_threads_on_shared_words():
 
     def big_worker():
         lo = big_first * g
-        for i in range(40):
+        for _ in range(40):
             bm.set(lo, big * g)
             assert bm.next_clean(lo, lo + big * g) == -1
             bm.reset(lo, big * g)

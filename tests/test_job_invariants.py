@@ -541,8 +541,9 @@ BAD_INPUT = {
                                                t / "x" / ".." / "s"),
                                     {}, ValueError, ["same"]),
     "missing source": (lambda t: (t / "nope", t / "d"), {}, FileNotFoundError, ["nope"]),
-    "missing source, existing target": (lambda t: (t / "nope", make_image(t / "d", MiB, pattern=0xCD)),
-                                        {}, FileNotFoundError, ["nope"]),
+    "missing source, existing target": (
+        lambda t: (t / "nope", make_image(t / "d", MiB, pattern=0xCD)),
+        {}, FileNotFoundError, ["nope"]),
     "target in a missing folder": (lambda t: (make_image(t / "s", 4 * MiB, seed=1),
                                               t / "no" / "such" / "d"),
                                    {}, FileNotFoundError, ["folder"]),

@@ -643,7 +643,8 @@ def test_trace_enable_prints_qemu_format(images, mkjob):
     names = [n for n, _ in parsed]
     assert names[0] == "mirror_start"
     args = parsed[0][1]
-    assert re.fullmatch(r"bs 0x[0-9a-f]+ s %s co 0x[0-9a-f]+ opaque %#x" % (s, id(marker)), args), args
+    assert re.fullmatch(r"bs 0x[0-9a-f]+ s %s co 0x[0-9a-f]+ opaque %#x" % (s, id(marker)),
+                        args), args
     iters = [a for n, a in parsed if n == "mirror_one_iteration"]
     assert iters
     covered = 0

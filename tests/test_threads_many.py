@@ -329,7 +329,7 @@ def jobs(tmp_path):
     made: list[JobLoad] = []
 
     def make(n: int, **kw) -> list[JobLoad]:
-        for i in range(n):
+        for _ in range(n):
             made.append(JobLoad(tmp_path, len(made), **kw))
         return made[-n:]
 

@@ -12,7 +12,8 @@ cdef int64_t pwritev_full(int fd, const iovec *iov, int iovcnt, int64_t offset) 
 cdef int64_t pread_full(int fd, void *buf, int64_t length, int64_t offset) noexcept nogil
 cdef int64_t pwrite_full(int fd, const void *buf, int64_t length, int64_t offset) noexcept nogil
 cdef int flush_fd(int fd) noexcept nogil
-cdef int zero_range(int fd, int64_t offset, int64_t length, bint is_block, bint unmap) noexcept nogil
+cdef int zero_range(int fd, int64_t offset, int64_t length, bint is_block,
+                    bint unmap) noexcept nogil
 cdef bint buffer_is_zero(const void *buf, size_t length) noexcept nogil
 cdef void *alloc_buffer(size_t length) noexcept nogil
 cdef void free_buffer(void *buf, size_t length) noexcept nogil

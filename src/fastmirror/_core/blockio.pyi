@@ -46,7 +46,8 @@ class DeviceInfo:
 def probe(fd: int) -> DeviceInfo:
     """Size and O_DIRECT alignment of an open file or block device."""
 
-def open_file(path: StrOrBytesPath, flags: int, direct: bool, mode: int = 0o644) -> tuple[int, bool]:
+def open_file(path: StrOrBytesPath, flags: int, direct: bool,
+              mode: int = 0o644) -> tuple[int, bool]:
     """Open ``path``; with ``direct``, try O_DIRECT first and fall back to
     buffered I/O where the filesystem refuses it (EINVAL at open).  Returns
     ``(fd, direct_in_effect)``."""

@@ -18,7 +18,7 @@ import os
 import stat as _stat
 
 from libc.errno cimport errno, EINTR, EINVAL, EOPNOTSUPP, ENOTTY, EIO
-from libc.stdint cimport int64_t, uint64_t, uint32_t, uint16_t, uintptr_t
+from libc.stdint cimport int64_t, uint64_t, uint32_t, uint16_t
 from libc.string cimport memcmp
 from posix.time cimport timespec
 from posix.uio cimport iovec, preadv, pwritev
@@ -168,8 +168,6 @@ cdef extern from *:
     int fdatasync(int fd) nogil
     int munmap(void *addr, size_t length) nogil
 
-from posix.fcntl cimport O_RDONLY, O_RDWR, O_CREAT, O_WRONLY
-
 # Linux's O_DIRECT and O_CLOEXEC, taken from the os module (the same numbers
 # the C library uses) so that no platform header is needed here.
 O_DIRECT = getattr(os, "O_DIRECT", 0)
@@ -280,7 +278,8 @@ cdef int flush_fd(int fd) noexcept nogil:
             return -errno
 
 
-cdef int zero_range(int fd, int64_t offset, int64_t length, bint is_block, bint unmap) noexcept nogil:
+cdef int zero_range(int fd, int64_t offset, int64_t length, bint is_block,
+                    bint unmap) noexcept nogil:
     """Make [offset, offset+length) read as zeros without writing a buffer.
 
     Files: PUNCH_HOLE (unmap) or ZERO_RANGE, both guaranteed to read back as

@@ -51,6 +51,7 @@ from posix.fcntl cimport fcntl, F_DUPFD_CLOEXEC
 from posix.unistd cimport close as c_close
 from libc.stdint cimport int64_t, uint64_t
 from posix.time cimport timespec
+from fastmirror._core.fm_assert cimport FM_DEBUG, fm_assert, fm_assert_locked
 from fastmirror._core.hbitmap cimport HBitmap
 from fastmirror._core.blockio cimport (preadv_full, pwritev_full, flush_fd, zero_range,
                              buffer_is_zero, alloc_buffer, free_buffer, monotonic_ns)
@@ -172,7 +173,7 @@ cdef class CopyEngine:
     cdef int shift                  # log2(granularity)
     cdef int64_t nchunks
     cdef readonly int nworkers
-    cdef void *buffers[MAX_WORKERS] # max_io bytes per slot, inside arena
+    cdef void *buffers[MAX_WORKERS]  # max_io bytes per slot, inside arena
     cdef char *arena                # all the slots' buffers: one mapping, huge pages
     cdef size_t arena_len
 
@@ -365,7 +366,8 @@ cdef class CopyEngine:
         """Dirty every chunk overlapping [offset, offset+length) and wake a
         worker.  Call it after the write has reached the source."""
         if offset < 0 or length < 0 or offset + length > self.size:
-            raise ValueError("range [%d, %d) outside [0, %d)" % (offset, offset + length, self.size))
+            raise ValueError("range [%d, %d) outside [0, %d)"
+                             % (offset, offset + length, self.size))
         with nogil:
             self.mark_bytes(offset, length)
 
@@ -761,6 +763,8 @@ cdef class CopyEngine:
         e = self.bitmap.next_clean_locked(c, lim)
         if e < 0:
             e = lim
+        if FM_DEBUG:
+            fm_assert(0 <= c < e <= self.nchunks, "0 <= c < e <= nchunks")
         # Invariant 1: the bits go clean before the source is read.
         self.bitmap.reset_locked(c, e - c)
         self.inflight_first[slot] = c
@@ -771,6 +775,7 @@ cdef class CopyEngine:
     cdef bint _pick(self, int slot) noexcept nogil:
         cdef bint found
         cdef int64_t start = self.cursor
+        fm_assert_locked(&self.mu)
         self.bitmap.lock()
         found = self._pick_in(slot, start, self.nchunks)
         if not found and start > 0:
@@ -971,6 +976,9 @@ cdef class CopyEngine:
         cdef int64_t first = self.inflight_first[slot]
         cdef int64_t n = self.inflight_end[slot] - first
         cdef int64_t now
+        fm_assert_locked(&self.mu)
+        if FM_DEBUG:
+            fm_assert(self.busy > 0 and first >= 0 and n > 0, "busy > 0, first >= 0, n > 0")
         if r < 0:
             # Never leave a failed range clean: dirty it again while it is
             # still ours, so no other worker can copy it in between.
@@ -1246,6 +1254,8 @@ cdef class CopyEngine:
 
             while fm_ring_reap(ring, &ud, &res):
                 s = <int>ud
+                if FM_DEBUG:
+                    fm_assert(first <= s < first + count and self.slot_state[s], "our slot, busy")
                 off = self.slot_off[s]
                 length = self.slot_len[s]
                 buf = <char *>self.buffers[s]

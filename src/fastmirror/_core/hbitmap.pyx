@@ -792,7 +792,7 @@ cdef class HBitmap:
         cdef int64_t off = _int_arg(offset, self.size, "offset")
         cdef int64_t e = _end_arg(self, end)
         cdef int64_t maxlen = INT64_MAX
-        cdef int64_t c, n = 0, start, limit, stop
+        cdef int64_t c, start, limit, stop
         if max_length is not None:
             maxlen = _int_arg(max_length, INT64_MAX, "max_length")
             if maxlen == 0:

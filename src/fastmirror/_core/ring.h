@@ -33,6 +33,8 @@
 #include <sys/syscall.h>
 #include <sys/uio.h>
 
+#include "fm_assert.h"
+
 #if defined(__has_include)
 #  if __has_include(<linux/io_uring.h>)
 #    include <linux/io_uring.h>
@@ -149,9 +151,11 @@ static inline int fm_ring_prep(fm_ring *r, int op, int fd, void *buf, unsigned l
     unsigned tail = *r->sq_tail;
     unsigned head = __atomic_load_n(r->sq_head, __ATOMIC_ACQUIRE);
     struct io_uring_sqe *sqe;
+    FM_ASSERT(r->fd >= 0 && tail - head <= r->sq_entries);
     if (tail - head >= r->sq_entries)
         return -EBUSY;
     unsigned idx = tail & *r->sq_mask;
+    FM_ASSERT(idx < r->sq_entries);
     sqe = &((struct io_uring_sqe *)r->sqes)[idx];
     memset(sqe, 0, sizeof(*sqe));
     sqe->opcode = op == FM_RING_WRITE ? IORING_OP_WRITE : IORING_OP_READ;
@@ -236,6 +240,8 @@ static inline int fm_ring_submit(fm_ring *r, unsigned wait_nr)
 static inline unsigned fm_ring_unqueue(fm_ring *r, uint64_t *out, unsigned max)
 {
     unsigned n = 0;
+    /* What is taken back must still be in the queue, never consumed by the kernel. */
+    FM_ASSERT(*r->sq_tail - __atomic_load_n(r->sq_head, __ATOMIC_ACQUIRE) >= r->to_submit);
     while (r->to_submit && n < max) {
         unsigned tail = *r->sq_tail - 1;
         out[n++] = ((struct io_uring_sqe *)r->sqes)[r->sq_array[tail & *r->sq_mask]].user_data;

@@ -1564,7 +1564,8 @@ def _fs_type(path: str) -> Optional[str]:
                 if len(parts) < 3:
                     continue
                 mnt = parts[1].replace("\\040", " ")
-                if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+                if ((real == mnt or real.startswith(mnt.rstrip("/") + "/"))
+                        and len(mnt) >= len(best)):
                     best, fstype = mnt, parts[2]
         return fstype
     except OSError:

@@ -923,7 +923,7 @@ class MirrorJob:
         delay = None
         if worst == "ignore":
             delay = self._backoff("flush" if failures[0][0] == "flush" else "copy")
-        for (operation, err, off, length), action in zip(failures, actions):
+        for (operation, err, off, _length), action in zip(failures, actions):
             source_side = operation == "read"
             path = self._src.path if source_side else self._dst.path
             error = io_error(err, path, off, operation)
