@@ -12,7 +12,7 @@ import os
 import pytest
 
 import fastmirror
-from conftest import (MiB, assert_same, fm, make_image, require_root, require_that,
+from helpers import (MiB, assert_same, fm, make_image, require_root, require_that,
                       require_uring)
 from fastmirror import EventType
 from fastmirror._core import blockio as _io

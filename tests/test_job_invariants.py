@@ -24,7 +24,7 @@ import pytest
 
 from fastmirror import EventType, JobState, MirrorJob, trace
 
-from conftest import (KiB, MiB, Writers, allocated_bytes, assert_all_bytes,
+from helpers import (KiB, MiB, Writers, allocated_bytes, assert_all_bytes,
                       assert_qemu_equal, assert_same, make_image, phase1_then_phase2,
                       read_bytes, require, require_root, sha256, write_bytes)
 

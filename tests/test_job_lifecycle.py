@@ -20,7 +20,7 @@ import pytest
 from fastmirror import EventType, JobState, JobStateError, MirrorJob, trace
 from fastmirror.job.events import JobEvent
 
-from conftest import (KiB, MiB, assert_all_bytes, assert_same,
+from helpers import (KiB, MiB, assert_all_bytes, assert_same,
                       make_image, read_bytes)
 
 G = 64 * KiB
