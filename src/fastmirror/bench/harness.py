@@ -108,7 +108,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import mmap
 import os
@@ -129,7 +128,7 @@ from fastmirror.bench.disk import (check_markers, device_size, drop_caches, fs_t
 from fastmirror.bench.images import make_image
 from fastmirror.bench.records import FIO_PARTS, KiB, MiB, QEMU_COPY_MODES, TOOLS, Run, Variant
 from fastmirror.bench.report import (ceiling_lines, format_table, format_writer_table,
-                                     summarize, summarize_writer, writer_line)
+                                     summarize, summarize_writer, write_json, writer_line)
 from fastmirror.bench.writers import WRITE_ALIGN, WRITE_MAX, WRITE_MIN, qemu_writer
 from fastmirror.job.mirror import COPY_MODES, IO_ENGINES
 from fastmirror.units import human, parse_size, short
@@ -865,12 +864,7 @@ def _bench(args, undo: contextlib.ExitStack) -> int:
             } if rates else None,
             "chart": chart_note,
         }
-        text = json.dumps(doc, indent=2, default=str)
-        if args.json == "-":
-            print(text)
-        else:
-            with open(args.json, "w") as f:
-                f.write(text + "\n")
+        write_json(args.json, doc)
     return EXIT_FAIL if failed else EXIT_OK
 
 

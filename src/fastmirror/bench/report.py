@@ -4,6 +4,7 @@ and lines of the report."""
 
 from __future__ import annotations
 
+import json
 import mmap
 import statistics
 from typing import Optional, Sequence
@@ -13,7 +14,7 @@ from fastmirror.bench.records import FIO_PARTS, GB, MB, MiB, Run
 from fastmirror.units import human, short
 
 __all__ = ["summarize", "summarize_writer", "format_table", "format_writer_table",
-           "ceiling_lines", "writer_line"]
+           "ceiling_lines", "writer_line", "write_json"]
 
 
 def summarize(runs: Sequence[Run], tools: Sequence[str], base: str = "fastmirror") -> dict:
@@ -272,3 +273,13 @@ def writer_line(r: Run) -> str:
     if not r.ok:
         parts.append("FAILED: %s" % r.error)
     return ", ".join(parts)
+
+
+def write_json(dest: str, doc: dict) -> None:
+    """The --json document: to the file `dest`, or to stdout for '-'."""
+    text = json.dumps(doc, indent=2, default=str)
+    if dest == "-":
+        print(text)
+    else:
+        with open(dest, "w") as f:
+            f.write(text + "\n")
