@@ -260,10 +260,10 @@ def test_writer_round_that_does_not_converge_is_cancelled(tmp_path):
     with open(dst, "wb") as f:
         f.truncate(16 * MiB)
     variants = [records.Variant("fastmirror background", "fastmirror",
-                                  copy_mode="background")]
+                                copy_mode="background")]
     if shutil.which("qemu-storage-daemon"):
         variants.append(records.Variant("qemu-mirror background", "qemu-mirror",
-                                          copy_mode="background"))
+                                        copy_mode="background"))
     else:
         _missing("qemu-storage-daemon is not installed")
     for v in variants:
@@ -543,7 +543,7 @@ def test_fio_failure_names_the_jobs_error(monkeypatch):
 
     def failed(tool, cmd, size, timeout):
         run = records.Run(tool, 0, False, size, command=cmd, returncode=2,
-                            error="exit status 2: " + report.decode()[-500:])
+                          error="exit status 2: " + report.decode()[-500:])
         return run, b"fio-3.33\n" + report
     monkeypatch.setattr(baselines, "run_command", failed)
     r = benchmark.run_tool("fio-rw", "/nonexistent/a", "/nonexistent/b", MiB, path="fio")

@@ -13,7 +13,7 @@ import pytest
 
 import fastmirror
 from helpers import (MiB, assert_same, fm, make_image, require_root, require_that,
-                      require_uring)
+                     require_uring)
 from fastmirror import EventType
 from fastmirror._core import blockio as _io
 

@@ -25,8 +25,8 @@ import pytest
 from fastmirror import EventType, JobState, MirrorJob, trace
 
 from helpers import (KiB, MiB, Writers, allocated_bytes, assert_all_bytes,
-                      assert_qemu_equal, assert_same, make_image, phase1_then_phase2,
-                      read_bytes, require, require_root, sha256, write_bytes)
+                     assert_qemu_equal, assert_same, make_image, phase1_then_phase2,
+                     read_bytes, require, require_root, sha256, write_bytes)
 
 # Every test building a job runs once per I/O engine (conftest.py).
 IO_ENGINES = ("io_uring", "threads")

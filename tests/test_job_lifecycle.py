@@ -21,7 +21,7 @@ from fastmirror import EventType, JobState, JobStateError, MirrorJob, trace
 from fastmirror.job.events import JobEvent
 
 from helpers import (KiB, MiB, assert_all_bytes, assert_same,
-                      make_image, read_bytes)
+                     make_image, read_bytes)
 
 G = 64 * KiB
 TIMEOUT = 60

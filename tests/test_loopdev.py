@@ -12,7 +12,7 @@ import pytest
 from fastmirror import EventType, MirrorJob
 
 from helpers import (KiB, MiB, Writers, assert_all_bytes, assert_qemu_equal, assert_same,
-                      device_size, make_image, phase1_then_phase2, read_bytes, sha256)
+                     device_size, make_image, phase1_then_phase2, read_bytes, sha256)
 
 # Every test building a job runs once per I/O engine (conftest.py).
 IO_ENGINES = ("io_uring", "threads")

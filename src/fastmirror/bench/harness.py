@@ -140,7 +140,6 @@ NOISY = 0.25                # a min-max spread above this (of the median) is noi
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 
-
 class BenchError(Exception):
     """A refusal or bad input: exit status 2, nothing written."""
 
@@ -457,8 +456,6 @@ def _check_paths(args) -> tuple[str, str, int, bool, list[str], bool]:
     if not stat.S_ISREG(dst_st.st_mode):
         raise BenchError("target %s is not a regular file or a block device" % dst)
     return src, dst, size, False, notes, created
-
-
 
 
 def default_timeout(size: int) -> float:
