@@ -30,6 +30,7 @@ import pytest
 
 from _common import SIZE, SIZE_LABEL, missing
 from fastmirror.bench import harness as fmbench
+from fastmirror.bench.images import make_image
 from fastmirror.job.verify import first_difference
 
 ROUNDS = 3
@@ -42,7 +43,7 @@ _medians: dict[str, float] = {}
 def pair(tmp_path_factory):
     folder = tmp_path_factory.mktemp("bench-verify")
     src, dst = str(folder / "a.img"), str(folder / "b.img")
-    fmbench.create_source(src, SIZE)
+    make_image(src, SIZE, exclusive=True)
     shutil.copyfile(src, dst)
     yield src, dst
     os.unlink(src)

@@ -13,6 +13,7 @@ import pytest
 
 from _common import SIZE
 from fastmirror.bench import harness as fmbench
+from fastmirror.bench.images import make_image
 
 
 def pytest_collect_file(parent, file_path):
@@ -30,7 +31,7 @@ def bench_source(tmp_path_factory):
     """The source image: SIZE bytes of non-zero pseudo-random data with no
     holes, made once per session (writer benchmarks change its content)."""
     path = str(tmp_path_factory.mktemp("bench-source") / "source.img")
-    fmbench.create_source(path, SIZE)
+    make_image(path, SIZE, exclusive=True)
     yield path
     os.unlink(path)
 

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from conftest import fm
+from helpers import fm
 from fastmirror import MirrorJob
 
 

@@ -15,6 +15,7 @@ import subprocess
 
 import pytest
 
+from fastmirror.bench import baselines, images, mirrors, records, report
 from fastmirror.bench import harness as benchmark
 
 REQUIRE_ALL = os.environ.get("FASTMIRROR_REQUIRE_ALL") == "1"
@@ -60,7 +61,7 @@ def test_bench_runs_every_tool_and_copies(tmp_path, capsys):
     for tool, binary in (("qemu-img", "qemu-img"), ("qemu-mirror", "qemu-storage-daemon"),
                          ("fio", "fio")):
         if shutil.which(binary):
-            tools.extend(benchmark.FIO_PARTS if tool == "fio" else [tool])
+            tools.extend(records.FIO_PARTS if tool == "fio" else [tool])
         elif REQUIRE_ALL:
             pytest.fail("FASTMIRROR_REQUIRE_ALL=1 but %s is not installed" % binary,
                         pytrace=False)
@@ -255,14 +256,14 @@ def test_writer_round_that_does_not_converge_is_cancelled(tmp_path):
     """A job that is not READY in time is cancelled, reported as not
     converged, and leaves no thread or daemon behind."""
     src, dst = tmp_path / "src.img", tmp_path / "dst.img"
-    benchmark.create_source(str(src), 16 * MiB)
+    images.make_image(str(src), 16 * MiB, exclusive=True)
     with open(dst, "wb") as f:
         f.truncate(16 * MiB)
-    variants = [benchmark.Variant("fastmirror background", "fastmirror",
-                                  copy_mode="background")]
+    variants = [records.Variant("fastmirror background", "fastmirror",
+                                copy_mode="background")]
     if shutil.which("qemu-storage-daemon"):
-        variants.append(benchmark.Variant("qemu-mirror background", "qemu-mirror",
-                                          copy_mode="background"))
+        variants.append(records.Variant("qemu-mirror background", "qemu-mirror",
+                                        copy_mode="background"))
     else:
         _missing("qemu-storage-daemon is not installed")
     for v in variants:
@@ -355,26 +356,26 @@ def test_qemu_writer_round_not_completed_is_a_result(tmp_path, monkeypatch):
     if not shutil.which("qemu-storage-daemon"):
         _missing("qemu-storage-daemon is not installed")
     src, dst = tmp_path / "src.img", tmp_path / "dst.img"
-    benchmark.create_source(str(src), 16 * MiB)
+    images.make_image(str(src), 16 * MiB, exclusive=True)
     with open(dst, "wb") as f:
         f.truncate(16 * MiB)
-    real = benchmark._qemu_daemon_class
+    real = mirrors._qemu_daemon_class
 
     def stuck_class():
         class Stuck(real()):
             def complete_job(self, timeout):
                 return None          # as if the drain never ended
         return Stuck
-    monkeypatch.setattr(benchmark, "_qemu_daemon_class", stuck_class)
-    v = benchmark.Variant("qemu-mirror background", "qemu-mirror", copy_mode="background")
+    monkeypatch.setattr(mirrors, "_qemu_daemon_class", stuck_class)
+    v = records.Variant("qemu-mirror background", "qemu-mirror", copy_mode="background")
     r = benchmark.run_writer(v, str(src), str(dst), 16 * MiB, "0", 0, timeout=30,
                              ready_timeout=30)
     assert r.ok, r.error
     assert r.converged and r.ready_s > 0
     assert r.detail["completed"] is False and "no COMPLETED" in r.detail["note"]
-    s = benchmark.summarize_writer([r], [v.label], ["0"])[v.label]["0"]
+    s = report.summarize_writer([r], [v.label], ["0"])[v.label]["0"]
     assert s["converged"] == 1 and s["not_completed"] == 1 and "median_total_s" not in s
-    assert "not COMPLETED" in benchmark.format_writer_table({v.label: {"0": s}}, {})
+    assert "not COMPLETED" in report.format_writer_table({v.label: {"0": s}}, {})
 
 
 # ---------------------------------------------------------------------------
@@ -413,7 +414,7 @@ def test_bench_fio_copy_ceiling_in_huge_pages(tmp_path, capsys):
     _need_fio_as_root()
     pages, mounts = _nr_hugepages(), _hugetlbfs_mounts()
     doc, table = _run_fio_copy(tmp_path, capsys)
-    shape = benchmark.copy_shape(16 * MiB, 65536)
+    shape = baselines.copy_shape(16 * MiB, 65536)
     runs = [r for r in doc["rounds"] if r["tool"] == "fio-copy"]
     assert len(runs) == 2
     for r in runs:
@@ -451,7 +452,7 @@ def test_bench_fio_copy_without_huge_pages_says_so(tmp_path, capsys, monkeypatch
     ordinary buffers and the report says that it is not the honest ceiling."""
     if not shutil.which("fio"):
         _missing("fio is not installed")
-    monkeypatch.setenv(benchmark.HUGEPAGES_OFF, "1")
+    monkeypatch.setenv(baselines.HUGEPAGES_OFF, "1")
     pages = _nr_hugepages()
     doc, table = _run_fio_copy(tmp_path, capsys, rounds=1, tools="fastmirror,fio-copy")
     for r in (r for r in doc["rounds"] if r["tool"] == "fio-copy"):
@@ -459,7 +460,7 @@ def test_bench_fio_copy_without_huge_pages_says_so(tmp_path, capsys, monkeypatch
         assert r["detail"]["buffers"] == "4K pages"
     assert not any(a.startswith("--mem") for a in doc["commands"]["fio-copy"])
     why = doc["settings"]["fio_copy"]["hugepages_unavailable"]
-    assert why == "disabled by %s=1" % benchmark.HUGEPAGES_OFF
+    assert why == "disabled by %s=1" % baselines.HUGEPAGES_OFF
     assert "fio-copy (4K pages)" in table
     assert "note: fio-copy is not the honest ceiling here: huge pages unavailable " \
            "(disabled by FASTMIRROR_BENCH_NO_HUGEPAGES=1)" in table
@@ -467,9 +468,9 @@ def test_bench_fio_copy_without_huge_pages_says_so(tmp_path, capsys, monkeypatch
 
 
 def test_huge_pages_refused_when_not_root(monkeypatch):
-    monkeypatch.delenv(benchmark.HUGEPAGES_OFF, raising=False)
-    monkeypatch.setattr(benchmark.os, "geteuid", lambda: 1000)
-    hp = benchmark.HugePages()
+    monkeypatch.delenv(baselines.HUGEPAGES_OFF, raising=False)
+    monkeypatch.setattr(baselines.os, "geteuid", lambda: 1000)
+    hp = baselines.HugePages()
     pages = _nr_hugepages()
     assert not hp.setup(10)
     assert hp.dir is None and "not root" in hp.why
@@ -480,11 +481,11 @@ def test_huge_pages_refused_when_not_root(monkeypatch):
 def test_huge_pages_too_few_are_given_back(tmp_path, monkeypatch):
     """The kernel may reserve fewer pages than asked: setup() gives back
     what it got and says so, and mounts nothing."""
-    monkeypatch.delenv(benchmark.HUGEPAGES_OFF, raising=False)
-    monkeypatch.setattr(benchmark.os, "geteuid", lambda: 0)
+    monkeypatch.delenv(baselines.HUGEPAGES_OFF, raising=False)
+    monkeypatch.setattr(baselines.os, "geteuid", lambda: 0)
     nr = tmp_path / "nr_hugepages"
     nr.write_text("5\n")
-    hp = benchmark.HugePages()
+    hp = baselines.HugePages()
     hp.NR = str(nr)
     if hp.page is None:
         _missing("the kernel has no huge pages")
@@ -527,7 +528,7 @@ def test_copy_shape_is_mirror_jobs(tmp_path, buf_size, granularity, io_size):
     job = MirrorJob(str(src), str(dst), buf_size=buf_size, granularity=granularity,
                     io_size=io_size)
     try:
-        shape = benchmark.copy_shape(buf_size, granularity, io_size)
+        shape = baselines.copy_shape(buf_size, granularity, io_size)
         assert (shape.io_size, shape.depth) == (job._engine.max_io, job._engine.nworkers)
     finally:
         job.close()
@@ -541,10 +542,10 @@ def test_fio_failure_names_the_jobs_error(monkeypatch):
                          "disk_util": [{"name": "vda"}]}).encode()
 
     def failed(tool, cmd, size, timeout):
-        run = benchmark.Run(tool, 0, False, size, command=cmd, returncode=2,
-                            error="exit status 2: " + report.decode()[-500:])
+        run = records.Run(tool, 0, False, size, command=cmd, returncode=2,
+                          error="exit status 2: " + report.decode()[-500:])
         return run, b"fio-3.33\n" + report
-    monkeypatch.setattr(benchmark, "_run_command", failed)
+    monkeypatch.setattr(baselines, "run_command", failed)
     r = benchmark.run_tool("fio-rw", "/nonexistent/a", "/nonexistent/b", MiB, path="fio")
     assert not r.ok
     assert r.error == "exit status 2: job write: error 11 (%s)" % os.strerror(11)

@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from conftest import require_that
+from helpers import require_that
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORE = os.path.join(ROOT, "src", "fastmirror", "_core")

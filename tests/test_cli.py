@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import fm
+from helpers import fm
 from fastmirror.cli.main import parse_size
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import fm, make_image
+from helpers import fm, make_image
 from fastmirror.cli.progress import Progress
 from fastmirror.job.events import JobStatus
 from fastmirror.units import human, parse_size

@@ -9,6 +9,7 @@ import time
 import pytest
 
 import fastmirror
+from helpers import Writers
 from fastmirror.job.verify import first_difference
 
 # Every test building a job runs once per I/O engine (conftest.py).
@@ -61,25 +62,14 @@ def test_write_blocking_in_bulk_phase_with_writers(images, io_engine):
     src, dst = images
     job = fastmirror.MirrorJob(src, dst, copy_mode="write-blocking", granularity=65536,
                                speed=16 << 20, io_engine=io_engine)
-    stop = threading.Event()
-
-    def writer(seed):
-        rng = random.Random(seed)
-        while not stop.is_set():
-            length = rng.randrange(1, 100000)
-            offset = rng.randrange(0, SIZE - length)
-            job.source.pwrite(rng.randbytes(length), offset)
-
-    threads = [threading.Thread(target=writer, args=(i,)) for i in range(3)]
+    # Unaligned writes of 1 byte to 100 KB anywhere.
+    writers = Writers(job.source, n=3, align=1, min_len=1, max_len=99999)
     job.start()
-    for t in threads:
-        t.start()
+    writers.start()
     time.sleep(0.3)
     job.set_speed(0)
     assert job.wait_ready(30)
-    stop.set()
-    for t in threads:
-        t.join(30)
+    writers.stop()
     job.complete()
     assert job.wait(30).type == fastmirror.EventType.COMPLETED
     job.close()
@@ -95,20 +85,10 @@ def test_auto_switches_when_writes_outpace_the_copy(images, io_engine):
                                granularity=65536, buf_size=1 << 20, io_engine=io_engine)
     events = []
     job.add_listener(events.append)
-    stop = threading.Event()
-    written = [0]
-
-    def writer():
-        rng = random.Random(7)
-        while not stop.is_set():
-            offset = rng.randrange(0, SIZE - 4096)
-            job.source.pwrite(rng.randbytes(4096), offset)
-            written[0] += 1
-            time.sleep(0.0005)
-
-    t = threading.Thread(target=writer)
+    writers = Writers(job.source, n=1, seed=7, align=1, min_len=4096, max_len=4096,
+                      pause=0.0005)
     job.start()
-    t.start()
+    writers.start()
     deadline = time.monotonic() + 30
     while job.status().copy_mode != "write-blocking" and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -118,15 +98,14 @@ def test_auto_switches_when_writes_outpace_the_copy(images, io_engine):
     assert len(switch) == 1 and switch[0].copy_mode == "write-blocking"
     job.set_speed(0)
     assert job.wait_ready(30)
-    stop.set()
-    t.join(30)
+    writers.stop()
     job.complete()
     final = job.wait(30)
     job.close()
     job.source.close()
     assert final.type == fastmirror.EventType.COMPLETED
     assert first_difference(src, dst) == -1
-    assert written[0] > 0
+    assert writers.count > 0
 
 
 def test_auto_stays_background_when_the_copy_keeps_up(images):
@@ -151,18 +130,9 @@ def test_force_cancel_ends_promptly_while_writers_hammer(images, copy_mode, io_e
     src, dst = images
     job = fastmirror.MirrorJob(src, dst, copy_mode=copy_mode, speed=4 << 20,
                                io_engine=io_engine)
-    stop = threading.Event()
-
-    def writer(seed):
-        rng = random.Random(seed)
-        data = rng.randbytes(65536)
-        while not stop.is_set():
-            job.source.pwrite(data[:rng.randrange(1, 65536)], rng.randrange(0, SIZE - 65536))
-
-    threads = [threading.Thread(target=writer, args=(i,)) for i in range(4)]
+    writers = Writers(job.source, n=4, align=1, min_len=1, max_len=65535)
     job.start()
-    for t in threads:
-        t.start()
+    writers.start()
     try:
         time.sleep(0.5)
         job.cancel(force=True)
@@ -170,9 +140,7 @@ def test_force_cancel_ends_promptly_while_writers_hammer(images, copy_mode, io_e
         assert final is not None, "the job did not end while writers kept writing"
         assert final.type == fastmirror.EventType.CANCELLED
     finally:
-        stop.set()
-        for t in threads:
-            t.join(30)
+        writers.stop()
         job.wait(30)
         job.close()
         job.source.close()

@@ -17,7 +17,7 @@ import os
 import threading
 
 import pytest
-from conftest import MiB, assert_same, make_image, read_bytes, require_uring
+from helpers import MiB, assert_same, make_image, read_bytes, require_uring
 from test_faults import SIZE, run_driver, shim  # noqa: F401 - shim is a fixture
 
 import fastmirror

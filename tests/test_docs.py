@@ -24,7 +24,7 @@ import textwrap
 import pytest
 
 import fastmirror
-from conftest import REQUIRE_ALL, fm
+from helpers import REQUIRE_ALL, fm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

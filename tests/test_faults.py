@@ -12,7 +12,7 @@ import sys
 import time
 
 import pytest
-from conftest import require_that
+from helpers import require_that
 
 import fastmirror
 from fastmirror.job.verify import first_difference

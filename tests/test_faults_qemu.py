@@ -27,7 +27,7 @@ import time
 import pytest
 
 import fastmirror
-from conftest import MiB, first_difference, require, require_root, require_that
+from helpers import MiB, first_difference, require, require_root, require_that
 from fastmirror import EventType
 
 IO_ENGINES = ("io_uring", "threads")

@@ -17,8 +17,8 @@ import sys
 import pytest
 
 import fastmirror
-from conftest import (MiB, assert_same, fm, make_image, read_bytes, require_root,
-                      require_that, require_uring)
+from helpers import (MiB, assert_same, fm, make_image, read_bytes, require_root,
+                     require_that, require_uring)
 from fastmirror import EventType
 from fastmirror._core import blockio as _io
 

@@ -1,4 +1,4 @@
-"""One test (or a few) per invariant of DESIGN.md, section "Invariants".
+"""One test (or a few) per invariant of docs/design.md, section "Invariants".
 
 1. clear before copy          test_inv1_*
 2. mark after write           test_inv2_*
@@ -25,9 +25,9 @@ import pytest
 from fastmirror import EventType, JobState, MirrorJob, trace
 from fastmirror._core.tracked import CLAIM_HELD, CLAIM_WAIT, MARK
 
-from conftest import (KiB, MiB, Writers, allocated_bytes, assert_all_bytes,
-                      assert_qemu_equal, assert_same, make_image, phase1_then_phase2,
-                      read_bytes, require, require_root, sha256, write_bytes)
+from helpers import (KiB, MiB, Writers, allocated_bytes, assert_all_bytes,
+                     assert_qemu_equal, assert_same, make_image, phase1_then_phase2,
+                     read_bytes, require, require_root, sha256, write_bytes)
 
 # Every test building a job runs once per I/O engine (conftest.py).
 IO_ENGINES = ("io_uring", "threads")

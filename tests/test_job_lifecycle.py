@@ -1,4 +1,4 @@
-"""The job's phases and verbs (DESIGN.md, "The job"), events, status,
+"""The job's phases and verbs (docs/design.md, "The job"), events, status,
 listeners, the context manager and tracepoints.
 
 Jobs that must stay in phase 1 run under a speed limit far below what the
@@ -20,8 +20,8 @@ import pytest
 from fastmirror import EventType, JobState, JobStateError, MirrorJob, trace
 from fastmirror.job.events import JobEvent
 
-from conftest import (KiB, MiB, assert_all_bytes, assert_same,
-                      make_image, read_bytes)
+from helpers import (KiB, MiB, assert_all_bytes, assert_same,
+                     make_image, read_bytes)
 
 G = 64 * KiB
 TIMEOUT = 60

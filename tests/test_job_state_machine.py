@@ -9,7 +9,7 @@ set_speed, complete, cancel, cancel(force=True), tracked writes) and checks:
 - after COMPLETED the target equals the source (with a pivot: every write;
   without one, the source as it was when the drain ended).
 
-The model below is written from DESIGN.md ("The job") and QEMU's verb table,
+The model below is written from docs/design.md ("The job") and QEMU's verb table,
 not imported from fastmirror.job.  The job moves on by itself in three
 places (RUNNING -> READY, the end of a drain, the end of an abort), so the
 model keeps the set of states the job may be in and narrows it with what it

@@ -16,8 +16,8 @@ import pytest
 
 from fastmirror import EventType
 
-from conftest import (KiB, MiB, Writers, assert_qemu_equal, assert_same, make_image,
-                      phase1_then_phase2, read_bytes)
+from helpers import (KiB, MiB, Writers, assert_qemu_equal, assert_same, make_image,
+                     phase1_then_phase2, read_bytes)
 
 # Every test building a job runs once per I/O engine (conftest.py).
 IO_ENGINES = ("io_uring", "threads")

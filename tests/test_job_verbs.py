@@ -23,7 +23,7 @@ import pytest
 from fastmirror import EventType, JobState, JobStateError, trace
 from fastmirror.job.states import TRANSITIONS, VERBS
 
-from conftest import KiB, MiB, assert_same, make_image, read_bytes
+from helpers import KiB, MiB, assert_same, make_image, read_bytes
 from test_faults import rule, shim  # noqa: F401  (shim is a fixture)
 
 G = 64 * KiB

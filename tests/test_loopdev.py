@@ -1,7 +1,7 @@
 """Block devices: loop devices with 512-byte and 4 KiB logical sectors (and
 direct I/O to their backing files) as source and as target, with writers,
 judged by qemu-img compare.  Needs root and losetup: skipped otherwise, or
-failed with FASTMIRROR_REQUIRE_ALL=1 (see conftest.require)."""
+failed with FASTMIRROR_REQUIRE_ALL=1 (see helpers.require)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 
 from fastmirror import EventType, MirrorJob
 
-from conftest import (KiB, MiB, Writers, assert_all_bytes, assert_qemu_equal, assert_same,
-                      device_size, make_image, phase1_then_phase2, read_bytes, sha256)
+from helpers import (KiB, MiB, Writers, assert_all_bytes, assert_qemu_equal, assert_same,
+                     device_size, make_image, phase1_then_phase2, read_bytes, sha256)
 
 # Every test building a job runs once per I/O engine (conftest.py).
 IO_ENGINES = ("io_uring", "threads")

@@ -1,4 +1,4 @@
-"""Never write where another owner is (DESIGN.md, invariant 8), judged by
+"""Never write where another owner is (docs/design.md, invariant 8), judged by
 real peers: QEMU's image locks against qemu-io, qemu-img and a stopped
 qemu-system-x86_64 holding a disk; exclusive block devices against a
 mounted ext4 on a loop device; image format headers against images made by
@@ -25,7 +25,7 @@ import pytest
 from fastmirror import EventType, MirrorJob
 from fastmirror.job.owners import ImageTargetError, InUseError, detect_format
 
-from conftest import (KiB, MiB, assert_same, fm, make_image, read_bytes, require, require_root,
+from helpers import (KiB, MiB, assert_same, fm, make_image, read_bytes, require, require_root,
                       sha256)
 
 TIMEOUT = 60

@@ -5,7 +5,7 @@ import os
 import shutil
 import subprocess
 
-from conftest import require_that
+from helpers import require_that
 
 from fastmirror.bench import qemu
 from fastmirror.job.verify import first_difference

@@ -13,39 +13,9 @@ import fastmirror
 from fastmirror.job.events import JobState
 from fastmirror.job.states import VERBS
 from fastmirror.job.verify import first_difference
+from helpers import Writers
 
 SIZE = 6 << 20
-
-
-class Writers:
-    def __init__(self, job, n, seed):
-        self.job = job
-        self.stop_event = threading.Event()
-        self.threads = [threading.Thread(target=self.run, args=(seed * 100 + i,))
-                        for i in range(n)]
-        self.errors = []
-
-    def run(self, seed):
-        rng = random.Random(seed)
-        try:
-            while not self.stop_event.is_set():
-                length = rng.randrange(1, 65536)
-                offset = rng.randrange(0, SIZE - length)
-                self.job.source.pwrite(rng.randbytes(length), offset)
-                time.sleep(rng.random() * 0.002)
-        except BaseException as e:
-            self.errors.append(e)
-
-    def start(self):
-        for t in self.threads:
-            t.start()
-
-    def stop(self):
-        self.stop_event.set()
-        for t in self.threads:
-            t.join(30)
-            assert not t.is_alive()
-        assert not self.errors, self.errors
 
 
 def try_verb(job, verb, *args):
@@ -84,7 +54,9 @@ def test_random_schedule(tmp_path, seed):
     events = []
     job.add_listener(events.append)
     job.start()
-    writers = Writers(job, rng.randrange(0, 4), seed)
+    # Unaligned writes of 1 byte to 64 KiB anywhere, up to 2 ms apart.
+    writers = Writers(job.source, n=rng.randrange(0, 4), seed=seed, align=1, min_len=1,
+                      max_len=65535, pause=0.001)
     writers.start()
     try:
         for _ in range(rng.randrange(2, 8)):
@@ -138,43 +110,24 @@ def test_writers_keep_writing_through_drain_and_pivot(tmp_path, seed):
     original = bytearray(rng.randbytes(SIZE))
     src.write_bytes(original)
     job = fastmirror.MirrorJob(str(src), str(dst), granularity=65536)
-    nwriters = 3
-    region = SIZE // nwriters
-    logs = [[] for _ in range(nwriters)]
-    stop = threading.Event()
-
-    def writer(i):
-        r = random.Random(seed * 10 + i)
-        base = i * region
-        while not stop.is_set():
-            length = r.randrange(1, 32768)
-            offset = base + r.randrange(0, region - length)
-            data = r.randbytes(length)
-            job.source.pwrite(data, offset)
-            logs[i].append((offset, data))
-
-    threads = [threading.Thread(target=writer, args=(i,)) for i in range(nwriters)]
+    # Three writers, each in its own third: unaligned writes of 1 byte to 32 KiB.
+    writers = Writers(job.source, n=3, seed=seed, align=1, min_len=1, max_len=32767,
+                      regions=True)
     job.start()
-    for t in threads:
-        t.start()
+    writers.start()
     assert job.wait_ready(60)
     time.sleep(0.2)
     job.complete()
     final = job.wait(60)
     time.sleep(0.1)            # writers go on, now onto the target
-    stop.set()
-    for t in threads:
-        t.join(30)
+    writers.stop()
     job.close()
     job.source.close()
     assert final.type == fastmirror.EventType.COMPLETED
-    expected = bytearray(original)
-    for log in logs:
-        for offset, data in log:
-            expected[offset:offset + len(data)] = data
+    expected = writers.model(bytes(original))
     got = dst.read_bytes()
     assert len(got) == SIZE
     if got != bytes(expected):
         first = next(i for i in range(SIZE) if got[i] != expected[i])
         pytest.fail("target differs from the expected image at offset %d" % first)
-    assert sum(len(log) for log in logs) > 0
+    assert writers.count > 0

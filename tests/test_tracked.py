@@ -15,7 +15,7 @@ import pytest
 
 from fastmirror import EventType, JobState, trace
 from fastmirror._core.tracked import CLAIM_HELD, Claim, TrackedDisk
-from conftest import KiB, MiB, assert_same, make_image, read_bytes
+from helpers import KiB, MiB, assert_same, make_image, read_bytes
 
 TIMEOUT = 60
 G = 64 * KiB

@@ -22,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 import fastmirror
-from conftest import MiB, fm, require_loop
+from helpers import MiB, fm, require_loop
 from fastmirror._core import blockio as _io
 from fastmirror.job import verify
 

@@ -11,7 +11,7 @@ without the GIL for their whole life:
     all their reads and writes in flight at once, submitted together.
 Nothing here calls Python per chunk unless a tracepoint listener asked for it.
 
-Invariants kept here (DESIGN.md):
+Invariants kept here (docs/design.md):
   1. clear before copy: `_pick` resets the bits under the bitmap lock and only
      then is the source read;
   3. one copy of a chunk in flight: each slot records the extent it copies

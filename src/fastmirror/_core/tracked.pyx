@@ -1,8 +1,8 @@
 # cython: language_level=3
-"""The tracked write path in C: gate, claim, write, mark (see _tracked.pxd).
+"""The tracked write path in C: gate, claim, write, mark (see tracked.pxd).
 
 A request through TrackedDisk never takes the GIL: the Python handle
-(source.TrackedSource) releases it around one c_* call, and a C caller (the
+(job/source.py, TrackedSource) releases it around one c_* call, and a C caller (the
 NBD export) calls the c_* methods directly.
 
 Locking: `mu` guards the gate, the descriptors and the counters; it is never

@@ -9,73 +9,16 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import sys
 import tempfile
-import threading
 import time
+
+from fastmirror.bench.images import make_image
+from fastmirror.bench.writers import RandomWriter
 
 EXTENT = 4 << 20          # the generated image alternates data and holes in 4 MiB pieces
 DATA_FRACTION = 0.7
-
-
-def make_image(path: str, size: int, seed: int = 1) -> int:
-    """A file of `size` bytes: about 70 % data in 4 MiB extents, the rest
-    holes.  Returns the bytes of data written."""
-    rng = random.Random(seed)
-    base = os.urandom(EXTENT)
-    written = 0
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    try:
-        os.ftruncate(fd, size)
-        for i, off in enumerate(range(0, size, EXTENT)):
-            if rng.random() >= DATA_FRACTION:
-                continue
-            k = (i * 4099) % EXTENT           # a different rotation per extent
-            piece = (base[k:] + base[:k])[: min(EXTENT, size - off)]
-            os.pwrite(fd, piece, off)
-            written += len(piece)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return written
-
-
-class Writer(threading.Thread):
-    """Random 4–64 KiB writes through job.source at a steady rate."""
-
-    def __init__(self, handle, size: int, rate: int, seed: int = 2):
-        super().__init__(name="demo-writer", daemon=True)
-        self.handle = handle
-        self.size = size
-        self.rate = rate
-        self.rng = random.Random(seed)
-        self.stop_event = threading.Event()
-        self.writes = 0
-        self.bytes = 0
-        self.error = None
-
-    def run(self) -> None:
-        start = time.monotonic()
-        try:
-            while not self.stop_event.is_set():
-                length = self.rng.randrange(4096, 65537, 4096)
-                offset = self.rng.randrange(0, max(1, self.size - length)) & ~4095
-                self.handle.pwrite(os.urandom(length), offset)
-                self.writes += 1
-                self.bytes += length
-                # Keep to the rate: sleep until this many bytes are due.
-                due = start + self.bytes / self.rate
-                delay = due - time.monotonic()
-                if delay > 0:
-                    self.stop_event.wait(delay)
-        except BaseException as e:   # reported in the summary
-            self.error = e
-
-    def stop(self) -> None:
-        self.stop_event.set()
-        self.join()
 
 
 def run(args) -> int:
@@ -100,7 +43,7 @@ def run(args) -> int:
         print("fastmirror demo: generating a %s image with data and holes in %s"
               % (human(size), workdir), file=out)
         t0 = time.monotonic()
-        data = make_image(src, size)
+        data = make_image(src, size, data_fraction=DATA_FRACTION, extent=EXTENT, seed=1)
         gen = time.monotonic() - t0
         print("  %s of data, %s of holes, written in %.1f s"
               % (human(data), human(size - data), gen), file=out)
@@ -113,7 +56,8 @@ def run(args) -> int:
               % (dst, job.io_mode, human(args.write_rate)), file=out)
         t_start = time.monotonic()
         job.start()
-        writer = Writer(job.source, size, args.write_rate)
+        writer = RandomWriter(job.source.pwrite, size, args.write_rate, seed=2,
+                              name="demo-writer")
         writer.start()
         while not job.wait_ready(timeout=0.2):
             if progress is not None:

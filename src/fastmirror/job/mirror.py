@@ -129,7 +129,7 @@ class MirrorJob:
     Construction validates everything and opens both sides without writing
     a byte; a missing target file is created sparse, of the source's size.
 
-    Other owners are refused (DESIGN.md, invariant 8; job/owners.py): the job
+    Other owners are refused (docs/design.md, invariant 8; job/owners.py): the job
     holds QEMU's image locks until close() (the target written and not
     shared for writing, the source read and not shared for writing or
     resizing), so a source that another process writes raises

@@ -1,5 +1,5 @@
 """Who else owns a disk: QEMU's image locks, exclusive block devices and
-image format headers (DESIGN.md, invariant 8: never write where another
+image format headers (docs/design.md, invariant 8: never write where another
 owner is).
 
 **Image locks.**  QEMU (a VM, qemu-img, qemu-io, qemu-storage-daemon)
