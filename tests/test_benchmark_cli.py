@@ -18,6 +18,10 @@ import pytest
 from fastmirror.bench import baselines, images, mirrors, records, report
 from fastmirror.bench import harness as benchmark
 
+# This module reserves huge pages (nr_hugepages) and drops the page cache of
+# the whole machine: make test runs it alone.
+pytestmark = pytest.mark.serial
+
 REQUIRE_ALL = os.environ.get("FASTMIRROR_REQUIRE_ALL") == "1"
 MiB = 1 << 20
 

@@ -22,6 +22,10 @@ from helpers import (MiB, assert_same, fm, make_image, read_bytes, require_root,
 from fastmirror import EventType
 from fastmirror._core import blockio as _io
 
+# This module switches io_uring off for the whole machine
+# (kernel.io_uring_disabled): make test runs it alone.
+pytestmark = pytest.mark.serial
+
 SYSCTL = "/proc/sys/kernel/io_uring_disabled"
 
 
@@ -342,6 +346,7 @@ def test_ring_calls_refuses_unknown_values(ring_images):
 REFUSED_SCRIPT = """
 import json, sys
 import fastmirror
+
 job = fastmirror.MirrorJob(sys.argv[1], sys.argv[2], io_engine="io_uring",
                            buf_size=4 << 20)
 job.start()
