@@ -48,3 +48,6 @@ cdef class HBitmap:
     # O(log64 n) words to find it, plus the words of the run to measure it.
     cdef int64_t next_dirty_area_locked(self, int64_t first, int64_t end,
                                         int64_t max_n, int64_t *n) noexcept nogil
+
+    # next_dirty() and next_clean() from Python: a byte offset or -1.
+    cdef object _next_offset(self, offset, end, bint dirty)

@@ -183,11 +183,11 @@ cdef inline uint64_t hb_range_mask(int64_t i, int64_t pos, int64_t lastpos,
     return mask
 
 
-cdef bint hb_set_between(HBitmap hb, int level, int64_t start,
-                         int64_t last) noexcept nogil:
-    # Set bits [start, last] of one level.  Returns whether some word went from
-    # zero to non-zero, i.e. whether the level above needs its bits set.  At
-    # the bottom, also counts the newly dirty chunks.
+cdef bint hb_change_between(HBitmap hb, int level, int64_t start, int64_t last,
+                            bint dirty) noexcept nogil:
+    # Set (dirty) or clear bits [start, last] of one level; at the bottom the
+    # chunk count follows.  Setting returns whether some word went from zero
+    # to non-zero, i.e. whether the level above needs its bits set.
     cdef uint64_t *words = hb.levels[level]
     cdef int64_t pos = start >> BITS_PER_LEVEL
     cdef int64_t lastpos = last >> BITS_PER_LEVEL
@@ -199,34 +199,30 @@ cdef bint hb_set_between(HBitmap hb, int level, int64_t start,
     for i in range(pos, lastpos + 1):
         mask = hb_range_mask(i, pos, lastpos, start, last)
         old = words[i]
-        if mask & ~old:
-            # Write only on change: a calloc'd page that is never written
-            # stays unallocated.
-            if old == 0:
-                changed = True
-            if bottom:
-                hb.count += fm_popcount64(mask & ~old)
-            words[i] = old | mask
-    return changed
-
-
-cdef void hb_reset_between(HBitmap hb, int level, int64_t start,
-                           int64_t last) noexcept nogil:
-    # Clear bits [start, last] of one level; at the bottom, uncount them.
-    cdef uint64_t *words = hb.levels[level]
-    cdef int64_t pos = start >> BITS_PER_LEVEL
-    cdef int64_t lastpos = last >> BITS_PER_LEVEL
-    cdef int64_t i
-    cdef uint64_t mask, old
-    cdef bint bottom = level == hb.nlevels - 1
-    FM_ASSERT(0 <= start and start <= last and lastpos < hb.level_words[level])
-    for i in range(pos, lastpos + 1):
-        mask = hb_range_mask(i, pos, lastpos, start, last)
-        old = words[i]
-        if old & mask:
+        if dirty:
+            if mask & ~old:
+                # Write only on change: a calloc'd page that is never
+                # written stays unallocated.
+                if old == 0:
+                    changed = True
+                if bottom:
+                    hb.count += fm_popcount64(mask & ~old)
+                words[i] = old | mask
+        elif old & mask:
             if bottom:
                 hb.count -= fm_popcount64(old & mask)
             words[i] = old & ~mask
+    return changed
+
+
+cdef inline bint hb_set_between(HBitmap hb, int level, int64_t start,
+                                int64_t last) noexcept nogil:
+    return hb_change_between(hb, level, start, last, True)
+
+
+cdef inline void hb_reset_between(HBitmap hb, int level, int64_t start,
+                                  int64_t last) noexcept nogil:
+    hb_change_between(hb, level, start, last, False)
 
 
 cdef void hbitmap_set(HBitmap hb, int64_t first, int64_t n) noexcept nogil:
@@ -757,29 +753,25 @@ cdef class HBitmap:
     def next_dirty(self, offset, end=None):
         """The first dirty byte offset in [offset, end), or -1: offset itself
         if its chunk is dirty, else the start of the next dirty chunk."""
-        cdef int64_t off = _int_arg(offset, self.size, "offset")
-        cdef int64_t e = _end_arg(self, end)
-        cdef int64_t c
-        if off >= e:
-            return -1
-        _lock_from_python(self)
-        c = hb_find_next(self, off >> self.shift, _chunks_ceil(self, e))
-        self.unlock()
-        if c < 0:
-            return -1
-        return max(off, c << self.shift)
+        return self._next_offset(offset, end, True)
 
     def next_clean(self, offset, end=None):
         """The first clean byte offset in [offset, end), or -1.  Costs a scan
         of the bottom words over the dirty stretch that starts at offset
         (O(n/64) words on a fully dirty map, memory speed)."""
+        return self._next_offset(offset, end, False)
+
+    cdef object _next_offset(self, offset, end, bint dirty):
         cdef int64_t off = _int_arg(offset, self.size, "offset")
         cdef int64_t e = _end_arg(self, end)
         cdef int64_t c
         if off >= e:
             return -1
         _lock_from_python(self)
-        c = hbitmap_next_zero(self, off >> self.shift, _chunks_ceil(self, e))
+        if dirty:
+            c = hb_find_next(self, off >> self.shift, _chunks_ceil(self, e))
+        else:
+            c = hbitmap_next_zero(self, off >> self.shift, _chunks_ceil(self, e))
         self.unlock()
         if c < 0:
             return -1

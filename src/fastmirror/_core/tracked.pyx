@@ -300,18 +300,18 @@ cdef class TrackedDisk:
 
     def write_zeroes(self, int64_t offset, int64_t length):
         """0 or -errno."""
-        cdef int r
-        self._check(offset, length)
-        with nogil:
-            r = self.c_write_zeroes(offset, length)
-        return r
+        return self._zeroing(offset, length, False)
 
     def discard(self, int64_t offset, int64_t length):
         """0 or -errno (-EOPNOTSUPP where the disk cannot)."""
+        return self._zeroing(offset, length, True)
+
+    cdef int _zeroing(self, int64_t offset, int64_t length, bint discard) except *:
         cdef int r
         self._check(offset, length)
         with nogil:
-            r = self.c_discard(offset, length)
+            r = self.c_discard(offset, length) if discard else \
+                self.c_write_zeroes(offset, length)
         return r
 
     def pread(self, int64_t length, int64_t offset):

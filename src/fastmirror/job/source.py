@@ -141,46 +141,34 @@ class TrackedSource(BlockHandle):
             return ValueError("I/O on a closed handle")
         return io_error(-r, self.path, offset, operation)
 
-    def pwrite(self, data, offset: int) -> int:
+    def _call(self, operation: str, offset: int, call, *args):
+        """One request through the C path: open the source on first use,
+        and raise for -errno (pread returns bytes, the others a count)."""
         if not self._disk.attached:
             self._attach()
-        if type(data) is not bytes:
-            data = memoryview(data).cast("B")
-        r = self._disk.pwrite(data, offset)
-        if r < 0:
-            raise self._fail(r, offset, "write")
+        r = call(*args)
+        if type(r) is int and r < 0:
+            raise self._fail(r, offset, operation)
         return r
 
+    def pwrite(self, data, offset: int) -> int:
+        if type(data) is not bytes:
+            data = memoryview(data).cast("B")
+        return self._call("write", offset, self._disk.pwrite, data, offset)
+
     def write_zeroes(self, offset: int, length: int) -> None:
-        if not self._disk.attached:
-            self._attach()
-        r = self._disk.write_zeroes(offset, length)
-        if r < 0:
-            raise self._fail(r, offset, "write")
+        self._call("write", offset, self._disk.write_zeroes, offset, length)
 
     def discard(self, offset: int, length: int) -> None:
         """Drop a range.  Files get a hole (reads zeros); on a block device the
         range is zeroed, since a discard there may leave any content."""
-        if not self._disk.attached:
-            self._attach()
-        r = self._disk.discard(offset, length)
-        if r < 0:
-            raise self._fail(r, offset, "write")
+        self._call("write", offset, self._disk.discard, offset, length)
 
     def pread(self, length: int, offset: int) -> bytes:
-        if not self._disk.attached:
-            self._attach()
-        r = self._disk.pread(length, offset)
-        if type(r) is int:
-            raise self._fail(r, offset, "read")
-        return r
+        return self._call("read", offset, self._disk.pread, length, offset)
 
     def flush(self) -> None:
-        if not self._disk.attached:
-            self._attach()
-        r = self._disk.flush()
-        if r < 0:
-            raise self._fail(r, 0, "flush")
+        self._call("flush", 0, self._disk.flush)
 
     def close(self) -> None:
         self._disk.close()
