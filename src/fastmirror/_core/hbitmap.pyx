@@ -225,17 +225,25 @@ cdef inline void hb_reset_between(HBitmap hb, int level, int64_t start,
     hb_change_between(hb, level, start, last, False)
 
 
+cdef inline bint hb_clip_n(HBitmap hb, int64_t *first, int64_t *n) noexcept nogil:
+    # Clip the chunk range [first, first + n) to the map (without computing
+    # first + n, which may overflow); False when nothing is left.
+    if first[0] < 0:
+        n[0] += first[0]
+        first[0] = 0
+    if n[0] <= 0 or first[0] >= hb.nchunks:
+        return False
+    if n[0] > hb.nchunks - first[0]:
+        n[0] = hb.nchunks - first[0]
+    return True
+
+
 cdef void hbitmap_set(HBitmap hb, int64_t first, int64_t n) noexcept nogil:
     # Dirty chunks [first, first + n), clipped to the map.
     cdef int64_t start, last
     cdef int level = hb.nlevels - 1
-    if first < 0:
-        n += first
-        first = 0
-    if n <= 0 or first >= hb.nchunks:
+    if not hb_clip_n(hb, &first, &n):
         return
-    if n > hb.nchunks - first:
-        n = hb.nchunks - first
     start = first
     last = first + n - 1
     # Climb only while some word became non-zero: above a word that already
@@ -274,13 +282,8 @@ cdef void hbitmap_reset(HBitmap hb, int64_t first, int64_t n) noexcept nogil:
     cdef int64_t start, last, pos, lastpos
     cdef int level = hb.nlevels - 1
     cdef uint64_t *words
-    if first < 0:
-        n += first
-        first = 0
-    if n <= 0 or first >= hb.nchunks:
+    if not hb_clip_n(hb, &first, &n):
         return
-    if n > hb.nchunks - first:
-        n = hb.nchunks - first
     if n == hb.nchunks:
         hbitmap_reset_all(hb)
         return
@@ -310,6 +313,15 @@ cdef inline bint hbitmap_get(HBitmap hb, int64_t chunk) noexcept nogil:
     return (hb_bottom(hb)[chunk >> BITS_PER_LEVEL] >> (chunk & BIT_MASK)) & 1
 
 
+cdef inline bint hb_clip(HBitmap hb, int64_t *first, int64_t *end) noexcept nogil:
+    # Clip the chunk range [first, end) to the map; False when nothing is left.
+    if end[0] > hb.nchunks:
+        end[0] = hb.nchunks
+    if first[0] < 0:
+        first[0] = 0
+    return first[0] < end[0]
+
+
 cdef int64_t hb_find_next(HBitmap hb, int64_t first, int64_t end) noexcept nogil:
     # First dirty chunk in [first, end), or -1.  Climb from first's bottom
     # word until a word has a set bit at or after the current position, then
@@ -318,11 +330,7 @@ cdef int64_t hb_find_next(HBitmap hb, int64_t first, int64_t end) noexcept nogil
     cdef int level = L
     cdef int64_t pos, i
     cdef uint64_t w
-    if end > hb.nchunks:
-        end = hb.nchunks
-    if first < 0:
-        first = 0
-    if first >= end:
+    if not hb_clip(hb, &first, &end):
         return -1
     pos = first                     # a bit index within `level`
     while True:
@@ -357,11 +365,7 @@ cdef int64_t hbitmap_next_zero(HBitmap hb, int64_t first, int64_t end) noexcept 
     cdef uint64_t *words = hb_bottom(hb)
     cdef int64_t i, lastw
     cdef uint64_t w
-    if end > hb.nchunks:
-        end = hb.nchunks
-    if first < 0:
-        first = 0
-    if first >= end:
+    if not hb_clip(hb, &first, &end):
         return -1
     i = first >> BITS_PER_LEVEL
     lastw = (end - 1) >> BITS_PER_LEVEL
