@@ -94,6 +94,7 @@ from libc.stdint cimport INT64_MAX, int64_t, uint8_t, uint64_t
 from libc.stdlib cimport calloc, free, realloc
 from libc.string cimport memcpy, memset
 
+from fastmirror._core.fm_assert cimport FM_DEBUG, fm_assert
 from fastmirror._core.sync cimport (
     pthread_mutex_destroy,
     pthread_mutex_init,
@@ -130,20 +131,11 @@ cdef extern from *:
     #endif
     }
 
-    /* Checked in debug builds (FASTMIRROR_DEBUG=1) whatever NDEBUG says. */
-    #ifdef FASTMIRROR_DEBUG
-    #define FM_ASSERT(cond) do { if (!(cond)) { \\
-        fprintf(stderr, "fastmirror._core.hbitmap: assertion failed: %s (%s:%d)\\n", \\
-                #cond, __FILE__, __LINE__); abort(); } } while (0)
-    #else
-    #define FM_ASSERT(cond) ((void)0)
-    #endif
     """
     uint64_t FM_ALL_ONES
     int fm_ctz64(uint64_t w) noexcept nogil
     int fm_popcount64(uint64_t w) noexcept nogil
     uint64_t fm_le64(uint64_t w) noexcept nogil
-    void FM_ASSERT(bint cond) noexcept nogil
 
 cdef enum:
     BITS_PER_LEVEL = 6      # log2(bits per word): the fan-out of each level
@@ -195,7 +187,9 @@ cdef bint hb_change_between(HBitmap hb, int level, int64_t start, int64_t last,
     cdef uint64_t mask, old
     cdef bint changed = False
     cdef bint bottom = level == hb.nlevels - 1
-    FM_ASSERT(0 <= start and start <= last and lastpos < hb.level_words[level])
+    if FM_DEBUG:
+        fm_assert(0 <= start and start <= last and lastpos < hb.level_words[level],
+                  "0 <= start <= last, lastpos inside the level")
     for i in range(pos, lastpos + 1):
         mask = hb_range_mask(i, pos, lastpos, start, last)
         old = words[i]
@@ -352,7 +346,8 @@ cdef int64_t hb_find_next(HBitmap hb, int64_t first, int64_t end) noexcept nogil
     while level < L:
         level += 1
         w = hb.levels[level][pos]
-        FM_ASSERT(w != 0)           # a set summary bit promises a non-zero word
+        if FM_DEBUG:                # a set summary bit promises a non-zero word
+            fm_assert(w != 0, "w != 0 under a set summary bit")
         pos = (pos << BITS_PER_LEVEL) + fm_ctz64(w)
     return pos if pos < end else -1
 
