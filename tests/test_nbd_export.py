@@ -1,0 +1,339 @@
+"""The NBD export, judged by clients that no one here wrote: nbdinfo,
+qemu-io, qemu-img, nbdcopy; and a raw socket for what they never send."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import fastmirror
+from fastmirror import EventType
+from helpers.files import make_image
+from helpers.require import require
+
+KiB = 1024
+MiB = 1024 * KiB
+
+IHAVEOPT = 0x49484156454F5054
+NBD_OPT_GO = 7
+NBD_REQUEST_MAGIC = 0x25609513
+NBD_CMD_READ, NBD_CMD_WRITE, NBD_CMD_DISC = 0, 1, 2
+
+
+def run(*cmd, timeout=60) -> subprocess.CompletedProcess:
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, "%s failed (%d): %s%s" % (cmd[0], r.returncode, r.stdout, r.stderr)
+    return r
+
+
+def qemu_io(url: str, *commands: str) -> str:
+    args = [require("qemu-io"), "-f", "raw"]
+    for c in commands:
+        args += ["-c", c]
+    r = run(*args, url)
+    # qemu-io reports a failed command on stdout and still exits 0 in -c mode.
+    assert "fail" not in r.stdout.lower() and "error" not in r.stdout.lower(), r.stdout
+    return r.stdout
+
+
+@pytest.fixture
+def served(tmp_path):
+    src = make_image(tmp_path / "src.img", 8 * MiB, holes=[(2 * MiB, 2 * MiB), (6 * MiB, 2 * MiB)])
+    sock = str(tmp_path / "nbd.sock")
+    with fastmirror.Export(src, socket=sock) as export:
+        yield src, export
+
+
+# -- a raw client, for what the real ones never send -----------------------------
+
+def recv_exact(s: socket.socket, n: int) -> bytes:
+    out = b""
+    while len(out) < n:
+        chunk = s.recv(n - len(out))
+        if not chunk:
+            raise EOFError("closed after %d of %d bytes" % (len(out), n))
+        out += chunk
+    return out
+
+
+def handshake(path: str, name: bytes = b"") -> tuple[socket.socket, int]:
+    """Fixed newstyle, NBD_OPT_GO with simple replies; (socket, size)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.connect(path)
+    magic, opt, hflags = struct.unpack(">QQH", recv_exact(s, 18))
+    assert magic == 0x4e42444d41474943 and opt == IHAVEOPT and hflags & 1
+    s.sendall(struct.pack(">I", 3))                   # FIXED_NEWSTYLE | NO_ZEROES
+    data = struct.pack(">I", len(name)) + name + struct.pack(">H", 0)
+    s.sendall(struct.pack(">QII", IHAVEOPT, NBD_OPT_GO, len(data)) + data)
+    size = None
+    while True:
+        _, _, rtype, n = struct.unpack(">QIII", recv_exact(s, 20))
+        body = recv_exact(s, n)
+        if rtype == 1:          # ACK
+            break
+        assert rtype == 3, hex(rtype)
+        if struct.unpack(">H", body[:2])[0] == 0:
+            size = struct.unpack(">Q", body[2:10])[0]
+    assert size is not None
+    return s, size
+
+
+def request(s, cmd, offset, length, cookie=7, payload=b"", magic=NBD_REQUEST_MAGIC):
+    s.sendall(struct.pack(">IHHQQI", magic, 0, cmd, cookie, offset, length) + payload)
+
+
+def simple_reply(s, data_len=0) -> tuple[int, int, bytes]:
+    magic, err, cookie = struct.unpack(">IIQ", recv_exact(s, 16))
+    assert magic == 0x67446698
+    return err, cookie, recv_exact(s, data_len) if not err else b""
+
+
+def is_closed(s: socket.socket) -> bool:
+    try:
+        return s.recv(1) == b""
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+
+
+# -- peers ------------------------------------------------------------------------
+
+def test_nbdinfo_shows_size_name_and_holes(tmp_path):
+    nbdinfo = require("nbdinfo")
+    src = make_image(tmp_path / "src.img", 4 * MiB, holes=[(1 * MiB, 2 * MiB)])
+    with fastmirror.Export(src, socket=str(tmp_path / "s"), name="disk1") as export:
+        assert export.url == "nbd+unix:///disk1?socket=%s" % (tmp_path / "s")
+        info = run(nbdinfo, "--json", export.url).stdout
+        import json
+        d = json.loads(info)
+        (exp,) = d["exports"]
+        assert exp["export-name"] == "disk1"
+        assert exp["export-size"] == 4 * MiB
+        assert exp["block_size_maximum"] == 32 * MiB
+        assert "base:allocation" in exp["contexts"]
+        lines = [line.split() for line in run(nbdinfo, "--map", export.url).stdout.splitlines()]
+        extents = [(int(a), int(b), int(c)) for a, b, c, *_ in lines]
+        assert extents == [(0, 1 * MiB, 0), (1 * MiB, 2 * MiB, 3), (3 * MiB, 1 * MiB, 0)]
+        # Another name is refused; "" is the default export.
+        bad = subprocess.run([nbdinfo, "nbd+unix:///other?socket=%s" % export.socket_path],
+                             capture_output=True, text=True, timeout=30)
+        assert bad.returncode != 0
+        run(nbdinfo, "--size", "nbd+unix:///?socket=%s" % export.socket_path)
+
+
+def test_socket_is_0600_and_removed_on_close(tmp_path):
+    src = make_image(tmp_path / "src.img", 1 * MiB)
+    sock = tmp_path / "s"
+    export = fastmirror.Export(src, socket=str(sock))
+    try:
+        mode = os.stat(sock).st_mode
+        assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o600
+    finally:
+        export.close()
+    export.close()          # idempotent
+    assert not sock.exists()
+
+
+def test_qemu_io_writes_and_reads_back_patterns(served):
+    src, export = served
+    qemu_io(export.url, "write -P 0xab 0 64k", "read -P 0xab 0 64k",
+            "write -P 0xcd -f 3m 100k",                 # FUA, inside a hole
+            "write -z 64k 64k", "read -P 0 64k 64k",
+            "discard 7m 64k", "read -P 0 7m 64k", "flush")
+    with open(src, "rb") as f:
+        data = f.read()
+    assert data[:64 * KiB] == b"\xab" * (64 * KiB)
+    assert data[64 * KiB:128 * KiB] == bytes(64 * KiB)
+    assert data[3 * MiB:3 * MiB + 100 * KiB] == b"\xcd" * (100 * KiB)
+    assert data[7 * MiB:7 * MiB + 64 * KiB] == bytes(64 * KiB)
+
+
+def test_qemu_img_compare_and_nbdcopy_equal_the_file(served, tmp_path):
+    src, export = served
+    run(require("qemu-img"), "compare", "-f", "raw", "-F", "raw", export.url, src)
+    out = tmp_path / "copy.img"
+    run(require("nbdcopy"), export.url, str(out))
+    with open(src, "rb") as a, open(out, "rb") as b:
+        assert a.read() == b.read()
+
+
+def test_read_only_export_refuses_writes(tmp_path):
+    src = make_image(tmp_path / "src.img", 1 * MiB, pattern=0x11)
+    with fastmirror.Export(src, socket=str(tmp_path / "s"), read_only=True) as export:
+        s, _ = handshake(export.socket_path)
+        request(s, NBD_CMD_WRITE, 0, 4, payload=b"ABCD")
+        err, _, _ = simple_reply(s)
+        assert err == 1                                 # NBD_EPERM
+        request(s, NBD_CMD_READ, 0, 4)
+        assert simple_reply(s, 4) == (0, 7, b"\x11" * 4)
+        s.close()
+    with open(src, "rb") as f:
+        assert f.read(4) == b"\x11" * 4
+
+
+# -- malformed input ends one connection only -------------------------------------
+
+def test_malformed_handshake_ends_that_connection_only(served):
+    src, export = served
+    good, size = handshake(export.socket_path)
+    assert size == 8 * MiB
+    bad = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    bad.settimeout(10)
+    bad.connect(export.socket_path)
+    recv_exact(bad, 18)
+    bad.sendall(struct.pack(">I", 3) + b"NOTMAGIC" + struct.pack(">II", 7, 0))
+    assert is_closed(bad)
+    # An option length far beyond any option: dropped too, nothing read.
+    bad2 = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    bad2.settimeout(10)
+    bad2.connect(export.socket_path)
+    recv_exact(bad2, 18)
+    bad2.sendall(struct.pack(">IQII", 3, IHAVEOPT, NBD_OPT_GO, 0xFFFFFFF0))
+    assert is_closed(bad2)
+    request(good, NBD_CMD_WRITE, 4096, 3, payload=b"xyz")
+    assert simple_reply(good)[0] == 0
+    request(good, NBD_CMD_READ, 4096, 3, cookie=9)
+    assert simple_reply(good, 3) == (0, 9, b"xyz")
+    good.close()
+    qemu_io(export.url, "read -P 0x78 4096 1")      # "x", through a real client
+
+
+def test_malformed_request_ends_that_connection_only(served):
+    src, export = served
+    with open(src, "rb") as f:
+        before = f.read()
+    good, _ = handshake(export.socket_path)
+    bad, _ = handshake(export.socket_path)
+    request(bad, NBD_CMD_WRITE, 0, 4, payload=b"EVIL", magic=0x12345678)
+    assert is_closed(bad)
+    bad, _ = handshake(export.socket_path)
+    request(bad, NBD_CMD_WRITE, 0, 64 * MiB)                 # beyond the request limit
+    assert is_closed(bad)
+    # Out of range and unknown commands are errors, and the connection lives.
+    request(good, NBD_CMD_READ, 8 * MiB - 2, 4)
+    assert simple_reply(good)[0] == 22                       # NBD_EINVAL
+    request(good, 99, 0, 0)
+    assert simple_reply(good)[0] == 22
+    request(good, NBD_CMD_WRITE, 8 * MiB, 1, payload=b"!")
+    assert simple_reply(good)[0] == 22
+    request(good, NBD_CMD_READ, 0, 16, cookie=11)
+    assert simple_reply(good, 16) == (0, 11, before[:16])
+    request(good, NBD_CMD_DISC, 0, 0)
+    assert is_closed(good)
+    with open(src, "rb") as f:
+        assert f.read() == before                            # nothing written
+    qemu_io(export.url, "read -P 0 2m 4k")
+
+
+# -- a live mirror ---------------------------------------------------------------
+
+def test_live_mirror_through_the_export_pivots_with_no_client_lost(tmp_path):
+    qemu_io_path = require("qemu-io")
+    size = 8 * MiB
+    src = make_image(tmp_path / "src.img", size, holes=[(4 * MiB, 1 * MiB)])
+    dst = tmp_path / "dst.img"
+    sock = str(tmp_path / "s")
+    region = 64 * KiB
+    nregions = size // region
+    acked: dict[int, int] = {}          # region -> pattern byte the client saw acknowledged
+    stop = threading.Event()
+    errors: list[str] = []
+
+    with fastmirror.Export(src, socket=sock) as export:
+        def writer():
+            # One qemu-io process per batch: its exit status 0 acknowledges
+            # every write of the batch.
+            i = 0
+            while not stop.is_set():
+                batch = {}
+                cmds = []
+                for k in range(8):
+                    r = (i * 7 + k * 13) % nregions
+                    p = 1 + (i + k) % 250
+                    batch[r] = p
+                    cmds += ["-c", "write -P %d %d %d" % (p, r * region, region)]
+                i += 1
+                res = subprocess.run([qemu_io_path, "-f", "raw", *cmds, export.url],
+                                     capture_output=True, text=True, timeout=60)
+                if res.returncode != 0 or "fail" in res.stdout.lower():
+                    errors.append(res.stdout + res.stderr)
+                    return
+                acked.update(batch)
+
+        t = threading.Thread(target=writer)
+        t.start()
+        try:
+            time.sleep(0.3)
+            job = export.mirror(dst, direct=False, speed=16 * MiB)
+            assert job.wait_ready(60)
+            job.set_speed(0)
+            time.sleep(0.3)
+            job.complete()
+            final = job.wait(60)
+            assert final.type == EventType.COMPLETED, final
+            assert export.disk.pivoted
+            time.sleep(0.5)             # writes after the pivot: to the target
+        finally:
+            stop.set()
+            t.join()
+        assert not errors, errors
+        seen = tmp_path / "seen.img"
+        run(require("nbdcopy"), export.url, str(seen))
+
+    with open(dst, "rb") as f:
+        target = f.read()
+    with open(seen, "rb") as f:
+        assert f.read() == target       # what clients see after the pivot is the target
+    assert acked
+    for r, p in acked.items():
+        assert target[r * region:(r + 1) * region] == bytes([p]) * region, r
+
+
+def test_cancelled_mirror_keeps_serving_the_source(tmp_path):
+    src = make_image(tmp_path / "src.img", 4 * MiB)
+    dst = tmp_path / "dst.img"
+    with fastmirror.Export(src, socket=str(tmp_path / "s")) as export:
+        job = export.mirror(dst, direct=False)
+        assert job.wait_ready(60)
+        qemu_io(export.url, "write -P 0x5a 0 64k")      # tracked: lands on the source
+        job.cancel()
+        # After READY a cancel ends like QEMU's: COMPLETED, without a pivot.
+        assert job.wait(60).type in (EventType.CANCELLED, EventType.COMPLETED)
+        assert not export.disk.pivoted and not export.disk.tracking
+        qemu_io(export.url, "write -P 0x6b 64k 64k", "read -P 0x5a 0 64k")
+    with open(src, "rb") as f:
+        data = f.read(128 * KiB)
+    assert data == b"\x5a" * (64 * KiB) + b"\x6b" * (64 * KiB)
+
+
+# -- the command ----------------------------------------------------------------
+
+def test_fastmirror_serve_until_sigterm(tmp_path):
+    nbdinfo = require("nbdinfo")
+    src = make_image(tmp_path / "src.img", 2 * MiB)
+    sock = tmp_path / "s"
+    p = subprocess.Popen([sys.executable, "-m", "fastmirror", "serve", src, "--socket", str(sock),
+                          "--name", "vm1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    try:
+        line = p.stdout.readline()
+        assert "nbd+unix:///vm1?socket=" in line, line + p.stderr.read()
+        assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
+        out = run(nbdinfo, "--size", "nbd+unix:///vm1?socket=%s" % sock).stdout
+        assert int(out) == 2 * MiB
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(30) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert not sock.exists()
