@@ -65,14 +65,19 @@ def recv_exact(s: socket.socket, n: int) -> bytes:
     return out
 
 
-def handshake(path: str, name: bytes = b"") -> tuple[socket.socket, int]:
-    """Fixed newstyle, NBD_OPT_GO with simple replies; (socket, size)."""
+def handshake(path: str, name: bytes = b"", structured: bool = False
+              ) -> tuple[socket.socket, int]:
+    """Fixed newstyle, NBD_OPT_GO (simple replies unless `structured`);
+    (socket, size)."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(10)
     s.connect(path)
     magic, opt, hflags = struct.unpack(">QQH", recv_exact(s, 18))
     assert magic == 0x4e42444d41474943 and opt == IHAVEOPT and hflags & 1
     s.sendall(struct.pack(">I", 3))                   # FIXED_NEWSTYLE | NO_ZEROES
+    if structured:
+        s.sendall(struct.pack(">QII", IHAVEOPT, 8, 0))
+        assert struct.unpack(">QIII", recv_exact(s, 20))[2] == 1      # ACK
     data = struct.pack(">I", len(name)) + name + struct.pack(">H", 0)
     s.sendall(struct.pack(">QII", IHAVEOPT, NBD_OPT_GO, len(data)) + data)
     size = None
@@ -96,6 +101,18 @@ def simple_reply(s, data_len=0) -> tuple[int, int, bytes]:
     magic, err, cookie = struct.unpack(">IIQ", recv_exact(s, 16))
     assert magic == 0x67446698
     return err, cookie, recv_exact(s, data_len) if not err else b""
+
+
+def structured_chunks(s) -> list[tuple[int, int, int, bytes]]:
+    """The chunks of one structured reply: (flags, type, offset, payload)."""
+    out = []
+    while True:
+        magic, flags, ctype, cookie, n = struct.unpack(">IHHQI", recv_exact(s, 20))
+        assert magic == 0x668e33ef
+        body = recv_exact(s, n)
+        out.append((flags, ctype, struct.unpack(">Q", body[:8])[0] if n >= 8 else -1, body[8:]))
+        if flags & 1:
+            return out
 
 
 def is_closed(s: socket.socket) -> bool:
@@ -178,6 +195,26 @@ def test_read_only_export_refuses_writes(tmp_path):
         s.close()
     with open(src, "rb") as f:
         assert f.read(4) == b"\x11" * 4
+
+
+def test_structured_reads_send_holes_as_hole_chunks(served):
+    src, export = served                    # a hole at [2 MiB, 4 MiB)
+    with open(src, "rb") as f:
+        f.seek(2 * MiB - 4 * KiB)
+        before = f.read(4 * KiB)
+    s, _ = handshake(export.socket_path, structured=True)
+    request(s, NBD_CMD_READ, 2 * MiB - 4 * KiB, 12 * KiB)
+    chunks = structured_chunks(s)
+    assert [(f, t, o) for f, t, o, _ in chunks] == [(0, 1, 2 * MiB - 4 * KiB), (1, 2, 2 * MiB)]
+    assert chunks[0][3] == before
+    assert struct.unpack(">I", chunks[1][3])[0] == 8 * KiB
+    # DF (don't fragment): the data in one chunk, the hole as zeros.
+    s.sendall(struct.pack(">IHHQQI", NBD_REQUEST_MAGIC, 1 << 2, NBD_CMD_READ, 8,
+                          2 * MiB - 4 * KiB, 12 * KiB))
+    chunks = structured_chunks(s)
+    assert [(f, t, o) for f, t, o, _ in chunks] == [(1, 1, 2 * MiB - 4 * KiB)]
+    assert chunks[0][3] == before + bytes(8 * KiB)
+    s.close()
 
 
 # -- malformed input ends one connection only -------------------------------------

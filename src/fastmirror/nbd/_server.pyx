@@ -20,6 +20,7 @@ from libc.stdlib cimport malloc, realloc, free
 from libc.string cimport memcpy, memset, memcmp
 from posix.types cimport off_t
 from fastmirror._core.tracked cimport TrackedDisk, fm_route
+from fastmirror._core.blockio cimport pread_full
 
 cdef extern from "<endian.h>" nogil:
     uint16_t htobe16(uint16_t)
@@ -45,6 +46,7 @@ cdef enum:
     MAX_REQUEST = 32 << 20      # largest READ/WRITE payload
     MAX_OPTION = 64 << 10       # largest option payload in the handshake
     MAX_EXTENTS = 1024          # descriptors in one BLOCK_STATUS reply
+    READ_EXTENTS = 64           # chunks of one structured READ reply at most
     PREFERRED_BLOCK = 4096
 
     # handshake
@@ -504,20 +506,72 @@ cdef int64_t next_extent(int fd, bint is_block, int64_t offset, int64_t end,
 
 cdef int do_read(conn_t *c, TrackedDisk disk, const char *cookie, uint16_t flags,
                  int64_t offset, int64_t length) noexcept nogil:
-    cdef int64_t r
+    """Simple replies, or with DF: the data in one piece.  Structured
+    replies: holes (SEEK_DATA/SEEK_HOLE) as OFFSET_HOLE chunks, not sent."""
+    cdef fm_route route
+    cdef int64_t r, pos, nxt, end = offset + length
+    cdef int64_t starts[READ_EXTENTS]
+    cdef int64_t ends[READ_EXTENTS]
+    cdef bint holes[READ_EXTENTS]
+    cdef int count = 0, i
+    cdef bint hole
     cdef char head[12]
     if grow(c, length) < 0:
         return reply_error(c, cookie, NBD_ENOMEM, c.structured)
-    r = disk.c_read(c.buf, length, offset)
+    if not c.structured or flags & CMDF_DF or length == 0:
+        r = disk.c_read(c.buf, length, offset)
+        if r < 0:
+            return reply_error(c, cookie, nbd_errno(r), c.structured)
+        if r < length:          # the file shrank under us: reads past it are zeros
+            memset(c.buf + r, 0, <size_t>(length - r))
+        if not c.structured:
+            return simple_reply(c, cookie, 0, c.buf, length)
+        put64(head, <uint64_t>offset)
+        return chunk(c, cookie, RF_DONE, CHUNK_OFFSET_DATA, head, 8, c.buf, length)
+    # Map and read through one pass of the gate, like c_read: never across
+    # a pivot.  The socket is written after leaving it (a slow client must
+    # not hold up the job's drain).
+    r = disk.c_enter(&route)
     if r < 0:
-        return reply_error(c, cookie, nbd_errno(r), c.structured)
-    if r < length:              # the file shrank under us: reads past it are zeros
-        memset(c.buf + r, 0, <size_t>(length - r))
-    if not c.structured:
-        return simple_reply(c, cookie, 0, c.buf, length)
-    # One data chunk: satisfies DF, and the data is in hand already.
-    put64(head, <uint64_t>offset)
-    return chunk(c, cookie, RF_DONE, CHUNK_OFFSET_DATA, head, 8, c.buf, length)
+        return reply_error(c, cookie, nbd_errno(r), True)
+    pos = offset
+    while pos < end:
+        nxt = next_extent(route.fd, route.is_block, pos, end, &hole)
+        if nxt <= pos or count == READ_EXTENTS - 1:
+            nxt = end           # cannot tell, or too many pieces: data
+            hole = False
+        if count and holes[count - 1] == hole:
+            ends[count - 1] = nxt
+        else:
+            starts[count] = pos
+            ends[count] = nxt
+            holes[count] = hole
+            count += 1
+        pos = nxt
+    r = 0
+    for i in range(count):
+        if not holes[i]:
+            r = pread_full(route.fd, c.buf + (starts[i] - offset), ends[i] - starts[i], starts[i])
+            if r < 0:
+                break
+            if r < ends[i] - starts[i]:
+                memset(c.buf + (starts[i] - offset) + r, 0, <size_t>(ends[i] - starts[i] - r))
+            r = 0
+    disk.c_leave(&route)
+    if r < 0:
+        return reply_error(c, cookie, nbd_errno(r), True)
+    for i in range(count):
+        put64(head, <uint64_t>starts[i])
+        if holes[i]:
+            put32(head + 8, <uint32_t>(ends[i] - starts[i]))
+            r = chunk(c, cookie, RF_DONE if i == count - 1 else 0, CHUNK_OFFSET_HOLE,
+                      head, 12, NULL, 0)
+        else:
+            r = chunk(c, cookie, RF_DONE if i == count - 1 else 0, CHUNK_OFFSET_DATA,
+                      head, 8, c.buf + (starts[i] - offset), ends[i] - starts[i])
+        if r < 0:
+            return r
+    return 0
 
 
 cdef int do_block_status(conn_t *c, TrackedDisk disk, const char *cookie, uint16_t flags,
