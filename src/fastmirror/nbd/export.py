@@ -46,6 +46,7 @@ class Export:
         self._max = max_connections
         self._lock = threading.Lock()
         self._conns: dict[int, tuple[_socket.socket, threading.Thread]] = {}
+        self._threads: list[threading.Thread] = []
         self._closed = False
         self._job = None
         self._disk: Optional[TrackedDisk] = None
@@ -125,6 +126,9 @@ class Export:
                 t = threading.Thread(target=self._serve, args=(conn,), name="fastmirror-nbd-conn",
                                      daemon=True)
                 self._conns[conn.fileno()] = (conn, t)
+                # close() joins every thread, also those whose client just
+                # left (out of _conns, not yet returned).
+                self._threads = [x for x in self._threads if x.is_alive()] + [t]
             t.start()
 
     def _serve(self, conn: _socket.socket) -> None:
@@ -183,6 +187,7 @@ class Export:
                 return
             self._closed = True
             conns = list(self._conns.values())
+            threads = list(self._threads)
             job = self._job
         if self._listener is not None:
             try:
@@ -200,7 +205,7 @@ class Export:
                 conn.shutdown(_socket.SHUT_RDWR)    # wakes the nogil loop
             except OSError:
                 pass
-        for _, t in conns:
+        for t in threads:
             t.join()
         if job is not None:
             job.close()
