@@ -352,6 +352,30 @@ def test_cancelled_mirror_keeps_serving_the_source(tmp_path):
     assert data == b"\x5a" * (64 * KiB) + b"\x6b" * (64 * KiB)
 
 
+def test_a_second_mirror_after_a_pivot_mirrors_the_target_onward(tmp_path):
+    src = make_image(tmp_path / "src.img", 2 * MiB, seed=3)
+    t1, t2 = tmp_path / "t1.img", tmp_path / "t2.img"
+    with open(src, "rb") as f:
+        original = f.read()
+    with fastmirror.Export(src, socket=str(tmp_path / "s")) as export:
+        job = export.mirror(t1, direct=False)
+        assert job.wait_ready(60)
+        job.complete()
+        assert job.wait(60).type == EventType.COMPLETED
+        qemu_io(export.url, "write -P 0x33 0 64k")           # lands on t1
+        job = export.mirror(t2, direct=False)
+        assert job.wait_ready(60)
+        qemu_io(export.url, "write -P 0x44 64k 64k")         # tracked: t1, then t2
+        job.complete()
+        assert job.wait(60).type == EventType.COMPLETED
+        assert export.path == os.fspath(t2)
+        qemu_io(export.url, "read -P 0x33 0 64k", "read -P 0x44 64k 64k")
+    with open(src, "rb") as f:
+        assert f.read() == original                          # untouched since the pivot
+    with open(t2, "rb") as f:
+        assert f.read() == b"\x33" * (64 * KiB) + b"\x44" * (64 * KiB) + original[128 * KiB:]
+
+
 # -- the command ----------------------------------------------------------------
 
 def test_fastmirror_serve_until_sigterm(tmp_path):

@@ -36,7 +36,7 @@ class Export:
 
     def __init__(self, path, *, socket, name: str = "", read_only: bool = False,
                  max_connections: int = MAX_CONNECTIONS):
-        self.path = os.fspath(path)
+        self._path = os.fspath(path)
         self.socket_path = os.fspath(socket)
         self.name = name
         self.read_only = read_only
@@ -52,12 +52,12 @@ class Export:
         self._disk: Optional[TrackedDisk] = None
         self._listener: Optional[_socket.socket] = None
 
-        fd = os.open(self.path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+        fd = os.open(self._path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
         try:
             st = os.fstat(fd)
             is_block = stat.S_ISBLK(st.st_mode)
             if not (is_block or stat.S_ISREG(st.st_mode)):
-                raise ValueError("%s is neither a regular file nor a block device" % self.path)
+                raise ValueError("%s is neither a regular file nor a block device" % self._path)
             size = os.lseek(fd, 0, os.SEEK_END)
             self._disk = TrackedDisk(size, None)
         except BaseException:
@@ -94,6 +94,14 @@ class Export:
             s.close()
             raise
         return s
+
+    @property
+    def path(self) -> str:
+        """The file served: the last mirror's target after its pivot."""
+        job = self._job
+        if job is not None and self._disk is not None and self._disk.pivoted:
+            return job.source.path
+        return self._path
 
     @property
     def url(self) -> str:
@@ -158,9 +166,17 @@ class Export:
                 raise ValueError("the export is closed")
             if self._job is not None and not self._job_done(self._job):
                 raise RuntimeError("a mirror of this export is running already")
+            previous = self._job
         # After a pivot the disk served is the previous target.
-        job = MirrorJob(self.path, target, _disk=self._disk, **options)
-        job.add_listener(self._on_event)
+        self._path = self.path
+        if previous is not None:
+            previous.close()        # concluded: its descriptors, not the disk
+            # wait() returns at the final event, a moment before the job's
+            # thread lets go of the disk (stop_tracking): wait for that.
+            coordinator = getattr(previous, "_coordinator", None)
+            if coordinator is not None:
+                coordinator.join()
+        job = MirrorJob(self._path, target, _disk=self._disk, **options)
         with self._lock:
             self._job = job
         job.start()
@@ -169,12 +185,7 @@ class Export:
     @staticmethod
     def _job_done(job) -> bool:
         from fastmirror.job.events import JobState
-        return job.state in (JobState.CONCLUDED, JobState.NULL)
-
-    def _on_event(self, event) -> None:
-        from fastmirror.job.events import EventType
-        if event.type == EventType.COMPLETED and self._disk is not None and self._disk.pivoted:
-            self.path = self._job.source.path if self._job is not None else self.path
+        return job.state == JobState.CONCLUDED
 
     # -- the end ------------------------------------------------------------------
 
