@@ -217,6 +217,38 @@ def test_structured_reads_send_holes_as_hole_chunks(served):
     s.close()
 
 
+def test_requests_are_served_while_python_holds_the_gil(served, tmp_path):
+    """A connection's requests need no GIL: a client's write and read finish
+    while this thread holds it (ctypes.PyDLL calls keep the GIL)."""
+    import ctypes
+    src, export = served
+    done = tmp_path / "done"
+    p = subprocess.Popen(["sh", "-c", "%s -f raw -c 'sleep 1200' -c 'write -P 0x77 0 1M' "
+                          "-c 'read -P 0x77 0 1M' '%s' && date +%%s.%%N > %s"
+                          % (require("qemu-io"), export.url, done)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 10
+        while export.connections == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert export.connections == 1
+        held = time.time()
+        ctypes.PyDLL(None).usleep(3_000_000)     # 3 s with the GIL held
+        released = time.time()
+        out, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 0, out + err
+    assert "fail" not in out.lower(), out
+    # The client sleeps 1.2 s after connecting, so its requests came while
+    # the GIL was held; they were answered before it was let go.
+    finished = float(done.read_text())
+    assert finished - held > 0.6, "the client's requests came before the GIL was taken"
+    assert finished < released - 0.5, "the requests waited for the GIL"
+
+
 # -- malformed input ends one connection only -------------------------------------
 
 def test_malformed_handshake_ends_that_connection_only(served):
