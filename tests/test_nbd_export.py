@@ -17,7 +17,7 @@ import pytest
 
 import fastmirror
 from fastmirror import EventType
-from helpers.files import make_image
+from helpers.files import allocated_bytes, make_image
 from helpers.require import require
 
 KiB = 1024
@@ -247,6 +247,31 @@ def test_requests_are_served_while_python_holds_the_gil(served, tmp_path):
     finished = float(done.read_text())
     assert finished - held > 0.6, "the client's requests came before the GIL was taken"
     assert finished < released - 0.5, "the requests waited for the GIL"
+
+
+def test_write_zeroes_flags_no_hole_and_fast_zero(tmp_path):
+    src = make_image(tmp_path / "src.img", 4 * MiB, pattern=0x22)
+    NBD_CMD_WRITE_ZEROES, NO_HOLE, FAST_ZERO = 6, 1 << 1, 1 << 4
+
+    def zeroes(s, offset, length, flags):
+        s.sendall(struct.pack(">IHHQQI", NBD_REQUEST_MAGIC, flags, NBD_CMD_WRITE_ZEROES, 5,
+                              offset, length))
+        return simple_reply(s)[0]
+
+    with fastmirror.Export(src, socket=str(tmp_path / "s")) as export:
+        s, _ = handshake(export.socket_path)
+        full = allocated_bytes(src)
+        assert zeroes(s, 0, 1 * MiB, 0) == 0
+        assert allocated_bytes(src) == full - MiB       # a hole: the fast way
+        assert zeroes(s, 1 * MiB, 1 * MiB, NO_HOLE) == 0
+        assert allocated_bytes(src) == full - MiB       # zeros, still allocated
+        assert zeroes(s, 2 * MiB, 1 * MiB, FAST_ZERO) == 0
+        # Allocated zeros fast cannot be promised: refused, nothing written.
+        assert zeroes(s, 3 * MiB, 1 * MiB, FAST_ZERO | NO_HOLE) == 95     # NBD_ENOTSUP
+        s.close()
+    with open(src, "rb") as f:
+        data = f.read()
+    assert data[:3 * MiB] == bytes(3 * MiB) and data[3 * MiB:] == b"\x22" * MiB
 
 
 # -- malformed input ends one connection only -------------------------------------
