@@ -13,8 +13,8 @@ are its names.  A malformed handshake or request ends this connection only:
 nothing of it reaches the disk.
 """
 
-cimport cython
-from libc.errno cimport errno, EINTR, EINVAL, EIO, ENOSPC, EPERM, ENOMEM, EOPNOTSUPP, EOVERFLOW, ENXIO, EBADF
+from libc.errno cimport (errno, EINTR, EINVAL, ENOSPC, EPERM, ENOMEM, EOPNOTSUPP, EOVERFLOW,
+                         ENXIO, EBADF)
 from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport malloc, realloc, free
 from libc.string cimport memcpy, memset, memcmp
@@ -319,7 +319,7 @@ cdef int opt_info_go(conn_t *c, uint32_t opt, const char *d, uint32_t n) noexcep
 cdef int opt_meta(conn_t *c, uint32_t opt, const char *d, uint32_t n) noexcept nogil:
     """LIST/SET_META_CONTEXT: the one context this server has is
     base:allocation ("base:" asks for every context of that namespace)."""
-    cdef uint32_t nlen, nq, qlen, i, pos
+    cdef uint32_t nlen, nq, qlen, left, pos
     cdef bint found = False
     cdef char reply[4 + 15]
     if n < 8:
@@ -329,7 +329,9 @@ cdef int opt_meta(conn_t *c, uint32_t opt, const char *d, uint32_t n) noexcept n
         return opt_reply(c, opt, REP_ERR_INVALID, NULL, 0)
     nq = get32(d + 4 + nlen)
     pos = 8 + nlen
-    for i in range(nq):
+    left = nq
+    while left:
+        left -= 1
         if n - pos < 4:
             return opt_reply(c, opt, REP_ERR_INVALID, NULL, 0)
         qlen = get32(d + pos)

@@ -70,7 +70,8 @@ class Export:
         except BaseException:
             self._disk.close()
             raise
-        self._acceptor = threading.Thread(target=self._accept, name="fastmirror-nbd-accept", daemon=True)
+        self._acceptor = threading.Thread(target=self._accept, name="fastmirror-nbd-accept",
+                                          daemon=True)
         self._acceptor.start()
 
     def _listen(self) -> _socket.socket:
