@@ -18,7 +18,7 @@ import pytest
 import fastmirror
 from fastmirror import EventType
 from helpers.files import allocated_bytes, make_image
-from helpers.require import require
+from helpers.require import fm, require
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -181,6 +181,24 @@ def test_qemu_img_compare_and_nbdcopy_equal_the_file(served, tmp_path):
     run(require("nbdcopy"), export.url, str(out))
     with open(src, "rb") as a, open(out, "rb") as b:
         assert a.read() == b.read()
+
+
+def test_connections_share_one_disk_and_flush(served):
+    src, export = served
+    a, _ = handshake(export.socket_path)
+    b, _ = handshake(export.socket_path)
+    request(a, NBD_CMD_WRITE, 0, 5, payload=b"from-")
+    request(b, NBD_CMD_WRITE, 5, 1, payload=b"b")
+    assert simple_reply(a)[0] == 0 and simple_reply(b)[0] == 0
+    request(b, 3, 0, 0, cookie=3)                       # NBD_CMD_FLUSH on the other one
+    assert simple_reply(b) == (0, 3, b"")
+    request(a, NBD_CMD_READ, 0, 6, cookie=4)
+    assert simple_reply(a, 6) == (0, 4, b"from-b")
+    assert export.connections == 2
+    a.close()
+    b.close()
+    with open(src, "rb") as f:
+        assert f.read(6) == b"from-b"
 
 
 def test_read_only_export_refuses_writes(tmp_path):
@@ -491,3 +509,5 @@ def test_fastmirror_serve_until_sigterm(tmp_path):
             p.kill()
             p.wait()
     assert not sock.exists()
+    missing = fm("serve", str(tmp_path / "missing.img"), "--socket", str(sock), timeout=60)
+    assert missing.returncode == 2 and "missing.img" in missing.stderr
