@@ -346,6 +346,59 @@ def test_malformed_request_ends_that_connection_only(served):
     qemu_io(export.url, "read -P 0 2m 4k")
 
 
+def test_fuzzed_handshakes_options_and_requests_change_nothing(served):
+    """Seeded random and mutated input, none of it a valid write: the server
+    lives, the source is untouched, a good client still reads and writes."""
+    import random
+    src, export = served
+    with open(src, "rb") as f:
+        before = f.read()
+    rng = random.Random(1234)
+    go = struct.pack(">QII", IHAVEOPT, NBD_OPT_GO, 6) + struct.pack(">IH", 0, 0)
+    for i in range(150):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(10)
+        s.connect(export.socket_path)
+        try:
+            recv_exact(s, 18)
+            kind = i % 3
+            if kind == 0:                       # junk, or a mutated handshake
+                msg = bytearray(struct.pack(">I", 3) + go)
+                for _ in range(rng.randint(1, 6)):
+                    msg[rng.randrange(len(msg))] = rng.randrange(256)
+                msg += rng.randbytes(rng.randrange(64))
+            elif kind == 1:                     # options: any code, any payload
+                msg = bytearray(struct.pack(">I", 3))
+                for _ in range(rng.randint(1, 4)):
+                    body = rng.randbytes(rng.randrange(40))
+                    n = len(body) if rng.random() < 0.7 else rng.randrange(1 << 32)
+                    msg += struct.pack(">QII", IHAVEOPT, rng.choice([1, 3, 6, 8, 9, 10, 99]),
+                                       n) + body
+            else:                               # requests that must not write
+                msg = bytearray(struct.pack(">I", 3) + go)
+                for _ in range(rng.randint(1, 8)):
+                    cmd = rng.choice([0, 3, 7, 8, 42, 1, 4, 6])
+                    off = rng.randrange(1 << 64)
+                    if cmd in (1, 4, 6):        # writes only out of range
+                        off = rng.randrange(8 * MiB + 1, 1 << 63)
+                    length = rng.choice([0, 1, 4096, 1 << 25, 1 << 26, rng.randrange(1 << 32)])
+                    payload = rng.randbytes(min(length, 4096)) if cmd == 1 else b""
+                    msg += struct.pack(">IHHQQI", NBD_REQUEST_MAGIC, rng.randrange(1 << 16),
+                                       cmd, i, off, length) + payload
+                if rng.random() < 0.5:
+                    msg += rng.randbytes(28)
+            s.sendall(bytes(msg))
+        except (BrokenPipeError, ConnectionResetError, EOFError):
+            pass
+        finally:
+            s.close()
+    qemu_io(export.url, "write -P 0x99 5m 4k", "read -P 0x99 5m 4k")
+    with open(src, "rb") as f:
+        after = f.read()
+    assert after[:5 * MiB] == before[:5 * MiB]
+    assert after[5 * MiB + 4 * KiB:] == before[5 * MiB + 4 * KiB:]
+
+
 # -- a live mirror ---------------------------------------------------------------
 
 def test_live_mirror_through_the_export_pivots_with_no_client_lost(tmp_path):
