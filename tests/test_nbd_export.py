@@ -475,7 +475,8 @@ def test_fio_verifies_the_target_after_writing_through_the_pivot(tmp_path):
     with fastmirror.Export(src, socket=str(tmp_path / "s")) as export:
         p = subprocess.Popen([fio, "--ioengine=nbd", "--uri=" + export.url, "--iodepth=4",
                               "--rate=4m", "--do_verify=0", *common],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             cwd=tmp_path)         # fio leaves its verify state there
         try:
             time.sleep(0.4)
             job = export.mirror(dst, direct=False)
@@ -490,12 +491,12 @@ def test_fio_verifies_the_target_after_writing_through_the_pivot(tmp_path):
                 p.wait()
         assert p.returncode == 0, out
     ok = subprocess.run([fio, "--ioengine=psync", "--filename=%s" % dst, "--verify_only", *common],
-                        capture_output=True, text=True, timeout=60)
+                        capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     # The same check of the source fails: the writes after the pivot are
     # only in the target (and the check can fail at all).
     bad = subprocess.run([fio, "--ioengine=psync", "--filename=%s" % src, "--verify_only",
-                          *common], capture_output=True, text=True, timeout=60)
+                          *common], capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert bad.returncode != 0
 
 
