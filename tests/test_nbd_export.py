@@ -541,6 +541,23 @@ def test_a_second_mirror_after_a_pivot_mirrors_the_target_onward(tmp_path):
         assert f.read() == b"\x33" * (64 * KiB) + b"\x44" * (64 * KiB) + original[128 * KiB:]
 
 
+def test_one_mirror_at_a_time_and_none_of_a_read_only_export(tmp_path):
+    src = make_image(tmp_path / "src.img", 2 * MiB)
+    with fastmirror.Export(src, socket=str(tmp_path / "s")) as export:
+        assert not export.disk.tracking
+        job = export.mirror(tmp_path / "t1.img", direct=False, speed=1)
+        assert export.disk.tracking
+        with pytest.raises(RuntimeError, match="running already"):
+            export.mirror(tmp_path / "t2.img", direct=False)
+        with pytest.raises(RuntimeError, match="tracked already"):
+            export.disk.track(job._engine)
+        job.cancel(force=True)
+        job.wait(30)
+    with fastmirror.Export(src, socket=str(tmp_path / "s"), read_only=True) as export:
+        with pytest.raises(ValueError, match="read-only"):
+            export.mirror(tmp_path / "t3.img", direct=False)
+
+
 # -- the command ----------------------------------------------------------------
 
 def test_fastmirror_serve_until_sigterm(tmp_path):
