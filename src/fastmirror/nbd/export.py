@@ -160,8 +160,8 @@ class Export:
         a cancel it keeps serving the source.  Returns the started job."""
         from fastmirror.job.mirror import MirrorJob
         if self.read_only:
-            raise ValueError("a read-only export cannot be mirrored (its writers are none, "
-                             "use MirrorJob on the file)")
+            raise ValueError("a read-only export has no writes to track: mirror the file "
+                             "with MirrorJob")
         with self._lock:
             if self._closed:
                 raise ValueError("the export is closed")
