@@ -401,7 +401,11 @@ def test_fuzzed_handshakes_options_and_requests_change_nothing(served):
 
 # -- a live mirror ---------------------------------------------------------------
 
-def test_live_mirror_through_the_export_pivots_with_no_client_lost(tmp_path):
+# A speed limit below the writers' rate: "auto" must switch to write-blocking
+# to converge (background mode would not, unlimited it does).
+@pytest.mark.parametrize("copy_mode,speed", [("auto", 16 * MiB), ("write-blocking", 16 * MiB),
+                                             ("background", 0)])
+def test_live_mirror_through_the_export_pivots_with_no_client_lost(tmp_path, copy_mode, speed):
     qemu_io_path = require("qemu-io")
     size = 8 * MiB
     src = make_image(tmp_path / "src.img", size, holes=[(4 * MiB, 1 * MiB)])
@@ -438,7 +442,7 @@ def test_live_mirror_through_the_export_pivots_with_no_client_lost(tmp_path):
         t.start()
         try:
             time.sleep(0.3)
-            job = export.mirror(dst, direct=False, speed=16 * MiB)
+            job = export.mirror(dst, direct=False, speed=speed, copy_mode=copy_mode)
             assert job.wait_ready(60)
             job.set_speed(0)
             time.sleep(0.3)
