@@ -7,12 +7,14 @@ from fastmirror.job.events import (EventType, JobError, JobEvent, JobState, JobS
 from fastmirror.job.mirror import MirrorJob
 from fastmirror.job.owners import ImageTargetError, InUseError
 from fastmirror.job.source import BlockHandle
+from fastmirror.nbd.export import Export
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BlockHandle",
     "EventType",
+    "Export",
     "HBitmap",
     "ImageTargetError",
     "InUseError",

@@ -60,4 +60,5 @@ cdef class TrackedDisk:
                           int64_t length) noexcept nogil
     cdef void _trace(self, int event, int64_t offset, int64_t length) noexcept with gil
     cdef int _check(self, int64_t offset, int64_t length) except -1
+    cdef int _check_engine(self, engine) except -1
     cdef int _zeroing(self, int64_t offset, int64_t length, bint discard) except *

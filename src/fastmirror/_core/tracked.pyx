@@ -100,16 +100,23 @@ cdef class TrackedDisk:
         self.ready = True
 
     def __init__(self, int64_t size, engine):
+        if self.size or self.engine_ref is not None:
+            raise RuntimeError("TrackedDisk is already initialised")
+        if size < 0:
+            raise ValueError("negative disk size %d" % size)
+        self.size = size
+        if engine is not None:      # None: untracked until track()
+            self._check_engine(engine)
+            self.engine_ref = engine
+            self.engine = <void *>engine
+
+    cdef int _check_engine(self, engine) except -1:
         from fastmirror._core.engine import CopyEngine
         if not isinstance(engine, CopyEngine):
             raise TypeError("engine must be a CopyEngine, not %r" % type(engine).__name__)
-        if size < 0 or engine.size != size:
-            raise ValueError("the engine covers %d bytes, the disk %d" % (engine.size, size))
-        if self.engine_ref is not None:
-            raise RuntimeError("TrackedDisk is already initialised")
-        self.size = size
-        self.engine_ref = engine
-        self.engine = <void *>engine
+        if engine.size != self.size:
+            raise ValueError("the engine covers %d bytes, the disk %d" % (engine.size, self.size))
+        return 0
 
     def __dealloc__(self):
         if self.fd >= 0:
@@ -371,6 +378,29 @@ cdef class TrackedDisk:
         longer tracked.  Call it with the gate closed."""
         with nogil:
             self.c_pivot(fd, is_block)
+
+    def track(self, engine):
+        """Start marking writes in `engine` (a CopyEngine of the same size):
+        a disk served untracked (the NBD export) becomes a job's source.
+        Waits until no request is inside: one that took the untracked route
+        could land after the job copied its chunks, and be lost.  After a
+        pivot the disk (now the target) can be tracked again."""
+        self._check_engine(engine)
+        if self.engine != NULL:
+            raise RuntimeError("the disk is tracked already")
+        old = self.engine_ref
+        with nogil:
+            pthread_mutex_lock(&self.mu)
+            self.gate_closed = True
+            while self.writers:
+                pthread_cond_wait(&self.cv, &self.mu)
+            self.engine = <void *>engine
+            self.pivoted = False
+            self.gate_closed = False
+            pthread_cond_broadcast(&self.cv)
+            pthread_mutex_unlock(&self.mu)
+        self.engine_ref = engine
+        del old
 
     def stop_tracking(self):
         """Writes are no longer marked nor sent to the target."""

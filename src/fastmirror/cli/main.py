@@ -424,6 +424,24 @@ def cmd_verify(args) -> int:
     return EXIT_OK if diff < 0 else EXIT_FAIL
 
 
+def cmd_serve(args) -> int:
+    from fastmirror.nbd.export import Export
+    try:
+        export = Export(args.source, socket=args.socket, name=args.name,
+                        read_only=args.read_only)
+    except (OSError, ValueError) as e:
+        print("fastmirror: cannot serve %s: %s" % (args.source, e), file=sys.stderr)
+        return EXIT_USAGE if isinstance(e, ValueError) or \
+            getattr(e, "errno", None) in (errno.ENOENT, errno.EISDIR, errno.EACCES) \
+            else EXIT_FAIL
+    with _Interrupt() as stop, export:
+        print("serving %s (%s) at %s" % (args.source, _size_words(export.size), export.url),
+              flush=True)
+        stop.event.wait()
+    print("stopped", flush=True)
+    return EXIT_OK
+
+
 def cmd_bench(args) -> int:
     from fastmirror.bench import harness as benchmark
     return benchmark.run(args)
@@ -529,6 +547,17 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError:
         pass
     b.set_defaults(func=cmd_bench)
+
+    sv = sub.add_parser("serve", help="serve SRC over NBD on a unix socket",
+                        description=textwrap.fill(
+                            "Serve the image file or block device SRC over NBD at the "
+                            "unix socket PATH (mode 0600), as nbd+unix:///NAME?socket=PATH, "
+                            "until SIGTERM or SIGINT (exit 0 after a clean shutdown)."))
+    sv.add_argument("source", metavar="SRC")
+    sv.add_argument("--socket", required=True, metavar="PATH")
+    sv.add_argument("--name", default="", help='the export name (default "")')
+    sv.add_argument("--read-only", action="store_true")
+    sv.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("demo", help="a live mirror of a generated 1 GiB image",
                        description="Generate an image with data and holes, mirror it while "

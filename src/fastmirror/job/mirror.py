@@ -184,7 +184,8 @@ class MirrorJob:
                  opaque=None, detect_zeroes: bool = True, unmap: bool = True,
                  verify: bool = False, copy_mode: str = "auto",
                  io_size: Optional[int] = None, io_engine: str = "auto",
-                 force_share: bool = False, allow_image_target: bool = False):
+                 force_share: bool = False, allow_image_target: bool = False,
+                 _disk=None):
         granularity = _positive_int("granularity", granularity, 512, MAX_GRANULARITY)
         if granularity & (granularity - 1):
             raise ValueError("granularity %d is not a power of two" % granularity)
@@ -253,8 +254,16 @@ class MirrorJob:
         self._engine.set_speed(speed)
         # The handle reopens the checked source through its own duplicate
         # of our descriptor, not by path (a path may name another file now).
-        self.source = TrackedSource(self._src.path, self.size, self._src.info.is_block,
-                                    self._engine, fd=os.dup(self._src.fd))
+        # _disk: a TrackedDisk already serving the source (fastmirror.Export);
+        # the job tracks it instead of making its own, so that every writer
+        # of the export goes through the job and sees the pivot.
+        try:
+            self.source = TrackedSource(self._src.path, self.size, self._src.info.is_block,
+                                        self._engine, fd=os.dup(self._src.fd), disk=_disk)
+        except BaseException:
+            self._engine.close()
+            self._close_endpoints(remove_created=True)
+            raise
 
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)

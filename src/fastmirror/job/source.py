@@ -59,13 +59,20 @@ class TrackedSource(BlockHandle):
     another file by then.  Without it the handle opens `path`."""
 
     def __init__(self, path: str, size: int, is_block: bool, engine,
-                 fd: Optional[int] = None):
+                 fd: Optional[int] = None, disk: Optional[TrackedDisk] = None):
         self.size = size
         self._path = path
         self._origin = fd            # closed once the read-write side is open
         self._is_block = is_block
         self._target_path: Optional[str] = None
-        self._disk = TrackedDisk(size, engine)
+        if disk is None:
+            self._disk = TrackedDisk(size, engine)
+        else:
+            # A disk already served (the NBD export): its writers from now on
+            # go through the job's engine; it has its own descriptor.
+            disk.track(engine)
+            self._disk = disk
+            self._drop_origin()
         self._open_lock = threading.Lock()
 
     # -- the gate (used by the job) -----------------------------------------

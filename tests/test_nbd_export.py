@@ -1,0 +1,588 @@
+"""The NBD export, judged by clients that no one here wrote: nbdinfo,
+qemu-io, qemu-img, nbdcopy; and a raw socket for what they never send."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import fastmirror
+from fastmirror import EventType
+from helpers.files import allocated_bytes, make_image
+from helpers.require import fm, require
+
+KiB = 1024
+MiB = 1024 * KiB
+
+IHAVEOPT = 0x49484156454F5054
+NBD_OPT_GO = 7
+NBD_REQUEST_MAGIC = 0x25609513
+NBD_CMD_READ, NBD_CMD_WRITE, NBD_CMD_DISC = 0, 1, 2
+
+
+def run(*cmd, timeout=60) -> subprocess.CompletedProcess:
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, "%s failed (%d): %s%s" % (cmd[0], r.returncode, r.stdout, r.stderr)
+    return r
+
+
+def qemu_io(url: str, *commands: str) -> str:
+    args = [require("qemu-io"), "-f", "raw"]
+    for c in commands:
+        args += ["-c", c]
+    r = run(*args, url)
+    # qemu-io reports a failed command on stdout and still exits 0 in -c mode.
+    assert "fail" not in r.stdout.lower() and "error" not in r.stdout.lower(), r.stdout
+    return r.stdout
+
+
+@pytest.fixture
+def served(tmp_path):
+    src = make_image(tmp_path / "src.img", 8 * MiB, holes=[(2 * MiB, 2 * MiB), (6 * MiB, 2 * MiB)])
+    sock = str(tmp_path / "nbd.sock")
+    with fastmirror.Export(src, socket=sock) as export:
+        yield src, export
+
+
+# -- a raw client, for what the real ones never send -----------------------------
+
+def recv_exact(s: socket.socket, n: int) -> bytes:
+    out = b""
+    while len(out) < n:
+        chunk = s.recv(n - len(out))
+        if not chunk:
+            raise EOFError("closed after %d of %d bytes" % (len(out), n))
+        out += chunk
+    return out
+
+
+def handshake(path: str, name: bytes = b"", structured: bool = False
+              ) -> tuple[socket.socket, int]:
+    """Fixed newstyle, NBD_OPT_GO (simple replies unless `structured`);
+    (socket, size)."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.connect(path)
+    magic, opt, hflags = struct.unpack(">QQH", recv_exact(s, 18))
+    assert magic == 0x4e42444d41474943 and opt == IHAVEOPT and hflags & 1
+    s.sendall(struct.pack(">I", 3))                   # FIXED_NEWSTYLE | NO_ZEROES
+    if structured:
+        s.sendall(struct.pack(">QII", IHAVEOPT, 8, 0))
+        assert struct.unpack(">QIII", recv_exact(s, 20))[2] == 1      # ACK
+    data = struct.pack(">I", len(name)) + name + struct.pack(">H", 0)
+    s.sendall(struct.pack(">QII", IHAVEOPT, NBD_OPT_GO, len(data)) + data)
+    size = None
+    while True:
+        _, _, rtype, n = struct.unpack(">QIII", recv_exact(s, 20))
+        body = recv_exact(s, n)
+        if rtype == 1:          # ACK
+            break
+        assert rtype == 3, hex(rtype)
+        if struct.unpack(">H", body[:2])[0] == 0:
+            size = struct.unpack(">Q", body[2:10])[0]
+    assert size is not None
+    return s, size
+
+
+def request(s, cmd, offset, length, cookie=7, payload=b"", magic=NBD_REQUEST_MAGIC):
+    s.sendall(struct.pack(">IHHQQI", magic, 0, cmd, cookie, offset, length) + payload)
+
+
+def simple_reply(s, data_len=0) -> tuple[int, int, bytes]:
+    magic, err, cookie = struct.unpack(">IIQ", recv_exact(s, 16))
+    assert magic == 0x67446698
+    return err, cookie, recv_exact(s, data_len) if not err else b""
+
+
+def structured_chunks(s) -> list[tuple[int, int, int, bytes]]:
+    """The chunks of one structured reply: (flags, type, offset, payload)."""
+    out = []
+    while True:
+        magic, flags, ctype, cookie, n = struct.unpack(">IHHQI", recv_exact(s, 20))
+        assert magic == 0x668e33ef
+        body = recv_exact(s, n)
+        out.append((flags, ctype, struct.unpack(">Q", body[:8])[0] if n >= 8 else -1, body[8:]))
+        if flags & 1:
+            return out
+
+
+def is_closed(s: socket.socket) -> bool:
+    try:
+        return s.recv(1) == b""
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+
+
+# -- peers ------------------------------------------------------------------------
+
+def test_nbdinfo_shows_size_name_and_holes(tmp_path):
+    nbdinfo = require("nbdinfo")
+    src = make_image(tmp_path / "src.img", 4 * MiB, holes=[(1 * MiB, 2 * MiB)])
+    with fastmirror.Export(src, socket=str(tmp_path / "s"), name="disk1") as export:
+        assert export.url == "nbd+unix:///disk1?socket=%s" % (tmp_path / "s")
+        info = run(nbdinfo, "--json", export.url).stdout
+        import json
+        d = json.loads(info)
+        (exp,) = d["exports"]
+        assert exp["export-name"] == "disk1"
+        assert exp["export-size"] == 4 * MiB
+        assert exp["block_size_maximum"] == 32 * MiB
+        assert "base:allocation" in exp["contexts"]
+        lines = [line.split() for line in run(nbdinfo, "--map", export.url).stdout.splitlines()]
+        extents = [(int(a), int(b), int(c)) for a, b, c, *_ in lines]
+        assert extents == [(0, 1 * MiB, 0), (1 * MiB, 2 * MiB, 3), (3 * MiB, 1 * MiB, 0)]
+        # Another name is refused; "" is the default export.
+        bad = subprocess.run([nbdinfo, "nbd+unix:///other?socket=%s" % export.socket_path],
+                             capture_output=True, text=True, timeout=30)
+        assert bad.returncode != 0
+        run(nbdinfo, "--size", "nbd+unix:///?socket=%s" % export.socket_path)
+
+
+def test_socket_is_0600_and_removed_on_close(tmp_path):
+    src = make_image(tmp_path / "src.img", 1 * MiB)
+    sock = tmp_path / "s"
+    export = fastmirror.Export(src, socket=str(sock))
+    try:
+        mode = os.stat(sock).st_mode
+        assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o600
+    finally:
+        export.close()
+    export.close()          # idempotent
+    assert not sock.exists()
+
+
+def test_qemu_io_writes_and_reads_back_patterns(served):
+    src, export = served
+    qemu_io(export.url, "write -P 0xab 0 64k", "read -P 0xab 0 64k",
+            "write -P 0xcd -f 3m 100k",                 # FUA, inside a hole
+            "write -z 64k 64k", "read -P 0 64k 64k",
+            "discard 7m 64k", "read -P 0 7m 64k", "flush")
+    with open(src, "rb") as f:
+        data = f.read()
+    assert data[:64 * KiB] == b"\xab" * (64 * KiB)
+    assert data[64 * KiB:128 * KiB] == bytes(64 * KiB)
+    assert data[3 * MiB:3 * MiB + 100 * KiB] == b"\xcd" * (100 * KiB)
+    assert data[7 * MiB:7 * MiB + 64 * KiB] == bytes(64 * KiB)
+
+
+def test_qemu_img_compare_and_nbdcopy_equal_the_file(served, tmp_path):
+    src, export = served
+    run(require("qemu-img"), "compare", "-f", "raw", "-F", "raw", export.url, src)
+    out = tmp_path / "copy.img"
+    run(require("nbdcopy"), export.url, str(out))
+    with open(src, "rb") as a, open(out, "rb") as b:
+        assert a.read() == b.read()
+
+
+def test_connections_share_one_disk_and_flush(served):
+    src, export = served
+    a, _ = handshake(export.socket_path)
+    b, _ = handshake(export.socket_path)
+    request(a, NBD_CMD_WRITE, 0, 5, payload=b"from-")
+    request(b, NBD_CMD_WRITE, 5, 1, payload=b"b")
+    assert simple_reply(a)[0] == 0 and simple_reply(b)[0] == 0
+    request(b, 3, 0, 0, cookie=3)                       # NBD_CMD_FLUSH on the other one
+    assert simple_reply(b) == (0, 3, b"")
+    request(a, NBD_CMD_READ, 0, 6, cookie=4)
+    assert simple_reply(a, 6) == (0, 4, b"from-b")
+    assert export.connections == 2
+    a.close()
+    b.close()
+    with open(src, "rb") as f:
+        assert f.read(6) == b"from-b"
+
+
+def test_read_only_export_refuses_writes(tmp_path):
+    src = make_image(tmp_path / "src.img", 1 * MiB, pattern=0x11)
+    with fastmirror.Export(src, socket=str(tmp_path / "s"), read_only=True) as export:
+        s, _ = handshake(export.socket_path)
+        request(s, NBD_CMD_WRITE, 0, 4, payload=b"ABCD")
+        err, _, _ = simple_reply(s)
+        assert err == 1                                 # NBD_EPERM
+        request(s, NBD_CMD_READ, 0, 4)
+        assert simple_reply(s, 4) == (0, 7, b"\x11" * 4)
+        s.close()
+    with open(src, "rb") as f:
+        assert f.read(4) == b"\x11" * 4
+
+
+def test_structured_reads_send_holes_as_hole_chunks(served):
+    src, export = served                    # a hole at [2 MiB, 4 MiB)
+    with open(src, "rb") as f:
+        f.seek(2 * MiB - 4 * KiB)
+        before = f.read(4 * KiB)
+    s, _ = handshake(export.socket_path, structured=True)
+    request(s, NBD_CMD_READ, 2 * MiB - 4 * KiB, 12 * KiB)
+    chunks = structured_chunks(s)
+    assert [(f, t, o) for f, t, o, _ in chunks] == [(0, 1, 2 * MiB - 4 * KiB), (1, 2, 2 * MiB)]
+    assert chunks[0][3] == before
+    assert struct.unpack(">I", chunks[1][3])[0] == 8 * KiB
+    # DF (don't fragment): the data in one chunk, the hole as zeros.
+    s.sendall(struct.pack(">IHHQQI", NBD_REQUEST_MAGIC, 1 << 2, NBD_CMD_READ, 8,
+                          2 * MiB - 4 * KiB, 12 * KiB))
+    chunks = structured_chunks(s)
+    assert [(f, t, o) for f, t, o, _ in chunks] == [(1, 1, 2 * MiB - 4 * KiB)]
+    assert chunks[0][3] == before + bytes(8 * KiB)
+    s.close()
+
+
+def test_requests_are_served_while_python_holds_the_gil(served, tmp_path):
+    """A connection's requests need no GIL: a client's write and read finish
+    while this thread holds it (ctypes.PyDLL calls keep the GIL)."""
+    import ctypes
+    src, export = served
+    done = tmp_path / "done"
+    p = subprocess.Popen(["sh", "-c", "%s -f raw -c 'sleep 1200' -c 'write -P 0x77 0 1M' "
+                          "-c 'read -P 0x77 0 1M' '%s' && date +%%s.%%N > %s"
+                          % (require("qemu-io"), export.url, done)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 10
+        while export.connections == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert export.connections == 1
+        held = time.time()
+        ctypes.PyDLL(None).usleep(3_000_000)     # 3 s with the GIL held
+        released = time.time()
+        out, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 0, out + err
+    assert "fail" not in out.lower(), out
+    # The client sleeps 1.2 s after connecting, so its requests came while
+    # the GIL was held; they were answered before it was let go.
+    finished = float(done.read_text())
+    assert finished - held > 0.6, "the client's requests came before the GIL was taken"
+    assert finished < released - 0.5, "the requests waited for the GIL"
+
+
+def test_write_zeroes_flags_no_hole_and_fast_zero(tmp_path):
+    src = make_image(tmp_path / "src.img", 4 * MiB, pattern=0x22)
+    NBD_CMD_WRITE_ZEROES, NO_HOLE, FAST_ZERO = 6, 1 << 1, 1 << 4
+
+    def zeroes(s, offset, length, flags):
+        s.sendall(struct.pack(">IHHQQI", NBD_REQUEST_MAGIC, flags, NBD_CMD_WRITE_ZEROES, 5,
+                              offset, length))
+        return simple_reply(s)[0]
+
+    with fastmirror.Export(src, socket=str(tmp_path / "s")) as export:
+        s, _ = handshake(export.socket_path)
+        full = allocated_bytes(src)
+        assert zeroes(s, 0, 1 * MiB, 0) == 0
+        assert allocated_bytes(src) == full - MiB       # a hole: the fast way
+        assert zeroes(s, 1 * MiB, 1 * MiB, NO_HOLE) == 0
+        assert allocated_bytes(src) == full - MiB       # zeros, still allocated
+        assert zeroes(s, 2 * MiB, 1 * MiB, FAST_ZERO) == 0
+        # Allocated zeros fast cannot be promised: refused, nothing written.
+        assert zeroes(s, 3 * MiB, 1 * MiB, FAST_ZERO | NO_HOLE) == 95     # NBD_ENOTSUP
+        s.close()
+    with open(src, "rb") as f:
+        data = f.read()
+    assert data[:3 * MiB] == bytes(3 * MiB) and data[3 * MiB:] == b"\x22" * MiB
+
+
+# -- malformed input ends one connection only -------------------------------------
+
+def test_malformed_handshake_ends_that_connection_only(served):
+    src, export = served
+    good, size = handshake(export.socket_path)
+    assert size == 8 * MiB
+    bad = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    bad.settimeout(10)
+    bad.connect(export.socket_path)
+    recv_exact(bad, 18)
+    bad.sendall(struct.pack(">I", 3) + b"NOTMAGIC" + struct.pack(">II", 7, 0))
+    assert is_closed(bad)
+    # An option length far beyond any option: dropped too, nothing read.
+    bad2 = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    bad2.settimeout(10)
+    bad2.connect(export.socket_path)
+    recv_exact(bad2, 18)
+    bad2.sendall(struct.pack(">IQII", 3, IHAVEOPT, NBD_OPT_GO, 0xFFFFFFF0))
+    assert is_closed(bad2)
+    request(good, NBD_CMD_WRITE, 4096, 3, payload=b"xyz")
+    assert simple_reply(good)[0] == 0
+    request(good, NBD_CMD_READ, 4096, 3, cookie=9)
+    assert simple_reply(good, 3) == (0, 9, b"xyz")
+    good.close()
+    qemu_io(export.url, "read -P 0x78 4096 1")      # "x", through a real client
+
+
+def test_malformed_request_ends_that_connection_only(served):
+    src, export = served
+    with open(src, "rb") as f:
+        before = f.read()
+    good, _ = handshake(export.socket_path)
+    bad, _ = handshake(export.socket_path)
+    request(bad, NBD_CMD_WRITE, 0, 4, payload=b"EVIL", magic=0x12345678)
+    assert is_closed(bad)
+    bad, _ = handshake(export.socket_path)
+    request(bad, NBD_CMD_WRITE, 0, 64 * MiB)                 # beyond the request limit
+    assert is_closed(bad)
+    # Out of range and unknown commands are errors, and the connection lives.
+    request(good, NBD_CMD_READ, 8 * MiB - 2, 4)
+    assert simple_reply(good)[0] == 22                       # NBD_EINVAL
+    request(good, 99, 0, 0)
+    assert simple_reply(good)[0] == 22
+    request(good, NBD_CMD_WRITE, 8 * MiB, 1, payload=b"!")
+    assert simple_reply(good)[0] == 22
+    request(good, NBD_CMD_READ, 0, 16, cookie=11)
+    assert simple_reply(good, 16) == (0, 11, before[:16])
+    request(good, NBD_CMD_DISC, 0, 0)
+    assert is_closed(good)
+    with open(src, "rb") as f:
+        assert f.read() == before                            # nothing written
+    qemu_io(export.url, "read -P 0 2m 4k")
+
+
+def test_fuzzed_handshakes_options_and_requests_change_nothing(served):
+    """Seeded random and mutated input, none of it a valid write: the server
+    lives, the source is untouched, a good client still reads and writes."""
+    import random
+    src, export = served
+    with open(src, "rb") as f:
+        before = f.read()
+    rng = random.Random(1234)
+    go = struct.pack(">QII", IHAVEOPT, NBD_OPT_GO, 6) + struct.pack(">IH", 0, 0)
+    for i in range(150):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(10)
+        s.connect(export.socket_path)
+        try:
+            recv_exact(s, 18)
+            kind = i % 3
+            if kind == 0:                       # junk, or a mutated handshake
+                msg = bytearray(struct.pack(">I", 3) + go)
+                for _ in range(rng.randint(1, 6)):
+                    msg[rng.randrange(len(msg))] = rng.randrange(256)
+                msg += rng.randbytes(rng.randrange(64))
+            elif kind == 1:                     # options: any code, any payload
+                msg = bytearray(struct.pack(">I", 3))
+                for _ in range(rng.randint(1, 4)):
+                    body = rng.randbytes(rng.randrange(40))
+                    n = len(body) if rng.random() < 0.7 else rng.randrange(1 << 32)
+                    msg += struct.pack(">QII", IHAVEOPT, rng.choice([1, 3, 6, 8, 9, 10, 99]),
+                                       n) + body
+            else:                               # requests that must not write
+                msg = bytearray(struct.pack(">I", 3) + go)
+                for _ in range(rng.randint(1, 8)):
+                    cmd = rng.choice([0, 3, 7, 8, 42, 1, 4, 6])
+                    off = rng.randrange(1 << 64)
+                    if cmd in (1, 4, 6):        # writes only out of range
+                        off = rng.randrange(8 * MiB + 1, 1 << 63)
+                    length = rng.choice([0, 1, 4096, 1 << 25, 1 << 26, rng.randrange(1 << 32)])
+                    payload = rng.randbytes(min(length, 4096)) if cmd == 1 else b""
+                    msg += struct.pack(">IHHQQI", NBD_REQUEST_MAGIC, rng.randrange(1 << 16),
+                                       cmd, i, off, length) + payload
+                if rng.random() < 0.5:
+                    msg += rng.randbytes(28)
+            s.sendall(bytes(msg))
+        except (BrokenPipeError, ConnectionResetError, EOFError):
+            pass
+        finally:
+            s.close()
+    qemu_io(export.url, "write -P 0x99 5m 4k", "read -P 0x99 5m 4k")
+    with open(src, "rb") as f:
+        after = f.read()
+    assert after[:5 * MiB] == before[:5 * MiB]
+    assert after[5 * MiB + 4 * KiB:] == before[5 * MiB + 4 * KiB:]
+
+
+# -- a live mirror ---------------------------------------------------------------
+
+# A speed limit below the writers' rate: "auto" must switch to write-blocking
+# to converge (background mode would not, unlimited it does).
+@pytest.mark.parametrize("copy_mode,speed", [("auto", 16 * MiB), ("write-blocking", 16 * MiB),
+                                             ("background", 0)])
+def test_live_mirror_through_the_export_pivots_with_no_client_lost(tmp_path, copy_mode, speed):
+    qemu_io_path = require("qemu-io")
+    size = 8 * MiB
+    src = make_image(tmp_path / "src.img", size, holes=[(4 * MiB, 1 * MiB)])
+    dst = tmp_path / "dst.img"
+    sock = str(tmp_path / "s")
+    region = 64 * KiB
+    nregions = size // region
+    acked: dict[int, int] = {}          # region -> pattern byte the client saw acknowledged
+    stop = threading.Event()
+    errors: list[str] = []
+
+    with fastmirror.Export(src, socket=sock) as export:
+        def writer():
+            # One qemu-io process per batch: its exit status 0 acknowledges
+            # every write of the batch.
+            i = 0
+            while not stop.is_set():
+                batch = {}
+                cmds = []
+                for k in range(8):
+                    r = (i * 7 + k * 13) % nregions
+                    p = 1 + (i + k) % 250
+                    batch[r] = p
+                    cmds += ["-c", "write -P %d %d %d" % (p, r * region, region)]
+                i += 1
+                res = subprocess.run([qemu_io_path, "-f", "raw", *cmds, export.url],
+                                     capture_output=True, text=True, timeout=60)
+                if res.returncode != 0 or "fail" in res.stdout.lower():
+                    errors.append(res.stdout + res.stderr)
+                    return
+                acked.update(batch)
+
+        t = threading.Thread(target=writer)
+        t.start()
+        try:
+            time.sleep(0.3)
+            job = export.mirror(dst, direct=False, speed=speed, copy_mode=copy_mode)
+            assert job.wait_ready(60)
+            job.set_speed(0)
+            time.sleep(0.3)
+            job.complete()
+            final = job.wait(60)
+            assert final.type == EventType.COMPLETED, final
+            assert export.disk.pivoted
+            time.sleep(0.5)             # writes after the pivot: to the target
+        finally:
+            stop.set()
+            t.join()
+        assert not errors, errors
+        seen = tmp_path / "seen.img"
+        run(require("nbdcopy"), export.url, str(seen))
+
+    with open(dst, "rb") as f:
+        target = f.read()
+    with open(seen, "rb") as f:
+        assert f.read() == target       # what clients see after the pivot is the target
+    assert acked
+    for r, p in acked.items():
+        assert target[r * region:(r + 1) * region] == bytes([p]) * region, r
+
+
+def test_fio_verifies_the_target_after_writing_through_the_pivot(tmp_path):
+    """fio --ioengine=nbd writes with checksums through the export while a
+    job mirrors, completes and pivots; fio then verifies the target file."""
+    fio = require("fio")
+    src = tmp_path / "src.img"
+    with open(src, "wb") as f:
+        f.truncate(8 * MiB)
+    dst = tmp_path / "dst.img"
+    common = ["--name=w", "--rw=write", "--bs=64k", "--size=8M", "--verify=crc32c"]
+    with fastmirror.Export(src, socket=str(tmp_path / "s")) as export:
+        p = subprocess.Popen([fio, "--ioengine=nbd", "--uri=" + export.url, "--iodepth=4",
+                              "--rate=4m", "--do_verify=0", *common],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             cwd=tmp_path)         # fio leaves its verify state there
+        try:
+            time.sleep(0.4)
+            job = export.mirror(dst, direct=False)
+            assert job.wait_ready(30)
+            job.complete()
+            assert job.wait(30).type == EventType.COMPLETED
+            assert p.poll() is None, "fio ended before the pivot: nothing was tested"
+            out, _ = p.communicate(timeout=60)
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        assert p.returncode == 0, out
+    ok = subprocess.run([fio, "--ioengine=psync", "--filename=%s" % dst, "--verify_only", *common],
+                        capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    # The same check of the source fails: the writes after the pivot are
+    # only in the target (and the check can fail at all).
+    bad = subprocess.run([fio, "--ioengine=psync", "--filename=%s" % src, "--verify_only",
+                          *common], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert bad.returncode != 0
+
+
+def test_cancelled_mirror_keeps_serving_the_source(tmp_path):
+    src = make_image(tmp_path / "src.img", 4 * MiB)
+    dst = tmp_path / "dst.img"
+    with fastmirror.Export(src, socket=str(tmp_path / "s")) as export:
+        job = export.mirror(dst, direct=False)
+        assert job.wait_ready(60)
+        qemu_io(export.url, "write -P 0x5a 0 64k")      # tracked: lands on the source
+        job.cancel()
+        # After READY a cancel ends like QEMU's: COMPLETED, without a pivot.
+        assert job.wait(60).type in (EventType.CANCELLED, EventType.COMPLETED)
+        assert not export.disk.pivoted and not export.disk.tracking
+        qemu_io(export.url, "write -P 0x6b 64k 64k", "read -P 0x5a 0 64k")
+    with open(src, "rb") as f:
+        data = f.read(128 * KiB)
+    assert data == b"\x5a" * (64 * KiB) + b"\x6b" * (64 * KiB)
+
+
+def test_a_second_mirror_after_a_pivot_mirrors_the_target_onward(tmp_path):
+    src = make_image(tmp_path / "src.img", 2 * MiB, seed=3)
+    t1, t2 = tmp_path / "t1.img", tmp_path / "t2.img"
+    with open(src, "rb") as f:
+        original = f.read()
+    with fastmirror.Export(src, socket=str(tmp_path / "s")) as export:
+        job = export.mirror(t1, direct=False)
+        assert job.wait_ready(60)
+        job.complete()
+        assert job.wait(60).type == EventType.COMPLETED
+        qemu_io(export.url, "write -P 0x33 0 64k")           # lands on t1
+        job = export.mirror(t2, direct=False)
+        assert job.wait_ready(60)
+        qemu_io(export.url, "write -P 0x44 64k 64k")         # tracked: t1, then t2
+        job.complete()
+        assert job.wait(60).type == EventType.COMPLETED
+        assert export.path == os.fspath(t2)
+        qemu_io(export.url, "read -P 0x33 0 64k", "read -P 0x44 64k 64k")
+    with open(src, "rb") as f:
+        assert f.read() == original                          # untouched since the pivot
+    with open(t2, "rb") as f:
+        assert f.read() == b"\x33" * (64 * KiB) + b"\x44" * (64 * KiB) + original[128 * KiB:]
+
+
+def test_one_mirror_at_a_time_and_none_of_a_read_only_export(tmp_path):
+    src = make_image(tmp_path / "src.img", 2 * MiB)
+    with fastmirror.Export(src, socket=str(tmp_path / "s")) as export:
+        assert not export.disk.tracking
+        job = export.mirror(tmp_path / "t1.img", direct=False, speed=1)
+        assert export.disk.tracking
+        with pytest.raises(RuntimeError, match="running already"):
+            export.mirror(tmp_path / "t2.img", direct=False)
+        with pytest.raises(RuntimeError, match="tracked already"):
+            export.disk.track(job._engine)
+        job.cancel(force=True)
+        job.wait(30)
+    with fastmirror.Export(src, socket=str(tmp_path / "s"), read_only=True) as export:
+        with pytest.raises(ValueError, match="read-only"):
+            export.mirror(tmp_path / "t3.img", direct=False)
+
+
+# -- the command ----------------------------------------------------------------
+
+def test_fastmirror_serve_until_sigterm(tmp_path):
+    nbdinfo = require("nbdinfo")
+    src = make_image(tmp_path / "src.img", 2 * MiB)
+    sock = tmp_path / "s"
+    p = subprocess.Popen([sys.executable, "-m", "fastmirror", "serve", src, "--socket", str(sock),
+                          "--name", "vm1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    try:
+        line = p.stdout.readline()
+        assert "nbd+unix:///vm1?socket=" in line, line + p.stderr.read()
+        assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
+        out = run(nbdinfo, "--size", "nbd+unix:///vm1?socket=%s" % sock).stdout
+        assert int(out) == 2 * MiB
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(30) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert not sock.exists()
+    missing = fm("serve", str(tmp_path / "missing.img"), "--socket", str(sock), timeout=60)
+    assert missing.returncode == 2 and "missing.img" in missing.stderr
