@@ -12,6 +12,7 @@ import sys
 import time
 
 import pytest
+from helpers.faults import build_shim
 from helpers import require_that
 
 import fastmirror
@@ -26,13 +27,7 @@ BAD = 3 << 20            # the injected fault covers [BAD, BAD + 64 KiB)
 
 @pytest.fixture(scope="module")
 def shim(tmp_path_factory):
-    cc = shutil.which("cc") or shutil.which("gcc")
-    require_that(cc is not None, "no C compiler to build the fault-injection shim")
-    out = tmp_path_factory.mktemp("shim") / "faultinject.so"
-    subprocess.run([cc, "-shared", "-fPIC", "-O1", "-o", str(out),
-                    os.path.join(HERE, "faults", "faultinject.c"), "-ldl", "-lpthread"],
-                   check=True)
-    return str(out)
+    return build_shim(tmp_path_factory.mktemp("shim"))
 
 
 @pytest.fixture

@@ -10,13 +10,13 @@ import contextlib
 import errno
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 
 import fastmirror
+from helpers.faults import build_shim
 from helpers import (MiB, assert_same, fm, make_image, read_bytes, require_root,
                      require_that, require_uring)
 from fastmirror import EventType
@@ -177,13 +177,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def shim(tmp_path_factory):
     """The fault shim of test_faults.py: it also cuts preadv/pwritev short
     (FM_SHORT_IO) and injects errors, EINTR included, into them."""
-    cc = shutil.which("cc") or shutil.which("gcc")
-    require_that(cc is not None, "no C compiler to build the fault-injection shim")
-    out = tmp_path_factory.mktemp("shim") / "faultinject.so"
-    subprocess.run([cc, "-shared", "-fPIC", "-O1", "-o", str(out),
-                    os.path.join(HERE, "faults", "faultinject.c"), "-ldl", "-lpthread"],
-                   check=True)
-    return str(out)
+    return build_shim(tmp_path_factory.mktemp("shim"))
 
 
 SIZES = (5, 4096, 0, 777, 10000, 1)       # iovec lengths; an empty one in the middle
