@@ -160,6 +160,22 @@ def _fds():
     return set(os.listdir("/proc/self/fd"))
 
 
+@contextlib.contextmanager
+def _engine_onto_null(tmp_path, size):
+    """An engine copying a random image to /dev/null, whose fdatasync fails
+    (EINVAL): every flush of it fails."""
+    src = make_image(tmp_path / "s", size, seed=1)
+    sfd = os.open(src, os.O_RDONLY)
+    dfd = os.open("/dev/null", os.O_WRONLY)
+    try:
+        eng = _engine(sfd, dfd, size)
+        yield eng
+        eng.close()
+    finally:
+        os.close(sfd)
+        os.close(dfd)
+
+
 @pytest.mark.parametrize("use_ring", [False, True], ids=["threads", "io_uring"])
 def test_engine_failed_flush_dirties_what_was_copied(tmp_path, use_ring):
     """The blocking workers and the io_uring driver both record their
@@ -168,11 +184,7 @@ def test_engine_failed_flush_dirties_what_was_copied(tmp_path, use_ring):
     if use_ring:
         require_uring()
     size = 4 * MiB
-    src = make_image(tmp_path / "s", size, seed=1)
-    sfd = os.open(src, os.O_RDONLY)
-    dfd = os.open("/dev/null", os.O_WRONLY)
-    try:
-        eng = _engine(sfd, dfd, size)
+    with _engine_onto_null(tmp_path, size) as eng:
         eng.bitmap.set(0, size)
         with _workers(eng, use_ring):
             _wait_clean(eng)
@@ -184,30 +196,17 @@ def test_engine_failed_flush_dirties_what_was_copied(tmp_path, use_ring):
             eng.release()
             _wait_clean(eng)
             assert eng.bytes_copied == 2 * size
-        eng.close()
-    finally:
-        os.close(sfd)
-        os.close(dfd)
 
 
 def test_engine_failed_flush_dirties_a_claim_in_flight(tmp_path):
     """A write that goes to both sides (write-blocking) may have reached the
     target just before a flush failed: its chunks are dirty afterwards."""
-    size = 4 * MiB
-    src = make_image(tmp_path / "s", size, seed=1)
-    sfd = os.open(src, os.O_RDONLY)
-    dfd = os.open("/dev/null", os.O_WRONLY)
-    try:
-        eng = _engine(sfd, dfd, size)
+    with _engine_onto_null(tmp_path, 4 * MiB) as eng:
         claim = Claim(eng, MiB, 4096)
         claim.acquire()
         assert eng.flush() < 0
         claim.release()
         assert eng.bitmap.get(MiB) and eng.bitmap.dirty_count == 1
-        eng.close()
-    finally:
-        os.close(sfd)
-        os.close(dfd)
 
 
 def test_engine_records_every_write_until_a_flush_succeeds(tmp_path):
