@@ -207,3 +207,70 @@ def test_serve_qmp_quit_exits_zero(tmp_path):
             p.kill()
             p.wait()
     assert not qsock.exists() and not nbd.exists()
+
+
+def test_cancel_before_ready_two_clients_and_bad_arguments(served, tmp_path):
+    _, export, qmp = served
+    dst = tmp_path / "dst.img"
+
+    async def go():
+        a, b = await client_for(qmp), await client_for(qmp)
+        for bad in ({"sync": "top"}, {"sync": "full", "on-target-error": "explode"},
+                    {"sync": "full", "speed": "fast"}, {"sync": "full", "format": "qcow2"},
+                    {"sync": "full", "target": str(tmp_path / "no" / "dir.img")}):
+            with pytest.raises(ExecuteError) as e:
+                await a.execute("drive-mirror", {"device": "vm1", "target": str(dst), **bad})
+            assert e.value.error_class == "GenericError", bad
+        await a.execute("drive-mirror", {"device": "vm1", "target": str(dst), "sync": "full",
+                                         "speed": 64 * 1024})
+        with pytest.raises(ExecuteError) as e:      # one job per export
+            await b.execute("drive-mirror", {"device": "vm1", "target": str(dst),
+                                             "sync": "full", "job-id": "other"})
+        assert e.value.error_class == "GenericError"
+        await b.execute("block-job-cancel", {"device": "vm1"})
+        for c in (a, b):                            # every client sees the events
+            ev, seen = await until(c, "BLOCK_JOB_CANCELLED")
+            assert ev["data"]["device"] == "vm1" and ev["data"]["offset"] < 4 * MiB
+            assert not any(e["event"] == "BLOCK_JOB_READY" for e in seen)
+        _, more = await until(a, "JOB_STATUS_CHANGE")
+        while statuses(more)[-1] != "null":
+            more += (await until(a, "JOB_STATUS_CHANGE"))[1]
+        assert "aborting" in statuses(seen + more)
+        assert await a.execute("query-block-jobs") == []
+        # The export takes a new mirror after the old one ended.
+        await b.execute("drive-mirror", {"device": "vm1", "target": str(dst), "sync": "full"})
+        await until(a, "BLOCK_JOB_READY")
+        await a.execute("block-job-cancel", {"device": "vm1", "force": True})
+        await until(b, "BLOCK_JOB_CANCELLED")
+        await a.disconnect()
+        await b.disconnect()
+    run(go())
+    assert export.path != str(dst)
+
+
+def test_target_error_is_block_job_error_then_completed_with_error(served, tmp_path):
+    from helpers.require import require_root
+    require_root()
+    _, export, qmp = served
+    small = tmp_path / "small"
+    small.mkdir()
+    # A 1 MiB file system for a target of 3 MiB of data: ENOSPC on a write.
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)],
+                       capture_output=True, text=True)
+    require_that(r.returncode == 0, "cannot mount a tmpfs: " + r.stderr)
+    try:
+        async def go():
+            c = await client_for(qmp)
+            await c.execute("drive-mirror", {"device": "vm1", "target": str(small / "t.img"),
+                                             "sync": "full", "on-target-error": "report"})
+            ev, seen = await until(c, "BLOCK_JOB_COMPLETED")
+            errors = [e for e in seen if e["event"] == "BLOCK_JOB_ERROR"]
+            assert errors and errors[0]["data"] == {"device": "vm1", "operation": "write",
+                                                    "action": "report"}
+            assert ev["data"]["error"] and ev["data"]["offset"] < 4 * MiB
+            await c.disconnect()
+        run(go())
+    finally:
+        export_path = export.path
+        subprocess.run(["umount", "-l", str(small)], check=False)
+    assert export_path != str(small / "t.img")
