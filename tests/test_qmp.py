@@ -274,3 +274,35 @@ def test_target_error_is_block_job_error_then_completed_with_error(served, tmp_p
         export_path = export.path
         subprocess.run(["umount", "-l", str(small)], check=False)
     assert export_path != str(small / "t.img")
+
+
+def test_a_small_disk_ready_at_once_still_reports_every_event(tmp_path, monkeypatch):
+    """READY can come before drive-mirror returns (a small disk): the events
+    must not be lost and the job must leave query-block-jobs at its end.
+    start() is made to return only after READY, the worst schedule."""
+    from fastmirror.job.mirror import MirrorJob
+    start = MirrorJob.start
+
+    def start_then_ready(self):
+        start(self)
+        assert self.wait_ready(10)
+        return self
+    monkeypatch.setattr(MirrorJob, "start", start_then_ready)
+    src = make_image(tmp_path / "src.img", 64 * 1024)
+    with fastmirror.Export(src, socket=str(tmp_path / "n")) as export, \
+            QMPServer(export, socket=str(tmp_path / "q")) as qmp:
+        async def go():
+            c = await client_for(qmp)
+            for i in range(8):
+                await c.execute("drive-mirror", {"device": "", "sync": "full",
+                                                 "target": str(tmp_path / ("t%d" % i))})
+                await until(c, "BLOCK_JOB_READY", timeout=5)
+                await c.execute("block-job-cancel", {"device": ""})
+                await until(c, "BLOCK_JOB_CANCELLED", timeout=5)
+                for _ in range(100):
+                    if await c.execute("query-block-jobs") == []:
+                        break
+                    await asyncio.sleep(0.02)
+                assert await c.execute("query-block-jobs") == []
+            await c.disconnect()
+        run(go())

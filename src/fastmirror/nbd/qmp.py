@@ -304,10 +304,11 @@ class QMPServer:
             if self._jobs:
                 raise QMPError("Node '%s' is busy: block device is in use by block job: "
                                "mirror" % device)
-            job = self.export.mirror(target, **opts)
-            entry = _Job(job_id, job)
+            entry = _Job(job_id, None)
+            # The listener before the start: a small disk can be READY at once.
+            entry.job = self.export.mirror(
+                target, listener=lambda ev, e=entry: self._events.put((e, ev)), **opts)
             self._jobs[job_id] = entry
-        job.add_listener(lambda ev, e=entry: self._events.put((e, ev)))
         self._kick()
         return {}
 
@@ -389,7 +390,10 @@ class QMPServer:
             if item is False:
                 return
             if item is not None:
-                self._job_event(*item)
+                try:
+                    self._job_event(*item)
+                except Exception:   # keep the events flowing for the next ones
+                    log.exception("qmp: cannot report %r", item[1])
             with self._lock:
                 entries = list(self._jobs.values())
             for e in entries:
@@ -398,6 +402,11 @@ class QMPServer:
                     self._status_to(e, _STATUS[state])
 
     def _job_event(self, e: _Job, ev: JobEvent) -> None:
+        # drive-mirror holds the lock until the job is in the table: an event
+        # that came first waits here for it (or the final one would pop a job
+        # not yet added, which would then stay listed).
+        with self._lock:
+            pass
         st = e.job.status()
         base = {"type": "mirror", "device": e.id, "len": ev.len, "offset": ev.offset,
                 "speed": st.speed}
