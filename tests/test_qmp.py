@@ -99,6 +99,12 @@ def test_commands_before_negotiation_are_refused_with_id(served):
     assert json.loads(f.readline()) == {"return": {}}
     reply = json.loads(f.readline())
     assert reply["id"] == "x" and "qemu" in reply["return"]
+    # Malformed input is answered and the stream goes on, as in QEMU.
+    f.write(b'{"execute": } [1, 2] nonsense\r\n{"execute": "query-version", "id": 3}\r\n')
+    f.flush()
+    for _ in range(3):
+        assert json.loads(f.readline())["error"]["class"] == "GenericError"
+    assert json.loads(f.readline())["id"] == 3
     s.close()
 
 

@@ -56,6 +56,53 @@ _STATUS = {
 }
 
 
+MAX_REQUEST = 1 << 20
+
+
+def _split(buf: str) -> tuple[list[str], str]:
+    """The complete top-level JSON texts at the start of buf, and what is
+    left (an incomplete one).  As QEMU's streaming parser, brackets are
+    counted outside strings: a malformed text ends where its brackets close,
+    so that it gets its own error and the next request is still read.  A
+    stray token outside brackets is a text of its own (up to whitespace)."""
+    texts = []
+    i, n = 0, len(buf)
+    while i < n:
+        while i < n and buf[i] in " \t\r\n":
+            i += 1
+        if i >= n:
+            break
+        start = i
+        if buf[i] not in "{[":
+            while i < n and buf[i] not in " \t\r\n{[":
+                i += 1
+            texts.append(buf[start:i])
+            continue
+        depth, in_str, esc = 0, False, False
+        while i < n:
+            ch = buf[i]
+            i += 1
+            if in_str:
+                if esc:
+                    esc = False
+                elif ch == "\\":
+                    esc = True
+                elif ch == '"':
+                    in_str = False
+            elif ch == '"':
+                in_str = True
+            elif ch in "{[":
+                depth += 1
+            elif ch in "}]":
+                depth -= 1
+                if depth == 0:
+                    break
+        else:
+            return texts, buf[start:]      # incomplete: wait for more
+        texts.append(buf[start:i])
+    return texts, ""
+
+
 class QMPError(Exception):
     def __init__(self, desc: str, cls: str = "GenericError"):
         super().__init__(desc)
@@ -162,7 +209,6 @@ class QMPServer:
         client.send({"QMP": {"version": {"qemu": dict(QMP_VERSION),
                                          "package": "fastmirror %s" % self._version},
                              "capabilities": []}})
-        decoder = json.JSONDecoder()
         buf = ""
         try:
             while True:
@@ -173,21 +219,23 @@ class QMPServer:
                 if not data:
                     return
                 buf += data.decode("utf-8", "replace")
-                while True:
-                    buf = buf.lstrip()
-                    if not buf:
-                        break
+                texts, buf = _split(buf)
+                if len(buf) > MAX_REQUEST:
+                    client.send(self._error(None, "JSON parse error, request too large",
+                                            "GenericError"))
+                    return
+                for text in texts:
                     try:
-                        req, end = decoder.raw_decode(buf)
-                    except json.JSONDecodeError:
-                        if len(buf) > 1 << 20:
-                            client.send(self._error(None, "JSON parse error", "GenericError"))
-                            return
-                        break       # incomplete: wait for more
-                    buf = buf[end:]
+                        req = json.loads(text)
+                    except ValueError as e:
+                        # As QEMU: the error is answered, the stream goes on.
+                        client.send(self._error(None, "JSON parse error, %s" % e,
+                                                "GenericError"))
+                        continue
                     reply = self._handle(client, req)
                     client.send(reply)
-                    if req.get("execute") == "quit" and "return" in reply:
+                    if isinstance(req, dict) and req.get("execute") == "quit" \
+                            and "return" in reply:
                         # The answer first, then the end, as QEMU does.
                         self._broadcast("SHUTDOWN", {"guest": False,
                                                      "reason": "host-qmp-quit"})
