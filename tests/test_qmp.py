@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -168,6 +169,13 @@ def test_mirror_query_speed_pause_resume_complete_pivots(served, tmp_path):
         assert f.read(4096) == b"\xab" * 4096
     with open(src, "rb") as f:
         assert f.read(4096) != b"\xab" * 4096
+    # And an NBD client reads the target through it.
+    qemu_io = shutil.which("qemu-io")
+    if qemu_io is not None:
+        r = subprocess.run([qemu_io, "-f", "raw", "-c", "read -P 0xab 0 4k", export.url],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and "fail" not in r.stdout.lower() \
+            and "pattern verification" not in r.stdout.lower(), r.stdout + r.stderr
 
 
 def test_cancel_in_ready_is_block_job_cancelled_without_pivot(served, tmp_path):
