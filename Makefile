@@ -16,7 +16,8 @@ $(DEPS): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "setuptools>=77" "Cython>=3.1" wheel build numpy \
-		pytest pytest-xdist hypothesis pytest-benchmark pytest-timeout matplotlib mypy
+		pytest pytest-xdist hypothesis pytest-benchmark pytest-timeout matplotlib mypy \
+		qemu.qmp
 	touch $@
 
 venv: $(DEPS)

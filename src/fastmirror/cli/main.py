@@ -435,9 +435,22 @@ def cmd_serve(args) -> int:
             getattr(e, "errno", None) in (errno.ENOENT, errno.EISDIR, errno.EACCES) \
             else EXIT_FAIL
     with _Interrupt() as stop, export:
+        qmp = None
+        if args.qmp:
+            from fastmirror.nbd.qmp import QMPServer
+            try:
+                qmp = QMPServer(export, socket=args.qmp, on_quit=stop.event.set)
+            except OSError as e:
+                print("fastmirror: cannot listen for QMP at %s: %s" % (args.qmp, e),
+                      file=sys.stderr)
+                return EXIT_FAIL
         print("serving %s (%s) at %s" % (args.source, _size_words(export.size), export.url),
               flush=True)
+        if qmp is not None:
+            print("QMP at %s" % args.qmp, flush=True)
         stop.event.wait()
+        if qmp is not None:
+            qmp.close()
     print("stopped", flush=True)
     return EXIT_OK
 
@@ -557,6 +570,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--socket", required=True, metavar="PATH")
     sv.add_argument("--name", default="", help='the export name (default "")')
     sv.add_argument("--read-only", action="store_true")
+    sv.add_argument("--qmp", metavar="PATH",
+                    help="QMP (QEMU's monitor protocol: drive-mirror, query-block-jobs, "
+                         "block-job-complete...) at the unix socket PATH (mode 0600); "
+                         "its quit command stops serving (exit 0)")
     sv.set_defaults(func=cmd_serve)
 
     d = sub.add_parser("demo", help="a live mirror of a generated 1 GiB image",

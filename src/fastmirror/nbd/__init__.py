@@ -1,5 +1,6 @@
 """The NBD server: a disk served to VMs and tools, mirrored while served."""
 
 from fastmirror.nbd.export import Export
+from fastmirror.nbd.qmp import QMPServer
 
-__all__ = ["Export"]
+__all__ = ["Export", "QMPServer"]

@@ -153,11 +153,13 @@ class Export:
 
     # -- mirroring --------------------------------------------------------------
 
-    def mirror(self, target, **options):
+    def mirror(self, target, *, listener=None, **options):
         """Start a MirrorJob of the served disk onto `target` (MirrorJob's
         options): from now on every client's writes are tracked by it.
         After complete() and COMPLETED the export serves the target; after
-        a cancel it keeps serving the source.  Returns the started job."""
+        a cancel it keeps serving the source.  Returns the started job.
+        `listener`: a callback(JobEvent) added before the start, so that it
+        sees every event (a small disk can be READY before mirror() returns)."""
         from fastmirror.job.mirror import MirrorJob
         if self.read_only:
             raise ValueError("a read-only export has no writes to track: mirror the file "
@@ -178,6 +180,8 @@ class Export:
             if coordinator is not None:
                 coordinator.join()
         job = MirrorJob(self._path, target, _disk=self._disk, **options)
+        if listener is not None:
+            job.add_listener(listener)
         with self._lock:
             self._job = job
         job.start()
