@@ -250,8 +250,11 @@ def test_requests_are_served_while_python_holds_the_gil(served, tmp_path):
         while export.connections == 0 and time.monotonic() < deadline:
             time.sleep(0.01)
         assert export.connections == 1
+        time.sleep(0.3)          # let the connection's thread reach its nogil loop
         held = time.time()
-        ctypes.PyDLL(None).usleep(3_000_000)     # 3 s with the GIL held
+        # 5 s with the GIL held: on a loaded machine qemu-io's own start, its
+        # 1 MiB write and read and `date` can take seconds.
+        ctypes.PyDLL(None).usleep(5_000_000)
         released = time.time()
         out, err = p.communicate(timeout=30)
     finally:
