@@ -45,6 +45,7 @@ import pytest
 from _common import SIZE, SIZE_LABEL, missing
 from fastmirror.bench import harness as fmbench
 from fastmirror.bench import qemu
+from fastmirror.bench.report import final_copy_modes, median_details
 
 ROUNDS = 3
 RATES = (("0", 0), ("50M", 50 << 20), ("max", None))
@@ -106,15 +107,10 @@ def test_time_to_ready(benchmark, variant, rate_label, rate, bench_source, bench
         info["ready_s"] = statistics.median(r.ready_s for r in conv)
         info["ready_s_all"] = [r.ready_s for r in conv]
         info["total_s"] = statistics.median(r.wall_s for r in conv)
-    for key, name in (("writer_rate_to_ready", "writer_bps"),
-                      ("extra_bytes_copied", "extra_bytes_copied"),
-                      ("chunks_recopied", "chunks_recopied")):
-        vals = [r.detail[key] for r in runs if r.detail.get(key) is not None]
-        if vals:
-            info[name] = statistics.median(vals)
-    modes = sorted({r.detail.get("copy_mode_final") for r in runs
-                    if r.detail.get("copy_mode_final")})
-    info["copy_mode_final"] = ",".join(modes)
+    info.update(median_details(runs, (("writer_rate_to_ready", "writer_bps"),
+                                      ("extra_bytes_copied", "extra_bytes_copied"),
+                                      ("chunks_recopied", "chunks_recopied"))))
+    info["copy_mode_final"] = ",".join(final_copy_modes(runs))
     if rate != 0 and variant.tool == "qemu-mirror":   # fio is in its stride first
         assert all(r.detail.get("writer_bytes", 0) > 0 for r in runs), \
             "the writer wrote nothing: %s" % [r.detail for r in runs]

@@ -82,6 +82,22 @@ def summarize(runs: Sequence[Run], tools: Sequence[str], base: str = "fastmirror
     return out
 
 
+def median_details(runs, keys) -> dict:
+    """{name: median of run.detail[key]} for each (key, name) some run has."""
+    out = {}
+    for key, name in keys:
+        vals = [r.detail[key] for r in runs if r.detail.get(key) is not None]
+        if vals:
+            out[name] = statistics.median(vals)
+    return out
+
+
+def final_copy_modes(runs) -> list:
+    """The copy modes the runs ended in, sorted."""
+    return sorted({r.detail.get("copy_mode_final") for r in runs
+                   if r.detail.get("copy_mode_final")})
+
+
 def summarize_writer(runs: Sequence[Run], labels: Sequence[str],
                      rates: Sequence[str]) -> dict:
     """Per variant and writer rate: how many runs reached READY, the medians
@@ -117,16 +133,13 @@ def summarize_writer(runs: Sequence[Run], labels: Sequence[str],
                          max_total_s=max(r.wall_s for r in done))
             if ok:
                 s["median_cpu_s"] = statistics.median(r.cpu_s for r in ok)
-            for key, name in (("writer_rate_to_ready", "median_writer_bps"),
-                              ("writer_rate_whole", "median_writer_bps_whole"),
-                              ("extra_bytes_copied", "median_extra_bytes_copied"),
-                              ("chunks_recopied", "median_chunks_recopied"),
-                              ("copy_mode_switch_s", "median_copy_mode_switch_s")):
-                vals = [r.detail[key] for r in ok if r.detail.get(key) is not None]
-                if vals:
-                    s[name] = statistics.median(vals)
-            modes = sorted({r.detail.get("copy_mode_final") for r in ok
-                            if r.detail.get("copy_mode_final")})
+            s.update(median_details(ok, (
+                ("writer_rate_to_ready", "median_writer_bps"),
+                ("writer_rate_whole", "median_writer_bps_whole"),
+                ("extra_bytes_copied", "median_extra_bytes_copied"),
+                ("chunks_recopied", "median_chunks_recopied"),
+                ("copy_mode_switch_s", "median_copy_mode_switch_s"))))
+            modes = final_copy_modes(ok)
             if modes:
                 s["copy_modes_final"] = modes
             timeouts = [r.detail.get("ready_timeout") for r in mine if not r.converged]

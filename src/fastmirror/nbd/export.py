@@ -20,6 +20,7 @@ from urllib.parse import quote
 
 from fastmirror._core.tracked import TrackedDisk
 from fastmirror.nbd._server import serve_connection
+from fastmirror.nbd.unixsock import listen_private
 
 log = logging.getLogger("fastmirror.nbd")
 
@@ -75,26 +76,7 @@ class Export:
         self._acceptor.start()
 
     def _listen(self) -> _socket.socket:
-        s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-        try:
-            try:
-                if stat.S_ISSOCK(os.lstat(self.socket_path).st_mode):
-                    os.unlink(self.socket_path)
-            except FileNotFoundError:
-                pass
-            # The socket file is created by bind() with the umask: set it so
-            # that the file never exists with more than 0600, even briefly.
-            old = os.umask(0o177)
-            try:
-                s.bind(self.socket_path)
-            finally:
-                os.umask(old)
-            os.chmod(self.socket_path, 0o600)
-            s.listen(16)
-        except BaseException:
-            s.close()
-            raise
-        return s
+        return listen_private(self.socket_path, 16)
 
     @property
     def path(self) -> str:

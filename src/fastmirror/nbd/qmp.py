@@ -28,12 +28,12 @@ import logging
 import os
 import queue
 import socket as _socket
-import stat
 import threading
 import time
 from typing import Callable, Optional
 
 from fastmirror.job.events import EventType, JobEvent, JobState, JobStateError
+from fastmirror.nbd.unixsock import listen_private
 
 log = logging.getLogger("fastmirror.qmp")
 
@@ -167,24 +167,7 @@ class QMPServer:
         self._pump.start()
 
     def _listen(self) -> _socket.socket:
-        s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-        try:
-            try:
-                if stat.S_ISSOCK(os.lstat(self.socket_path).st_mode):
-                    os.unlink(self.socket_path)
-            except FileNotFoundError:
-                pass
-            old = os.umask(0o177)   # never more than 0600, even before chmod
-            try:
-                s.bind(self.socket_path)
-            finally:
-                os.umask(old)
-            os.chmod(self.socket_path, 0o600)
-            s.listen(8)
-        except BaseException:
-            s.close()
-            raise
-        return s
+        return listen_private(self.socket_path, 8)
 
     # -- connections -------------------------------------------------------------
 
