@@ -80,6 +80,11 @@ complete before --timeout (QEMU lets a busy writer go on during the final
 drain) is cancelled and reported as not COMPLETED.  Both are results, not
 failures.
 
+Export rounds (--exports): instead of the above, fastmirror's NBD export
+(`fastmirror serve`) against qemu-storage-daemon's on the same SRC, driven by
+fio --ioengine=nbd, and a writer's latency while each server mirrors SRC to
+DST; see fastmirror.bench.exports.
+
 Before each run (untimed): sync, drop the page cache when running as root
 (echo 3 > /proc/sys/vm/drop_caches), wait --settle seconds (default 1), and
 overwrite three 4 KiB blocks of the
@@ -119,7 +124,7 @@ import textwrap
 import time
 from typing import Optional, Sequence
 
-from fastmirror.bench import mirrors
+from fastmirror.bench import exports, mirrors
 from fastmirror.bench.baselines import (CopyShape, HugePages, copy_shape, find_tool,
                                         fio_engine, run_command, run_fio, tool_command)
 from fastmirror.bench.chart import chart_from_json, draw_chart
@@ -180,6 +185,7 @@ def _choices_list(what: str, allowed: Sequence[str]):
 
 
 _tools_list = _choices_list("tools", TOOLS + FIO_PARTS)
+_export_rows_list = _choices_list("export rows", exports.ROWS)
 _modes_list = _choices_list("copy modes", COPY_MODES)
 _io_engines_list = _choices_list("I/O engines", IO_ENGINES)
 
@@ -323,6 +329,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "busy reaches a few MB/s, whatever the rate asked)")
     w.add_argument("--no-bulk", dest="bulk", action="store_false",
                    help="with --writer-rates: skip the bulk rounds")
+    x = parser.add_argument_group(
+        "export rounds (--exports)",
+        "fastmirror's NBD export (fastmirror serve) against qemu-storage-daemon's, both "
+        "serving SRC, driven by fio --ioengine=nbd: (a) 4 KiB random writes at iodepth 16, "
+        "(b) 1 MiB sequential writes, (c) 4 KiB random reads at iodepth 16, (d) a writer "
+        "of 4 KiB random writes at a fixed rate while the server mirrors SRC to DST (its "
+        "p99 latency during the mirror, and the mirror's duration).  --rounds, --seed, "
+        "--settle, --timeout and --json apply; the bulk and writer rounds do not run.  "
+        "The rows WRITE RANDOM DATA INTO SRC (a SRC made by --create, or --destroy-source)")
+    x.add_argument("--exports", action="store_true",
+                   help="run the export rounds instead of the mirror rounds")
+    x.add_argument("--export-rows", type=_export_rows_list, default=list(exports.ROWS),
+                   metavar="LIST", help="comma-separated subset of %s (default: all)"
+                   % ",".join(exports.ROWS))
+    x.add_argument("--export-seconds", type=_seconds, default=10.0, metavar="SECONDS",
+                   help="fio's runtime in rows (a)-(c) (default 10)")
+    x.add_argument("--export-cache", choices=("direct", "buffered"), default="direct",
+                   help="direct (default): both servers open SRC (and DST) with O_DIRECT "
+                        "(fastmirror serve --direct, QEMU cache.direct=on, aio=io_uring); "
+                        "buffered: both through the page cache")
+    x.add_argument("--export-write-depth", type=_positive, default=4, metavar="N",
+                   help="fio's iodepth in row (b) (default 4)")
+    x.add_argument("--export-writer-iops", type=_positive, default=2000, metavar="N",
+                   help="row (d): the writer's pace in writes per second (default 2000)")
+    x.add_argument("--export-writer-depth", type=_positive, default=4, metavar="N",
+                   help="row (d): the writer's iodepth (default 4)")
     parser.add_argument("--destroy-target", action="store_true",
                         help="allow writing to a block device DST: ITS DATA WILL BE "
                              "DESTROYED")
@@ -474,10 +506,43 @@ def run(args) -> int:
     # is undone however it ends, Ctrl-C included.
     with contextlib.ExitStack() as undo:
         try:
+            if getattr(args, "exports", False):
+                return _exports(args)
             return _bench(args, undo)
         except BenchError as e:
             print("fastmirror bench: %s" % e, file=sys.stderr)
             return EXIT_USAGE
+
+
+def _exports(args) -> int:
+    """`fastmirror bench --exports SRC DST`: the export rounds."""
+    src, dst, size, dst_is_block, notes, created = _check_paths(args)
+    if not created and not args.destroy_source:
+        raise BenchError("the export rows write random data into the source %s: refusing "
+                         "without --destroy-source (only a source that --create made in "
+                         "this run is written without it)" % src)
+    if stat.S_ISBLK(os.stat(src).st_mode):
+        try:   # O_EXCL on a block device: fails with EBUSY while mounted or held
+            os.close(os.open(src, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC))
+        except OSError as e:
+            raise BenchError("source %s is in use (mounted or held open exclusively): %s"
+                             % (src, e.strerror)) from None
+    notes.append("the export rows write random data into the source %s" % src)
+    if not dst_is_block:
+        if not os.path.exists(dst):
+            fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            os.close(fd)
+            notes.append("created target %s (%s)" % (dst, human(size)))
+        os.truncate(dst, size)      # each mirror starts from it empty (sparse)
+    try:
+        doc, text = exports.run_exports(args, src, dst, size, notes)
+    except FileNotFoundError as e:
+        raise BenchError(str(e)) from None
+    print()
+    print(text)
+    if args.json:
+        write_json(args.json, doc)
+    return EXIT_FAIL if any(not r["ok"] for r in doc["runs"]) else EXIT_OK
 
 
 def _variants(args, base_tools: Sequence[str]) -> tuple[list[Variant], list[Variant]]:
