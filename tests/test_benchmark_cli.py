@@ -553,3 +553,76 @@ def test_fio_failure_names_the_jobs_error(monkeypatch):
     r = benchmark.run_tool("fio-rw", "/nonexistent/a", "/nonexistent/b", MiB, path="fio")
     assert not r.ok
     assert r.error == "exit status 2: job write: error 11 (%s)" % os.strerror(11)
+
+
+# -- --exports: fastmirror serve against qemu-storage-daemon --------------------
+
+def test_bench_exports_runs_every_row_on_both_servers(tmp_path, capsys):
+    for tool in ("fio", "qemu-storage-daemon"):
+        if shutil.which(tool) is None:
+            _missing("%s is not installed" % tool)
+    src, dst, out = tmp_path / "src.img", tmp_path / "dst.img", tmp_path / "exports.json"
+    args = _parse(["--exports", "--create", "16M", "--rounds", "1", "--export-seconds", "0.3",
+                   src, dst, "--json", out])
+    assert benchmark.run(args) == 0, capsys.readouterr()
+    text = capsys.readouterr().out
+    doc = json.loads(out.read_text())
+    assert doc["kind"] == "exports" and doc["size"] == 16 * MiB
+    assert doc["settings"]["cache"] == "direct"
+    from fastmirror.bench import exports
+    assert [r["row"] for r in doc["runs"]] == [row for row in exports.ROWS for _ in range(2)]
+    for r in doc["runs"]:
+        assert r["ok"], r
+        assert r[exports.MAIN[r["row"]]] > 0, r
+    for row in ("randwrite-4k", "write-1m", "randread-4k"):
+        for kind in exports.SERVERS:
+            run = next(r for r in doc["runs"] if r["row"] == row and r["server"] == kind)
+            assert run["ios"] > 0 and run["bytes_per_s"] > 0 and run["p99_ms"] >= run["p50_ms"]
+        assert doc["summary"][row]["ratio"] > 0
+    for r in doc["runs"]:
+        if r["row"] == "mirror-writer":
+            assert r["writes"] > 0 and r["mirror_s"] > 0 and r["ready_s"] <= r["mirror_s"]
+    assert "mirror_ratio" in doc["summary"]["mirror-writer"]
+    for title in ("(a) 4 KiB random writes", "(b) 1 MiB sequential writes",
+                  "(c) 4 KiB random reads", "(d) writer at 2000 IOPS"):
+        assert title in text
+    # The last mirror copied the source into the sparse target.
+    data = _read(dst)
+    assert len(data) == 16 * MiB and data.count(0) < len(data) // 2
+
+
+def test_bench_exports_refuses_to_write_an_existing_source(tmp_path, capsys):
+    src, dst = tmp_path / "src.img", tmp_path / "dst.img"
+    images.make_image(src, MiB)
+    before = _read(src)
+    args = _parse(["--exports", "--rounds", "1", src, dst])
+    assert benchmark.run(args) == 2
+    assert "--destroy-source" in capsys.readouterr().err
+    assert _read(src) == before and not dst.exists()
+
+
+def test_exports_summary_ratios_and_goals():
+    from fastmirror.bench import exports
+
+    def run(row, server, rnd, **figures):
+        return dict(row=row, server=server, round=rnd, ok=True, error=None, **figures)
+    runs = []
+    for rnd, (fm, qe) in enumerate([(50000, 40000), (30000, 45000), (60000, 50000)], 1):
+        runs += [run("randwrite-4k", "fastmirror", rnd, iops=fm, bytes_per_s=fm * 4096),
+                 run("randwrite-4k", "qemu", rnd, iops=qe, bytes_per_s=qe * 4096)]
+    for rnd, (fm, qe) in enumerate([(3.0, 5.0), (25.0, 4.0), (2.0, 9.0)], 1):
+        runs += [run("mirror-writer", "fastmirror", rnd, p99_ms=fm, mirror_s=1.0),
+                 run("mirror-writer", "qemu", rnd, p99_ms=qe, mirror_s=2.0)]
+    runs.append(dict(row="randwrite-4k", server="qemu", round=4, ok=False, error="boom"))
+    s = exports.summarize_exports(runs, ["randwrite-4k", "mirror-writer"])
+    w = s["randwrite-4k"]
+    assert w["fastmirror"]["iops"] == 50000 and w["qemu"]["iops"] == 45000
+    assert w["qemu"]["runs"] == 3 and w["qemu"]["failed"] == 1 and w["qemu"]["errors"] == ["boom"]
+    assert w["ratio"] == pytest.approx(50000 / 45000)
+    assert w["ratio_paired"] == pytest.approx(1.2) and w["rounds_won"] == [2, 3]
+    assert w["goal_met"]
+    m = s["mirror-writer"]
+    assert m["fastmirror"]["p99_ms"] == 3.0 and m["qemu"]["p99_ms"] == 5.0
+    assert m["mirror_ratio"] == 0.5 and m["goal_met"] and m["rounds_won"] == [2, 3]
+    assert exports._percentile([float(i) for i in range(1, 101)], 0.99) == 99.0
+    assert exports._percentile([7.0], 0.99) == 7.0
