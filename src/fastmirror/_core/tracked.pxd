@@ -13,10 +13,19 @@ from libc.stdint cimport int64_t
 from posix.uio cimport iovec
 from fastmirror._core.sync cimport pthread_mutex_t, pthread_cond_t
 
+# O_DIRECT on the disk (set_direct): requests whose offset, length and
+# buffers are multiples of this go through the O_DIRECT twin of the disk's
+# descriptor, others through the buffered one.  A whole page: a direct
+# write never shares a page with a concurrent buffered write it does not
+# overlap, so the page cache cannot write stale bytes over it.
+cdef enum:
+    FM_DIO_ALIGN = 4096
+
 # What one request uses, taken at the gate: a pivot or a change of copy mode
 # during the request does not change what it writes to.
 cdef struct fm_route:
     int fd                  # the disk: the source, the target after the pivot
+    int dfd                 # fd's O_DIRECT twin, -1 when not served direct
     bint is_block
     int mirror_fd           # write-blocking: the target as well; -1 otherwise
     bint mirror_is_block
@@ -28,6 +37,8 @@ cdef class TrackedDisk:
     cdef pthread_cond_t cv          # the gate, close_gate(), stop_mirroring(), close()
     cdef bint ready                 # mu and cv initialised
     cdef int fd                     # -1 until attach()
+    cdef int dfd                    # O_DIRECT twin of fd (set_direct), or -1
+    cdef bint direct                # set_direct(True): a twin for every fd, pivots too
     cdef bint is_block
     cdef int mirror_fd
     cdef bint mirror_is_block
@@ -54,11 +65,20 @@ cdef class TrackedDisk:
     # with the gate closed.
     cdef void c_close_gate(self) noexcept nogil
     cdef void c_open_gate(self) noexcept nogil
-    cdef void c_pivot(self, int fd, bint is_block) noexcept nogil
+    cdef void c_pivot(self, int fd, bint is_block, int dfd) noexcept nogil
 
+    cdef int _swap_dfd(self, int dfd) except -1
     cdef int64_t _request(self, int op, const iovec *iov, int iovcnt, int64_t offset,
                           int64_t length) noexcept nogil
     cdef void _trace(self, int event, int64_t offset, int64_t length) noexcept with gil
     cdef int _check(self, int64_t offset, int64_t length) except -1
     cdef int _check_engine(self, engine) except -1
     cdef int _zeroing(self, int64_t offset, int64_t length, bint discard) except *
+
+
+# Whether [offset, offset+length) from buf can go through O_DIRECT.
+cdef inline bint fm_dio_ok(const void *buf, int64_t length, int64_t offset) noexcept nogil:
+    return ((<size_t>buf | <size_t>length | <size_t>offset) & (FM_DIO_ALIGN - 1)) == 0
+
+cdef int64_t fm_route_pread(const fm_route *r, void *buf, int64_t length,
+                            int64_t offset) noexcept nogil

@@ -75,12 +75,55 @@ cdef int _zero(int fd, bint is_block, int64_t offset, int64_t length, bint disca
     return 0
 
 
-cdef int64_t _apply(int op, int fd, bint is_block, const iovec *iov, int iovcnt,
+cdef bint _iov_dio_ok(const iovec *iov, int iovcnt, int64_t offset) noexcept nogil:
+    cdef int i
+    if offset & (FM_DIO_ALIGN - 1):
+        return False
+    for i in range(iovcnt):
+        if not fm_dio_ok(iov[i].iov_base, <int64_t>iov[i].iov_len, 0):
+            return False
+    return True
+
+
+cdef int64_t _apply(int op, int fd, int dfd, bint is_block, const iovec *iov, int iovcnt,
                     int64_t offset, int64_t length) noexcept nogil:
+    cdef int64_t n
     if op == OP_WRITE:
+        if dfd >= 0 and _iov_dio_ok(iov, iovcnt, offset):
+            n = pwritev_full(dfd, iov, iovcnt, offset)
+            # A device whose O_DIRECT alignment is above a page refuses with
+            # EINVAL before anything is written: the buffered descriptor can.
+            if n != -EINVAL:
+                return n
         return pwritev_full(fd, iov, iovcnt, offset)
     cdef int r = _zero(fd, is_block, offset, length, op == OP_DISCARD)
     return r if r < 0 else length
+
+
+cdef int64_t fm_route_pread(const fm_route *r, void *buf, int64_t length,
+                            int64_t offset) noexcept nogil:
+    """A read through the route's O_DIRECT twin when it fits, else buffered."""
+    cdef int64_t n
+    if r.dfd >= 0 and fm_dio_ok(buf, length, offset):
+        n = pread_full(r.dfd, buf, length, offset)
+        if n != -EINVAL:
+            return n
+    return pread_full(r.fd, buf, length, offset)
+
+
+def _open_twin(int fd):
+    """An O_DIRECT descriptor of the file fd is open on (same access mode),
+    or -1 where the filesystem refuses O_DIRECT (EINVAL) or /proc is missing."""
+    import fcntl
+    import os
+    direct = getattr(os, "O_DIRECT", 0)
+    if fd < 0 or not direct:
+        return -1
+    mode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+    try:
+        return os.open("/proc/self/fd/%d" % fd, mode | direct | os.O_CLOEXEC)
+    except OSError:
+        return -1
 
 
 @cython.final
@@ -94,6 +137,7 @@ cdef class TrackedDisk:
 
     def __cinit__(self):
         self.fd = -1
+        self.dfd = -1
         self.mirror_fd = -1
         pthread_mutex_init(&self.mu, NULL)
         pthread_cond_init(&self.cv, NULL)
@@ -121,6 +165,8 @@ cdef class TrackedDisk:
     def __dealloc__(self):
         if self.fd >= 0:
             c_close(self.fd)
+        if self.dfd >= 0:
+            c_close(self.dfd)
         if self.mirror_fd >= 0:
             c_close(self.mirror_fd)
         if self.ready:
@@ -141,6 +187,7 @@ cdef class TrackedDisk:
             pthread_mutex_unlock(&self.mu)
             return -EBADF
         r.fd = self.fd
+        r.dfd = self.dfd
         r.is_block = self.is_block
         r.mirror_fd = self.mirror_fd
         r.mirror_is_block = self.mirror_is_block
@@ -182,13 +229,13 @@ cdef class TrackedDisk:
             fm_engine_claim(route.engine, &claim, offset, length)
             if self.trace_on:
                 self._trace(C_CLAIM_HELD, offset, length)
-        n = _apply(op, route.fd, route.is_block, iov, iovcnt, offset, length)
+        n = _apply(op, route.fd, route.dfd, route.is_block, iov, iovcnt, offset, length)
         if route.engine != NULL and length > 0:
             # A failed write may have landed in part: mark it too, a range is
             # never left clean that the two sides may disagree on.
             w = -1
             if both and n >= 0:
-                w = _apply(op, route.mirror_fd, route.mirror_is_block, iov, iovcnt,
+                w = _apply(op, route.mirror_fd, -1, route.mirror_is_block, iov, iovcnt,
                            offset, length)
             if w < 0:
                 # Invariant 2: the write has reached the source; mark it now.
@@ -235,7 +282,7 @@ cdef class TrackedDisk:
         n = self.c_enter(&route)
         if n < 0:
             return n
-        n = pread_full(route.fd, buf, length, offset)
+        n = fm_route_pread(&route, buf, length, offset)
         self.c_leave(&route)
         return n
 
@@ -264,14 +311,17 @@ cdef class TrackedDisk:
         pthread_cond_broadcast(&self.cv)
         pthread_mutex_unlock(&self.mu)
 
-    cdef void c_pivot(self, int fd, bint is_block) noexcept nogil:
+    cdef void c_pivot(self, int fd, bint is_block, int dfd) noexcept nogil:
         """With the gate closed (no request holds the descriptors it
-        closes): requests go to fd from now on, untracked."""
-        cdef int old, old_mirror
+        closes): requests go to fd (and its O_DIRECT twin dfd, or -1) from
+        now on, untracked."""
+        cdef int old, old_mirror, old_direct
         pthread_mutex_lock(&self.mu)
         old = self.fd
         old_mirror = self.mirror_fd
+        old_direct = self.dfd
         self.fd = fd
+        self.dfd = dfd
         self.is_block = is_block
         self.mirror_fd = -1
         self.engine = NULL
@@ -281,6 +331,8 @@ cdef class TrackedDisk:
             c_close(old)
         if old_mirror >= 0:
             c_close(old_mirror)
+        if old_direct >= 0:
+            c_close(old_direct)
 
     cdef void _trace(self, int event, int64_t offset, int64_t length) noexcept with gil:
         with cython.critical_section(self):
@@ -375,9 +427,48 @@ cdef class TrackedDisk:
 
     def pivot(self, int fd, bint is_block):
         """From now on requests go to fd (the target, handed over) and are no
-        longer tracked.  Call it with the gate closed."""
+        longer tracked.  Call it with the gate closed.  A disk served with
+        O_DIRECT (set_direct) serves the target with O_DIRECT too."""
+        cdef int dfd = _open_twin(fd) if self.direct else -1
         with nogil:
-            self.c_pivot(fd, is_block)
+            self.c_pivot(fd, is_block, dfd)
+
+    def set_direct(self, bint on):
+        """Serve requests aligned to FM_DIO_ALIGN (offset, length, buffers)
+        with O_DIRECT, through a twin of the disk's descriptor, and the
+        others through the page cache; after a pivot the target as well.
+        True when O_DIRECT is in effect (False where the filesystem
+        refuses it: then everything stays buffered)."""
+        cdef int fd
+        with nogil:
+            pthread_mutex_lock(&self.mu)
+            fd = self.fd if not self.closed else -1
+            pthread_mutex_unlock(&self.mu)
+        self._swap_dfd(_open_twin(fd) if on else -1)
+        self.direct = on
+        return self.dfd >= 0
+
+    cdef int _swap_dfd(self, int dfd) except -1:
+        """The twin replaced once no request is inside (one may use the old)."""
+        cdef int old
+        cdef bint was_closed
+        with nogil:
+            pthread_mutex_lock(&self.mu)
+            if self.closed:
+                old = dfd
+            else:
+                was_closed = self.gate_closed
+                self.gate_closed = True
+                while self.writers:
+                    pthread_cond_wait(&self.cv, &self.mu)
+                old = self.dfd
+                self.dfd = dfd
+                self.gate_closed = was_closed
+                pthread_cond_broadcast(&self.cv)
+            pthread_mutex_unlock(&self.mu)
+            if old >= 0:
+                c_close(old)
+        return 0
 
     def track(self, engine):
         """Start marking writes in `engine` (a CopyEngine of the same size):
@@ -447,7 +538,7 @@ cdef class TrackedDisk:
     def close(self):
         """Refuse new requests (-EBADF), wait for those inside, close the
         descriptors."""
-        cdef int old
+        cdef int old, old_direct
         self.stop_mirroring()
         with nogil:
             pthread_mutex_lock(&self.mu)
@@ -456,10 +547,14 @@ cdef class TrackedDisk:
             while self.writers:
                 pthread_cond_wait(&self.cv, &self.mu)
             old = self.fd
+            old_direct = self.dfd
             self.fd = -1
+            self.dfd = -1
             pthread_mutex_unlock(&self.mu)
             if old >= 0:
                 c_close(old)
+            if old_direct >= 0:
+                c_close(old_direct)
 
     def set_trace(self, on_event):
         """on_event(event, offset, length) around every claim (CLAIM_WAIT,
@@ -476,6 +571,11 @@ cdef class TrackedDisk:
     @property
     def is_closed(self):
         return self.closed
+
+    @property
+    def served_direct(self):
+        """Aligned requests go through O_DIRECT (set_direct)."""
+        return self.dfd >= 0
 
     @property
     def write_blocking(self):

@@ -428,7 +428,7 @@ def cmd_serve(args) -> int:
     from fastmirror.nbd.export import Export
     try:
         export = Export(args.source, socket=args.socket, name=args.name,
-                        read_only=args.read_only)
+                        read_only=args.read_only, direct=args.direct)
     except (OSError, ValueError) as e:
         print("fastmirror: cannot serve %s: %s" % (args.source, e), file=sys.stderr)
         return EXIT_USAGE if isinstance(e, ValueError) or \
@@ -444,8 +444,10 @@ def cmd_serve(args) -> int:
                 print("fastmirror: cannot listen for QMP at %s: %s" % (args.qmp, e),
                       file=sys.stderr)
                 return EXIT_FAIL
-        print("serving %s (%s) at %s" % (args.source, _size_words(export.size), export.url),
-              flush=True)
+        print("serving %s (%s) at %s%s" % (
+            args.source, _size_words(export.size), export.url,
+            "" if not args.direct else ", O_DIRECT" if export.direct else
+            ", through the page cache (the filesystem refuses O_DIRECT)"), flush=True)
         if qmp is not None:
             print("QMP at %s" % args.qmp, flush=True)
         stop.event.wait()
@@ -570,6 +572,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--socket", required=True, metavar="PATH")
     sv.add_argument("--name", default="", help='the export name (default "")')
     sv.add_argument("--read-only", action="store_true")
+    sv.add_argument("--direct", action="store_true",
+                    help="serve requests aligned to 4 KiB with O_DIRECT, bypassing the "
+                         "host's page cache (QEMU's cache.direct=on); others, and a "
+                         "filesystem that refuses O_DIRECT, through the page cache")
     sv.add_argument("--qmp", metavar="PATH",
                     help="QMP (QEMU's monitor protocol: drive-mirror, query-block-jobs, "
                          "block-job-complete...) at the unix socket PATH (mode 0600); "

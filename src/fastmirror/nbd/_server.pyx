@@ -16,11 +16,10 @@ nothing of it reaches the disk.
 from libc.errno cimport (errno, EINTR, EINVAL, ENOSPC, EPERM, ENOMEM, EOPNOTSUPP, EOVERFLOW,
                          ENXIO, EBADF)
 from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
-from libc.stdlib cimport malloc, realloc, free
+from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy, memset, memcmp
 from posix.types cimport off_t
-from fastmirror._core.tracked cimport TrackedDisk, fm_route
-from fastmirror._core.blockio cimport pread_full
+from fastmirror._core.tracked cimport TrackedDisk, fm_route, fm_route_pread, FM_DIO_ALIGN
 
 cdef extern from "<endian.h>" nogil:
     uint16_t htobe16(uint16_t)
@@ -36,6 +35,9 @@ cdef extern from "<sys/socket.h>" nogil:
     int MSG_NOSIGNAL
     int MSG_MORE
     int MSG_WAITALL
+
+cdef extern from "<stdlib.h>" nogil:
+    int posix_memalign(void **p, size_t alignment, size_t size)
 
 cdef extern from "<unistd.h>" nogil:
     off_t lseek(int fd, off_t offset, int whence)
@@ -146,7 +148,7 @@ cdef struct conn_t:
     bint structured
     bint meta                   # base:allocation selected
     uint16_t tflags
-    char *buf                   # request payloads, grown on demand
+    char *buf                   # request payloads, page-aligned, grown on demand
     int64_t buf_len
 
 
@@ -210,13 +212,15 @@ cdef inline uint64_t get64(const char *p) noexcept nogil:
 
 
 cdef int grow(conn_t *c, int64_t n) noexcept nogil:
-    cdef char *p
+    """c.buf holds at least n bytes, page-aligned (O_DIRECT takes it); its
+    content is not kept."""
+    cdef void *p = NULL
     if n <= c.buf_len:
         return 0
-    p = <char *>realloc(c.buf, <size_t>n)
-    if p == NULL:
+    if posix_memalign(&p, FM_DIO_ALIGN, <size_t>n) != 0:
         return -1
-    c.buf = p
+    free(c.buf)
+    c.buf = <char *>p
     c.buf_len = n
     return 0
 
@@ -553,7 +557,8 @@ cdef int do_read(conn_t *c, TrackedDisk disk, const char *cookie, uint16_t flags
     r = 0
     for i in range(count):
         if not holes[i]:
-            r = pread_full(route.fd, c.buf + (starts[i] - offset), ends[i] - starts[i], starts[i])
+            r = fm_route_pread(&route, c.buf + (starts[i] - offset), ends[i] - starts[i],
+                               starts[i])
             if r < 0:
                 break
             if r < ends[i] - starts[i]:

@@ -28,15 +28,17 @@ MAX_CONNECTIONS = 64
 
 
 class Export:
-    """Export(path, socket=PATH, name="", read_only=False): serve the image
-    file or block device `path` over NBD at the unix socket PATH (created
-    with mode 0600; an existing socket file there is replaced).
+    """Export(path, socket=PATH, name="", read_only=False, direct=False):
+    serve the image file or block device `path` over NBD at the unix socket
+    PATH (created with mode 0600; an existing socket file there is replaced).
+    direct=True serves requests aligned to 4 KiB with O_DIRECT (the others
+    through the page cache); `direct` then says whether it is in effect.
 
     Use as a context manager or call close(); `url` is what clients open
     (nbd+unix:///NAME?socket=PATH)."""
 
     def __init__(self, path, *, socket, name: str = "", read_only: bool = False,
-                 max_connections: int = MAX_CONNECTIONS):
+                 max_connections: int = MAX_CONNECTIONS, direct: bool = False):
         self._path = os.fspath(path)
         self.socket_path = os.fspath(socket)
         self.name = name
@@ -66,6 +68,9 @@ class Export:
             raise
         self._disk.attach(fd, is_block)
         self.size = size
+        # direct: requests aligned to 4 KiB bypass the page cache (O_DIRECT),
+        # as QEMU's cache.direct=on; False where the filesystem refuses it.
+        self.direct = self._disk.set_direct(True) if direct else False
         try:
             self._listener = self._listen()
         except BaseException:

@@ -1,0 +1,253 @@
+"""The NBD export serves many requests of one connection at once, and with
+direct=True serves aligned requests with O_DIRECT.
+
+A raw client sends requests back to back without waiting (as fio's nbd
+engine and a guest's queue do): every request gets exactly one reply, in
+any order, the data is right, and NBD_CMD_DISC or a malformed request after
+them still lets every earlier request finish and answer first.  O_DIRECT is
+judged by the page cache: fincore (util-linux) counts the pages of the file
+that are cached after writes through the export, with and without direct.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import subprocess
+
+import pytest
+
+import fastmirror
+from fastmirror import EventType
+from helpers.files import make_image
+from helpers.require import require
+
+KiB = 1024
+MiB = 1024 * KiB
+IHAVEOPT = 0x49484156454F5054
+REQUEST_MAGIC = 0x25609513
+READ, WRITE, DISC, FLUSH = 0, 1, 2, 3
+
+
+def recv_exact(s: socket.socket, n: int) -> bytes:
+    out = bytearray()
+    while len(out) < n:
+        chunk = s.recv(n - len(out))
+        if not chunk:
+            raise EOFError("closed after %d of %d bytes" % (len(out), n))
+        out += chunk
+    return bytes(out)
+
+
+def connect(path: str) -> socket.socket:
+    """Fixed newstyle, NBD_OPT_GO, simple replies."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(20)
+    s.connect(path)
+    recv_exact(s, 18)
+    s.sendall(struct.pack(">I", 3))
+    data = struct.pack(">IH", 0, 0)
+    s.sendall(struct.pack(">QII", IHAVEOPT, 7, len(data)) + data)
+    while True:
+        _, _, rtype, n = struct.unpack(">QIII", recv_exact(s, 20))
+        recv_exact(s, n)
+        if rtype == 1:
+            return s
+        assert rtype == 3, hex(rtype)
+
+
+def req(cmd: int, cookie: int, offset: int, length: int, payload: bytes = b"",
+        magic: int = REQUEST_MAGIC) -> bytes:
+    return struct.pack(">IHHQQI", magic, 0, cmd, cookie, offset, length) + payload
+
+
+def replies(s: socket.socket, lengths: dict[int, int]) -> dict[int, tuple[int, bytes]]:
+    """One simple reply per cookie of `lengths` (cookie -> bytes of data a
+    successful reply carries), in whatever order they come."""
+    out: dict[int, tuple[int, bytes]] = {}
+    while len(out) < len(lengths):
+        magic, err, cookie = struct.unpack(">IIQ", recv_exact(s, 16))
+        assert magic == 0x67446698
+        assert cookie in lengths and cookie not in out, (cookie, sorted(out))
+        out[cookie] = (err, recv_exact(s, lengths[cookie]) if not err else b"")
+    return out
+
+
+def is_closed(s: socket.socket) -> bool:
+    try:
+        return s.recv(1) == b""
+    except ConnectionResetError:    # closed with the client's bytes unread
+        return True
+    except socket.timeout:
+        return False
+
+
+def blocks(n: int, size: int) -> list[bytes]:
+    return [os.urandom(size) for _ in range(n)]
+
+
+@pytest.fixture
+def export(tmp_path):
+    src = make_image(tmp_path / "src.img", 8 * MiB)
+    with fastmirror.Export(src, socket=str(tmp_path / "nbd.sock")) as e:
+        yield src, e
+
+
+def test_pipelined_writes_and_reads_each_get_one_reply(export):
+    src, e = export
+    data = blocks(48, 4 * KiB)
+    with connect(e.socket_path) as s:
+        # 48 writes at once, more than the server serves at a time.
+        s.sendall(b"".join(req(WRITE, 100 + i, i * 64 * KiB, 4 * KiB, d)
+                           for i, d in enumerate(data)))
+        got = replies(s, {100 + i: 0 for i in range(48)})
+        assert all(err == 0 for err, _ in got.values())
+        s.sendall(b"".join(req(READ, 200 + i, i * 64 * KiB, 4 * KiB) for i in range(48))
+                  + req(FLUSH, 300, 0, 0))
+        got = replies(s, {**{200 + i: 4 * KiB for i in range(48)}, 300: 0})
+        assert all(got[200 + i] == (0, d) for i, d in enumerate(data))
+        assert got[300][0] == 0
+    with open(src, "rb") as f:
+        for i, d in enumerate(data):
+            f.seek(i * 64 * KiB)
+            assert f.read(4 * KiB) == d
+
+
+def test_large_pipelined_writes(export):
+    src, e = export
+    data = blocks(4, 2 * MiB)
+    with connect(e.socket_path) as s:
+        s.sendall(b"".join(req(WRITE, i, i * 2 * MiB, 2 * MiB, d) for i, d in enumerate(data)))
+        assert all(err == 0 for err, _ in replies(s, {i: 0 for i in range(4)}).values())
+    with open(src, "rb") as f:
+        assert f.read(8 * MiB) == b"".join(data)
+
+
+def test_disconnect_after_pipelined_writes_answers_them_first(export):
+    src, e = export
+    data = blocks(20, 4 * KiB)
+    with connect(e.socket_path) as s:
+        s.sendall(b"".join(req(WRITE, i, i * 8 * KiB, 4 * KiB, d) for i, d in enumerate(data))
+                  + req(DISC, 99, 0, 0))
+        got = replies(s, {i: 0 for i in range(20)})
+        assert all(err == 0 for err, _ in got.values())
+        assert is_closed(s)
+    with open(src, "rb") as f:
+        for i, d in enumerate(data):
+            f.seek(i * 8 * KiB)
+            assert f.read(4 * KiB) == d
+
+
+def test_malformed_request_after_pipelined_writes(export):
+    src, e = export
+    with open(src, "rb") as f:
+        before = f.read()
+    data = blocks(10, 4 * KiB)
+    with connect(e.socket_path) as s:
+        s.sendall(b"".join(req(WRITE, i, i * 4 * KiB, 4 * KiB, d) for i, d in enumerate(data))
+                  + req(WRITE, 50, 1 * MiB, 4 * KiB, b"\xee" * 4 * KiB, magic=0x12345678))
+        got = replies(s, {i: 0 for i in range(10)})
+        assert all(err == 0 for err, _ in got.values())
+        assert is_closed(s)
+    with open(src, "rb") as f:
+        after = f.read()
+    assert after[:40 * KiB] == b"".join(data)
+    assert after[40 * KiB:] == before[40 * KiB:], "the malformed request reached the disk"
+    # The export goes on serving others.
+    with connect(e.socket_path) as s:
+        s.sendall(req(READ, 1, 0, 4 * KiB))
+        assert replies(s, {1: 4 * KiB})[1] == (0, data[0])
+
+
+def test_errors_come_back_on_their_own_request(export):
+    src, e = export
+    with connect(e.socket_path) as s:
+        s.sendall(req(WRITE, 1, 0, 4 * KiB, b"a" * 4 * KiB)
+                  + req(WRITE, 2, 8 * MiB - 2 * KiB, 4 * KiB, b"b" * 4 * KiB)  # past the end
+                  + req(READ, 3, 8 * MiB, 1)                                    # past the end
+                  + req(WRITE, 4, 4 * KiB, 4 * KiB, b"c" * 4 * KiB))
+        got = replies(s, {1: 0, 2: 0, 3: 1, 4: 0})
+        assert got[1][0] == 0 and got[4][0] == 0
+        assert got[2][0] == 22 and got[3][0] == 22          # NBD_EINVAL
+    with open(src, "rb") as f:
+        assert f.read(8 * KiB) == b"a" * 4 * KiB + b"c" * 4 * KiB
+
+
+# -- direct=True ----------------------------------------------------------------
+
+def cached_bytes(path) -> int:
+    out = subprocess.run([require("fincore"), "--bytes", "--noheadings", "--output", "RES",
+                          str(path)], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    return int(out.stdout.strip())
+
+
+def drop_file_cache(path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def write_through(e, data: bytes, offset: int) -> None:
+    with connect(e.socket_path) as s:
+        chunks = [data[i:i + MiB] for i in range(0, len(data), MiB)]
+        s.sendall(b"".join(req(WRITE, i, offset + i * MiB, len(c), c)
+                           for i, c in enumerate(chunks)))
+        assert all(err == 0 for err, _ in replies(s, {i: 0 for i in
+                                                      range(len(chunks))}).values())
+
+
+@pytest.mark.parametrize("direct", [False, True])
+def test_direct_export_bypasses_the_page_cache(tmp_path, direct):
+    src = make_image(tmp_path / "src.img", 8 * MiB)
+    data = os.urandom(4 * MiB)
+    with fastmirror.Export(src, socket=str(tmp_path / "nbd.sock"), direct=direct) as e:
+        if direct and not e.direct:
+            pytest.skip("the filesystem of %s refuses O_DIRECT" % tmp_path)
+        assert e.disk.served_direct == direct
+        drop_file_cache(src)
+        base = cached_bytes(src)
+        write_through(e, data, 2 * MiB)
+        cached = cached_bytes(src) - base
+        if direct:
+            assert cached < 256 * KiB, "%d bytes of the writes went through the page cache" \
+                % cached
+        else:
+            assert cached >= 4 * MiB, cached     # the control: buffered writes are cached
+        # Unaligned requests go through the page cache, in direct mode too.
+        with connect(e.socket_path) as s:
+            s.sendall(req(WRITE, 1, 100, 10, b"0123456789") + req(READ, 2, 96, 16))
+            got = replies(s, {1: 0, 2: 16})
+            assert got[1][0] == 0 and got[2] == (0, got[2][1])
+            assert got[2][1][4:14] == b"0123456789"
+    with open(src, "rb") as f:
+        f.seek(100)
+        assert f.read(10) == b"0123456789"
+        f.seek(2 * MiB)
+        assert f.read(4 * MiB) == data
+
+
+def test_direct_export_serves_the_target_direct_after_the_pivot(tmp_path):
+    src = make_image(tmp_path / "src.img", 8 * MiB)
+    dst = str(tmp_path / "dst.img")
+    with fastmirror.Export(src, socket=str(tmp_path / "nbd.sock"), direct=True) as e:
+        if not e.direct:
+            pytest.skip("the filesystem of %s refuses O_DIRECT" % tmp_path)
+        job = e.mirror(dst)
+        assert job.wait_ready(60)
+        job.complete()
+        final = job.wait(60)
+        assert final is not None and final.type == EventType.COMPLETED, final
+        assert e.disk.pivoted and e.disk.served_direct
+        drop_file_cache(dst)
+        base = cached_bytes(dst)
+        data = os.urandom(2 * MiB)
+        write_through(e, data, 4 * MiB)
+        assert cached_bytes(dst) - base < 256 * KiB
+    with open(dst, "rb") as f:
+        f.seek(4 * MiB)
+        assert f.read(2 * MiB) == data
