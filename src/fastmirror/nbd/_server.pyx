@@ -1,5 +1,6 @@
 # cython: language_level=3
-"""One NBD connection, served in C without the GIL.
+"""One NBD connection, served in C without the GIL, up to MAX_INFLIGHT of its
+requests at once (a pool of worker threads per connection).
 
 serve_connection(fd, disk, name, read_only) runs the fixed newstyle
 handshake and then the transmission phase on a connected socket until the
@@ -19,7 +20,13 @@ from libc.stdint cimport int64_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy, memset, memcmp
 from posix.types cimport off_t
+from posix.uio cimport iovec
 from fastmirror._core.tracked cimport TrackedDisk, fm_route, fm_route_pread, FM_DIO_ALIGN
+from fastmirror._core.sync cimport (pthread_mutex_t, pthread_cond_t, pthread_mutex_init,
+                                    pthread_mutex_destroy, pthread_mutex_lock,
+                                    pthread_mutex_unlock, pthread_cond_init,
+                                    pthread_cond_destroy, pthread_cond_wait,
+                                    pthread_cond_signal, pthread_cond_broadcast)
 
 cdef extern from "<endian.h>" nogil:
     uint16_t htobe16(uint16_t)
@@ -30,7 +37,16 @@ cdef extern from "<endian.h>" nogil:
     uint64_t be64toh(uint64_t)
 
 cdef extern from "<sys/socket.h>" nogil:
+    struct msghdr:
+        void *msg_name
+        unsigned int msg_namelen
+        iovec *msg_iov
+        size_t msg_iovlen
+        void *msg_control
+        size_t msg_controllen
+        int msg_flags
     ssize_t send(int fd, const void *buf, size_t n, int flags)
+    ssize_t sendmsg(int fd, const msghdr *m, int flags)
     ssize_t recv(int fd, void *buf, size_t n, int flags)
     int MSG_NOSIGNAL
     int MSG_MORE
@@ -39,6 +55,12 @@ cdef extern from "<sys/socket.h>" nogil:
 cdef extern from "<stdlib.h>" nogil:
     int posix_memalign(void **p, size_t alignment, size_t size)
 
+cdef extern from "<pthread.h>" nogil:
+    ctypedef unsigned long pthread_t
+    int pthread_create(pthread_t *t, const void *attr, void *(*start)(void *) noexcept nogil,
+                       void *arg)
+    int pthread_join(pthread_t t, void **ret)
+
 cdef extern from "<unistd.h>" nogil:
     off_t lseek(int fd, off_t offset, int whence)
     int SEEK_DATA
@@ -46,6 +68,10 @@ cdef extern from "<unistd.h>" nogil:
 
 cdef enum:
     MAX_REQUEST = 32 << 20      # largest READ/WRITE payload
+    MAX_INFLIGHT = 16           # requests of one connection served at once (QEMU: 16)
+    INFLIGHT_BYTES = 64 << 20   # payload bytes they may hold together
+    KEEP_BUFFER = 4 << 20       # a request slot keeps a buffer up to this size
+    PENDING_REPLIES = 4 * MAX_INFLIGHT  # simple replies waiting for one sendmsg
     MAX_OPTION = 64 << 10       # largest option payload in the handshake
     MAX_EXTENTS = 1024          # descriptors in one BLOCK_STATUS reply
     READ_EXTENTS = 64           # chunks of one structured READ reply at most
@@ -138,6 +164,19 @@ cdef uint32_t REP_ERR_INVALID = 0x80000003U
 cdef uint32_t REP_ERR_UNKNOWN = 0x80000006U
 
 
+cdef struct req_t:
+    char cookie[8]
+    uint16_t flags
+    uint16_t cmd
+    int64_t offset              # -1: out of range
+    uint32_t length
+    bint bad                    # the range is outside the disk
+    char *buf                   # payload or reply data, page-aligned, grown on demand
+    int64_t buf_len
+    int64_t charged             # its share of INFLIGHT_BYTES
+    req_t *next                 # in the queue or the free list
+
+
 cdef struct conn_t:
     int sock
     void *disk                  # the TrackedDisk (a borrowed reference)
@@ -148,8 +187,31 @@ cdef struct conn_t:
     bint structured
     bint meta                   # base:allocation selected
     uint16_t tflags
-    char *buf                   # request payloads, page-aligned, grown on demand
-    int64_t buf_len
+    # The pool (transmission): mu guards the queue, the free slots and the
+    # counters; send_mu one reply at a time on the socket.  Lock order: a
+    # worker takes send_mu while holding no other lock of this connection,
+    # and calls the disk (its own lock) holding neither.
+    pthread_mutex_t mu
+    pthread_mutex_t send_mu
+    pthread_cond_t work         # workers wait for requests
+    pthread_cond_t room         # the reader waits for a free slot, drain() for none busy
+    req_t slots[MAX_INFLIGHT]
+    req_t *free_slots
+    req_t *queue_head
+    req_t *queue_tail
+    int queued                  # requests in the queue
+    int busy                    # slots taken: read, queued or being served
+    int idle                    # workers waiting for work
+    int nthreads
+    int64_t inflight_bytes
+    bint stopping
+    bint send_failed            # a reply could not be sent: the connection is over
+    bint reader_waiting         # in take_slot() or drain(): signal room
+    bint sending                # a worker is sending the pending replies
+    int npending
+    char pending[PENDING_REPLIES * 16]  # simple replies not sent yet
+    pthread_cond_t taken        # the sender took the pending replies
+    pthread_t threads[MAX_INFLIGHT]
 
 
 cdef int send_all(int sock, const void *p, size_t n, bint more) noexcept nogil:
@@ -209,20 +271,6 @@ cdef inline uint64_t get64(const char *p) noexcept nogil:
     cdef uint64_t v
     memcpy(&v, p, 8)
     return be64toh(v)
-
-
-cdef int grow(conn_t *c, int64_t n) noexcept nogil:
-    """c.buf holds at least n bytes, page-aligned (O_DIRECT takes it); its
-    content is not kept."""
-    cdef void *p = NULL
-    if n <= c.buf_len:
-        return 0
-    if posix_memalign(&p, FM_DIO_ALIGN, <size_t>n) != 0:
-        return -1
-    free(c.buf)
-    c.buf = <char *>p
-    c.buf_len = n
-    return 0
 
 
 cdef uint32_t nbd_errno(int64_t r) noexcept nogil:
@@ -443,18 +491,57 @@ cdef int handshake(conn_t *c) noexcept nogil:
 
 
 # -- transmission ---------------------------------------------------------------
+#
+# The connection's thread reads requests (header and WRITE payload) and hands
+# each to a worker of the connection's pool, which serves it through the
+# TrackedDisk and sends its reply; so up to MAX_INFLIGHT requests of one
+# client are at the disk at once (a client pipelines them: fio's iodepth, a
+# guest's queue), and replies go out in the order requests end, each under
+# send_mu so that no two interleave.  NBD lets replies come in any order;
+# a FLUSH covers the writes replied to before it, which had reached the
+# disk before their reply.  Workers start on demand, without the GIL, and
+# live as long as the connection.
+
+cdef int send_iov(int sock, iovec *iov, int n) noexcept nogil:
+    """Every byte of iov[0..n) in order, in as few calls as the socket
+    takes; 0, or -1 when the socket failed.  iov is consumed."""
+    cdef msghdr m
+    cdef ssize_t w
+    memset(&m, 0, sizeof(m))
+    while n > 0:
+        if iov[0].iov_len == 0:
+            iov += 1
+            n -= 1
+            continue
+        m.msg_iov = iov
+        m.msg_iovlen = n
+        w = sendmsg(sock, &m, MSG_NOSIGNAL)
+        if w < 0:
+            if errno == EINTR:
+                continue
+            return -1
+        while n > 0 and <size_t>w >= iov[0].iov_len:
+            w -= iov[0].iov_len
+            iov += 1
+            n -= 1
+        if n > 0:
+            iov[0].iov_base = <char *>iov[0].iov_base + w
+            iov[0].iov_len -= <size_t>w
+    return 0
+
 
 cdef int simple_reply(conn_t *c, const char *cookie, uint32_t err, const void *data,
                       int64_t n) noexcept nogil:
     cdef char h[16]
+    cdef iovec v[2]
     put32(h, SIMPLE_MAGIC)
     put32(h + 4, err)
     memcpy(h + 8, cookie, 8)
-    if send_all(c.sock, h, 16, n > 0) < 0:
-        return -1
-    if n > 0 and send_all(c.sock, data, <size_t>n, False) < 0:
-        return -1
-    return 0
+    v[0].iov_base = h
+    v[0].iov_len = 16
+    v[1].iov_base = <void *>data
+    v[1].iov_len = <size_t>n if n > 0 else 0
+    return send_iov(c.sock, v, 2)
 
 
 cdef int chunk(conn_t *c, const char *cookie, uint16_t flags, uint16_t ctype,
@@ -462,18 +549,19 @@ cdef int chunk(conn_t *c, const char *cookie, uint16_t flags, uint16_t ctype,
                int64_t n) noexcept nogil:
     """One structured reply chunk: header, head (offset, context...), data."""
     cdef char h[20]
+    cdef iovec v[3]
     put32(h, STRUCTURED_MAGIC)
     put16(h + 4, flags)
     put16(h + 6, ctype)
     memcpy(h + 8, cookie, 8)
     put32(h + 16, <uint32_t>(head_len + n))
-    if send_all(c.sock, h, 20, head_len + n > 0) < 0:
-        return -1
-    if head_len and send_all(c.sock, head, head_len, n > 0) < 0:
-        return -1
-    if n > 0 and send_all(c.sock, data, <size_t>n, False) < 0:
-        return -1
-    return 0
+    v[0].iov_base = h
+    v[0].iov_len = 20
+    v[1].iov_base = <void *>head
+    v[1].iov_len = head_len
+    v[2].iov_base = <void *>data
+    v[2].iov_len = <size_t>n if n > 0 else 0
+    return send_iov(c.sock, v, 3)
 
 
 cdef int reply_error(conn_t *c, const char *cookie, uint32_t err,
@@ -510,36 +598,54 @@ cdef int64_t next_extent(int fd, bint is_block, int64_t offset, int64_t end,
     return h if h < end else end
 
 
-cdef int do_read(conn_t *c, TrackedDisk disk, const char *cookie, uint16_t flags,
-                 int64_t offset, int64_t length) noexcept nogil:
+cdef int grow(req_t *q, int64_t n) noexcept nogil:
+    """q's buffer holds at least n bytes, page-aligned (O_DIRECT takes it)."""
+    cdef void *p = NULL
+    if n <= q.buf_len:
+        return 0
+    if posix_memalign(&p, FM_DIO_ALIGN, <size_t>n) != 0:
+        return -1
+    free(q.buf)
+    q.buf = <char *>p
+    q.buf_len = n
+    return 0
+
+
+cdef int do_read(conn_t *c, TrackedDisk disk, req_t *q) noexcept nogil:
     """Simple replies, or with DF: the data in one piece.  Structured
-    replies: holes (SEEK_DATA/SEEK_HOLE) as OFFSET_HOLE chunks, not sent."""
+    replies: holes (SEEK_DATA/SEEK_HOLE) as OFFSET_HOLE chunks, not sent.
+    The reply is sent under send_mu; -1 when the socket failed."""
     cdef fm_route route
-    cdef int64_t r, pos, nxt, end = offset + length
+    cdef int64_t r, pos, nxt, offset = q.offset, length = q.length, end = offset + length
     cdef int64_t starts[READ_EXTENTS]
     cdef int64_t ends[READ_EXTENTS]
     cdef bint holes[READ_EXTENTS]
     cdef int count = 0, i
     cdef bint hole
     cdef char head[12]
-    if grow(c, length) < 0:
-        return reply_error(c, cookie, NBD_ENOMEM, c.structured)
-    if not c.structured or flags & CMDF_DF or length == 0:
-        r = disk.c_read(c.buf, length, offset)
+    cdef const char *cookie = q.cookie
+    if grow(q, length) < 0:
+        return locked_error(c, cookie, NBD_ENOMEM, c.structured)
+    if not c.structured or q.flags & CMDF_DF or length == 0:
+        r = disk.c_read(q.buf, length, offset)
         if r < 0:
-            return reply_error(c, cookie, nbd_errno(r), c.structured)
+            return locked_error(c, cookie, nbd_errno(r), c.structured)
         if r < length:          # the file shrank under us: reads past it are zeros
-            memset(c.buf + r, 0, <size_t>(length - r))
+            memset(q.buf + r, 0, <size_t>(length - r))
+        pthread_mutex_lock(&c.send_mu)
         if not c.structured:
-            return simple_reply(c, cookie, 0, c.buf, length)
-        put64(head, <uint64_t>offset)
-        return chunk(c, cookie, RF_DONE, CHUNK_OFFSET_DATA, head, 8, c.buf, length)
+            r = simple_reply(c, cookie, 0, q.buf, length)
+        else:
+            put64(head, <uint64_t>offset)
+            r = chunk(c, cookie, RF_DONE, CHUNK_OFFSET_DATA, head, 8, q.buf, length)
+        pthread_mutex_unlock(&c.send_mu)
+        return <int>r
     # Map and read through one pass of the gate, like c_read: never across
     # a pivot.  The socket is written after leaving it (a slow client must
     # not hold up the job's drain).
     r = disk.c_enter(&route)
     if r < 0:
-        return reply_error(c, cookie, nbd_errno(r), True)
+        return locked_error(c, cookie, nbd_errno(r), True)
     pos = offset
     while pos < end:
         nxt = next_extent(route.fd, route.is_block, pos, end, &hole)
@@ -557,16 +663,17 @@ cdef int do_read(conn_t *c, TrackedDisk disk, const char *cookie, uint16_t flags
     r = 0
     for i in range(count):
         if not holes[i]:
-            r = fm_route_pread(&route, c.buf + (starts[i] - offset), ends[i] - starts[i],
+            r = fm_route_pread(&route, q.buf + (starts[i] - offset), ends[i] - starts[i],
                                starts[i])
             if r < 0:
                 break
             if r < ends[i] - starts[i]:
-                memset(c.buf + (starts[i] - offset) + r, 0, <size_t>(ends[i] - starts[i] - r))
+                memset(q.buf + (starts[i] - offset) + r, 0, <size_t>(ends[i] - starts[i] - r))
             r = 0
     disk.c_leave(&route)
     if r < 0:
-        return reply_error(c, cookie, nbd_errno(r), True)
+        return locked_error(c, cookie, nbd_errno(r), True)
+    pthread_mutex_lock(&c.send_mu)
     for i in range(count):
         put64(head, <uint64_t>starts[i])
         if holes[i]:
@@ -575,29 +682,31 @@ cdef int do_read(conn_t *c, TrackedDisk disk, const char *cookie, uint16_t flags
                       head, 12, NULL, 0)
         else:
             r = chunk(c, cookie, RF_DONE if i == count - 1 else 0, CHUNK_OFFSET_DATA,
-                      head, 8, c.buf + (starts[i] - offset), ends[i] - starts[i])
+                      head, 8, q.buf + (starts[i] - offset), ends[i] - starts[i])
         if r < 0:
-            return r
-    return 0
+            break
+    pthread_mutex_unlock(&c.send_mu)
+    return <int>r
 
 
-cdef int do_block_status(conn_t *c, TrackedDisk disk, const char *cookie, uint16_t flags,
-                         int64_t offset, int64_t length) noexcept nogil:
+cdef int do_block_status(conn_t *c, TrackedDisk disk, req_t *q) noexcept nogil:
     cdef fm_route route
-    cdef int64_t pos = offset, end = offset + length, nxt
+    cdef int64_t pos = q.offset, end = q.offset + q.length, nxt
     cdef int count = 0, r
-    cdef int maxn = 1 if flags & CMDF_REQ_ONE else MAX_EXTENTS
+    cdef int maxn = 1 if q.flags & CMDF_REQ_ONE else MAX_EXTENTS
     cdef bint hole
     cdef char head[4]
+    cdef char *buf
     if not c.meta:
-        return reply_error(c, cookie, NBD_EINVAL, True)
-    if grow(c, 8 * MAX_EXTENTS) < 0:
-        return reply_error(c, cookie, NBD_ENOMEM, True)
+        return locked_error(c, q.cookie, NBD_EINVAL, True)
+    if grow(q, 8 * MAX_EXTENTS) < 0:
+        return locked_error(c, q.cookie, NBD_ENOMEM, True)
+    buf = q.buf
     # The gate: the answer comes from the descriptor requests use now (the
     # target after a pivot).
     r = disk.c_enter(&route)
     if r < 0:
-        return reply_error(c, cookie, nbd_errno(r), True)
+        return locked_error(c, q.cookie, nbd_errno(r), True)
     while pos < end and count < maxn:
         nxt = next_extent(route.fd, route.is_block, pos, end, &hole)
         if nxt < 0:             # cannot tell: data, which is always right
@@ -605,18 +714,21 @@ cdef int do_block_status(conn_t *c, TrackedDisk disk, const char *cookie, uint16
             hole = False
         if nxt <= pos:
             nxt = end
-        if count and (get32(c.buf + 8 * (count - 1) + 4) == (STATE_HOLE | STATE_ZERO)) == hole:
+        if count and (get32(buf + 8 * (count - 1) + 4) == (STATE_HOLE | STATE_ZERO)) == hole:
             # the same state as the extent before (e.g. SEEK_DATA rounding)
-            put32(c.buf + 8 * (count - 1),
-                  get32(c.buf + 8 * (count - 1)) + <uint32_t>(nxt - pos))
+            put32(buf + 8 * (count - 1),
+                  get32(buf + 8 * (count - 1)) + <uint32_t>(nxt - pos))
         else:
-            put32(c.buf + 8 * count, <uint32_t>(nxt - pos))
-            put32(c.buf + 8 * count + 4, (STATE_HOLE | STATE_ZERO) if hole else 0)
+            put32(buf + 8 * count, <uint32_t>(nxt - pos))
+            put32(buf + 8 * count + 4, (STATE_HOLE | STATE_ZERO) if hole else 0)
             count += 1
         pos = nxt
     disk.c_leave(&route)
     put32(head, META_ID)
-    return chunk(c, cookie, RF_DONE, CHUNK_BLOCK_STATUS, head, 4, c.buf, 8 * count)
+    pthread_mutex_lock(&c.send_mu)
+    r = chunk(c, q.cookie, RF_DONE, CHUNK_BLOCK_STATUS, head, 4, buf, 8 * count)
+    pthread_mutex_unlock(&c.send_mu)
+    return r
 
 
 cdef int do_write_zeroes(conn_t *c, TrackedDisk disk, uint16_t flags, int64_t offset,
@@ -636,82 +748,268 @@ cdef int do_write_zeroes(conn_t *c, TrackedDisk disk, uint16_t flags, int64_t of
     return disk.c_write_zeroes(offset, length)
 
 
+cdef int locked_error(conn_t *c, const char *cookie, uint32_t err,
+                      bint structured) noexcept nogil:
+    cdef int r
+    pthread_mutex_lock(&c.send_mu)
+    r = reply_error(c, cookie, err, structured)
+    pthread_mutex_unlock(&c.send_mu)
+    return r
+
+
+cdef int locked_simple(conn_t *c, const char *cookie, int64_t r) noexcept nogil:
+    """The simple reply of a request without data (r < 0 is its error),
+    combined with those of other workers: it joins the pending replies, and
+    the worker that finds no one sending sends them all in one call, again
+    until none is left.  So a burst of writes ending together costs one
+    sendmsg and no wait for the socket's lock.  0, or -1 when the socket
+    failed (then the reply may not have gone out)."""
+    cdef char *h
+    cdef char out[PENDING_REPLIES * 16]
+    cdef int n, failed
+    pthread_mutex_lock(&c.mu)
+    # The sender may be slow (a client that reads its replies late) while
+    # slots are reused: never more pending than the buffer holds.
+    while c.npending == PENDING_REPLIES * 16 and not c.send_failed:
+        pthread_cond_wait(&c.taken, &c.mu)
+    h = c.pending + c.npending
+    put32(h, SIMPLE_MAGIC)
+    put32(h + 4, nbd_errno(r) if r < 0 else 0)
+    memcpy(h + 8, cookie, 8)
+    c.npending += 16
+    if c.sending:
+        failed = c.send_failed
+        pthread_mutex_unlock(&c.mu)
+        return -1 if failed else 0
+    c.sending = True
+    while c.npending and not c.send_failed:
+        n = c.npending
+        memcpy(out, c.pending, <size_t>n)
+        c.npending = 0
+        pthread_cond_broadcast(&c.taken)
+        pthread_mutex_unlock(&c.mu)
+        pthread_mutex_lock(&c.send_mu)
+        failed = send_all(c.sock, out, <size_t>n, False)
+        pthread_mutex_unlock(&c.send_mu)
+        pthread_mutex_lock(&c.mu)
+        if failed < 0:
+            c.send_failed = True
+            pthread_cond_broadcast(&c.taken)
+    c.sending = False
+    failed = c.send_failed
+    pthread_mutex_unlock(&c.mu)
+    return -1 if failed else 0
+
+
+cdef int serve_request(conn_t *c, TrackedDisk disk, req_t *q) noexcept nogil:
+    """Serve one request and send its reply: 0, or -1 when the socket failed."""
+    cdef int64_t r
+    cdef uint16_t cmd = q.cmd
+    if cmd == CMD_WRITE:
+        if c.read_only:
+            r = -EPERM
+        elif q.bad:
+            r = -EINVAL
+        else:
+            r = disk.c_write(q.buf, q.length, q.offset)
+            if r >= 0 and q.flags & CMDF_FUA:
+                r = disk.c_flush()
+        return locked_simple(c, q.cookie, r)
+    if cmd == CMD_READ:
+        if q.bad or q.length > MAX_REQUEST:
+            return locked_error(c, q.cookie, NBD_EINVAL, c.structured)
+        return do_read(c, disk, q)
+    if cmd == CMD_FLUSH:
+        return locked_simple(c, q.cookie, disk.c_flush())
+    if cmd == CMD_TRIM or cmd == CMD_WRITE_ZEROES:
+        if c.read_only:
+            r = -EPERM
+        elif q.bad:
+            r = -EINVAL
+        elif cmd == CMD_TRIM:
+            r = disk.c_discard(q.offset, q.length)
+            if r == -EOPNOTSUPP:
+                r = 0           # a trim is advisory: nothing dropped is fine
+        else:
+            r = do_write_zeroes(c, disk, q.flags, q.offset, q.length)
+        if r >= 0 and q.flags & CMDF_FUA:
+            r = disk.c_flush()
+        return locked_simple(c, q.cookie, r)
+    if cmd == CMD_BLOCK_STATUS:
+        if q.bad or q.length == 0:
+            return locked_error(c, q.cookie, NBD_EINVAL, c.structured)
+        if not c.structured:
+            return locked_simple(c, q.cookie, -EINVAL)
+        return do_block_status(c, disk, q)
+    return locked_error(c, q.cookie, NBD_EINVAL, c.structured)
+
+
+cdef void finish(conn_t *c, req_t *q, int sent) noexcept nogil:
+    """A request is done: its slot (and budget) back to the reader."""
+    pthread_mutex_lock(&c.mu)
+    release(c, q, sent)
+    pthread_mutex_unlock(&c.mu)
+
+
+cdef void release(conn_t *c, req_t *q, int sent) noexcept nogil:
+    """finish() with c.mu held."""
+    if q.buf_len > KEEP_BUFFER:
+        free(q.buf)
+        q.buf = NULL
+        q.buf_len = 0
+    if sent < 0:
+        c.send_failed = True
+    c.inflight_bytes -= q.charged
+    q.charged = 0
+    q.next = c.free_slots
+    c.free_slots = q
+    c.busy -= 1
+    if c.reader_waiting:
+        pthread_cond_signal(&c.room)
+
+
+cdef void *worker_main(void *arg) noexcept nogil:
+    """A worker: serve queued requests until the connection ends."""
+    cdef conn_t *c = <conn_t *>arg
+    cdef req_t *q
+    cdef int sent
+    pthread_mutex_lock(&c.mu)
+    while True:
+        while c.queue_head == NULL and not c.stopping:
+            c.idle += 1
+            pthread_cond_wait(&c.work, &c.mu)
+            c.idle -= 1
+        q = c.queue_head
+        if q == NULL:
+            break               # stopping, nothing left
+        c.queue_head = q.next
+        if c.queue_head == NULL:
+            c.queue_tail = NULL
+        c.queued -= 1
+        pthread_mutex_unlock(&c.mu)
+        # The TrackedDisk outlives every worker: serve_connection holds it
+        # and joins them before it returns.
+        sent = serve_request(c, <TrackedDisk>c.disk, q)
+        pthread_mutex_lock(&c.mu)
+        release(c, q, sent)
+    pthread_mutex_unlock(&c.mu)
+    return NULL
+
+
+cdef req_t *take_slot(conn_t *c, int64_t charge) noexcept nogil:
+    """A free request slot, once the requests in flight leave room for
+    `charge` more payload bytes (one request alone always fits)."""
+    cdef req_t *q
+    pthread_mutex_lock(&c.mu)
+    while c.free_slots == NULL or (c.busy and c.inflight_bytes + charge > INFLIGHT_BYTES):
+        c.reader_waiting = True
+        pthread_cond_wait(&c.room, &c.mu)
+        c.reader_waiting = False
+    q = c.free_slots
+    c.free_slots = q.next
+    q.next = NULL
+    q.charged = charge
+    c.inflight_bytes += charge
+    c.busy += 1
+    pthread_mutex_unlock(&c.mu)
+    return q
+
+
+cdef void submit(conn_t *c, TrackedDisk disk, req_t *q) noexcept nogil:
+    """Queue q for a worker; start one more when every worker is taken.  A
+    pool that cannot start its first thread serves q here instead."""
+    cdef bint spawn
+    pthread_mutex_lock(&c.mu)
+    if c.queue_tail == NULL:
+        c.queue_head = q
+    else:
+        c.queue_tail.next = q
+    c.queue_tail = q
+    c.queued += 1
+    if c.idle:
+        pthread_cond_signal(&c.work)
+    spawn = c.queued > c.idle and c.nthreads < MAX_INFLIGHT
+    if spawn:
+        if pthread_create(&c.threads[c.nthreads], NULL, worker_main, c) == 0:
+            c.nthreads += 1
+        elif c.nthreads == 0:
+            # No worker at all (out of threads): serve it on this thread.
+            c.queue_head = c.queue_tail = NULL
+            c.queued = 0
+            pthread_mutex_unlock(&c.mu)
+            finish(c, q, serve_request(c, disk, q))
+            return
+    pthread_mutex_unlock(&c.mu)
+
+
+cdef void drain(conn_t *c) noexcept nogil:
+    """Wait for every request taken to be served and answered, then end the
+    workers."""
+    cdef int i
+    pthread_mutex_lock(&c.mu)
+    while c.busy:
+        c.reader_waiting = True
+        pthread_cond_wait(&c.room, &c.mu)
+        c.reader_waiting = False
+    c.stopping = True
+    pthread_cond_broadcast(&c.work)
+    pthread_mutex_unlock(&c.mu)
+    for i in range(c.nthreads):
+        pthread_join(c.threads[i], NULL)
+    c.nthreads = 0
+
+
 cdef int transmission(conn_t *c, TrackedDisk disk) noexcept nogil:
-    """END_DISCONNECT, END_MALFORMED or END_IO."""
+    """END_DISCONNECT, END_MALFORMED or END_IO, once every request read
+    before the end was served and answered (NBD_CMD_DISC asks for that)."""
     cdef char h[28]
     cdef uint16_t flags, cmd
     cdef uint32_t length
-    cdef int64_t offset, r
-    cdef const char *cookie = h + 8
-    cdef bint bad
+    cdef int64_t offset
+    cdef int end
+    cdef bint failed
+    cdef req_t *q
     while True:
+        pthread_mutex_lock(&c.mu)
+        failed = c.send_failed
+        pthread_mutex_unlock(&c.mu)
+        if failed:
+            end = END_IO
+            break
         if recv_all(c.sock, h, 28) < 0:
-            return END_IO
+            end = END_IO
+            break
         if get32(h) != REQUEST_MAGIC:
-            return END_MALFORMED
+            end = END_MALFORMED
+            break
         flags = get16(h + 4)
         cmd = get16(h + 6)
         offset = <int64_t>get64(h + 16)
         length = get32(h + 24)
+        if cmd == CMD_DISC:
+            end = END_DISCONNECT
+            break
+        if cmd == CMD_WRITE and length > MAX_REQUEST:
+            end = END_MALFORMED    # its payload cannot be skipped safely
+            break
         if get64(h + 16) > <uint64_t>c.size:
             offset = -1         # out of range, whatever the command
-        bad = offset < 0 or <int64_t>length > c.size - offset
-
+        q = take_slot(c, length if (cmd == CMD_WRITE or cmd == CMD_READ)
+                      and length <= MAX_REQUEST else 0)
+        memcpy(q.cookie, h + 8, 8)
+        q.flags = flags
+        q.cmd = cmd
+        q.offset = offset
+        q.length = length
+        q.bad = offset < 0 or <int64_t>length > c.size - offset
         if cmd == CMD_WRITE:
-            if length > MAX_REQUEST:
-                return END_MALFORMED    # its payload cannot be skipped safely
-            if grow(c, length) < 0 or recv_all(c.sock, c.buf, length) < 0:
-                return END_IO
-            if c.read_only:
-                r = -EPERM
-            elif bad:
-                r = -EINVAL
-            else:
-                r = disk.c_write(c.buf, length, offset)
-                if r >= 0 and flags & CMDF_FUA:
-                    r = disk.c_flush()
-            if simple_reply(c, cookie, nbd_errno(r) if r < 0 else 0, NULL, 0) < 0:
-                return END_IO
-        elif cmd == CMD_READ:
-            if bad or length > MAX_REQUEST:
-                r = reply_error(c, cookie, NBD_EINVAL, c.structured)
-            else:
-                r = do_read(c, disk, cookie, flags, offset, length)
-            if r < 0:
-                return END_IO
-        elif cmd == CMD_DISC:
-            return END_DISCONNECT
-        elif cmd == CMD_FLUSH:
-            r = disk.c_flush()
-            if simple_reply(c, cookie, nbd_errno(r) if r < 0 else 0, NULL, 0) < 0:
-                return END_IO
-        elif cmd == CMD_TRIM or cmd == CMD_WRITE_ZEROES:
-            if c.read_only:
-                r = -EPERM
-            elif bad:
-                r = -EINVAL
-            elif cmd == CMD_TRIM:
-                r = disk.c_discard(offset, length)
-                if r == -EOPNOTSUPP:
-                    r = 0       # a trim is advisory: nothing dropped is fine
-            else:
-                r = do_write_zeroes(c, disk, flags, offset, length)
-            if r >= 0 and flags & CMDF_FUA:
-                r = disk.c_flush()
-            if simple_reply(c, cookie, nbd_errno(r) if r < 0 else 0, NULL, 0) < 0:
-                return END_IO
-        elif cmd == CMD_BLOCK_STATUS:
-            if bad or length == 0:
-                r = reply_error(c, cookie, NBD_EINVAL, c.structured)
-            elif not c.structured:
-                r = simple_reply(c, cookie, NBD_EINVAL, NULL, 0)
-            else:
-                r = do_block_status(c, disk, cookie, flags, offset, length)
-            if r < 0:
-                return END_IO
-        else:
-            if reply_error(c, cookie, NBD_EINVAL, c.structured) < 0:
-                return END_IO
+            if grow(q, length) < 0 or recv_all(c.sock, q.buf, length) < 0:
+                finish(c, q, 0)
+                end = END_IO
+                break
+        submit(c, disk, q)
+    drain(c)
+    return end
 
 
 def serve_connection(int sock, TrackedDisk disk not None, bytes name not None,
@@ -720,9 +1018,10 @@ def serve_connection(int sock, TrackedDisk disk not None, bytes name not None,
     until it leaves: END_DISCONNECT, END_MALFORMED or END_IO.  Runs without
     the GIL."""
     cdef conn_t c
-    cdef int r
+    cdef int r, i
     memset(&c, 0, sizeof(c))
     c.sock = sock
+    c.disk = <void *>disk
     c.size = disk.size
     c.name = name
     c.name_len = <uint32_t>len(name)
@@ -732,6 +1031,14 @@ def serve_connection(int sock, TrackedDisk disk not None, bytes name not None,
                 | TF_SEND_FAST_ZERO)
     if read_only:
         c.tflags = c.tflags | TF_READ_ONLY
+    for i in range(MAX_INFLIGHT):
+        c.slots[i].next = c.free_slots
+        c.free_slots = &c.slots[i]
+    pthread_mutex_init(&c.mu, NULL)
+    pthread_mutex_init(&c.send_mu, NULL)
+    pthread_cond_init(&c.work, NULL)
+    pthread_cond_init(&c.room, NULL)
+    pthread_cond_init(&c.taken, NULL)
     with nogil:
         r = handshake(&c)
         if r == 0:
@@ -740,5 +1047,11 @@ def serve_connection(int sock, TrackedDisk disk not None, bytes name not None,
             r = END_DISCONNECT
         else:
             r = END_MALFORMED
-        free(c.buf)
+        for i in range(MAX_INFLIGHT):
+            free(c.slots[i].buf)
+    pthread_cond_destroy(&c.taken)
+    pthread_cond_destroy(&c.room)
+    pthread_cond_destroy(&c.work)
+    pthread_mutex_destroy(&c.send_mu)
+    pthread_mutex_destroy(&c.mu)
     return r
