@@ -4,7 +4,8 @@ direct=True serves aligned requests with O_DIRECT.
 A raw client sends requests back to back without waiting (as fio's nbd
 engine and a guest's queue do): every request gets exactly one reply, in
 any order, the data is right, and NBD_CMD_DISC or a malformed request after
-them still lets every earlier request finish and answer first.  O_DIRECT is
+them still lets every earlier request finish and answer first; through the
+io_uring path (plain reads and writes) and through the worker pool.  O_DIRECT is
 judged by the page cache: fincore (util-linux) counts the pages of the file
 that are cached after writes through the export, with and without direct.
 """
@@ -88,10 +89,15 @@ def blocks(n: int, size: int) -> list[bytes]:
     return [os.urandom(size) for _ in range(n)]
 
 
-@pytest.fixture
-def export(tmp_path):
+@pytest.fixture(params=["ring", "pool"])
+def export(tmp_path, request):
+    """An export; "pool": with a trace listener on its disk, which keeps
+    every request off the io_uring path (the listener sees claims and marks
+    in the request's own thread), so the worker pool serves them all."""
     src = make_image(tmp_path / "src.img", 8 * MiB)
     with fastmirror.Export(src, socket=str(tmp_path / "nbd.sock")) as e:
+        if request.param == "pool":
+            e.disk.set_trace(lambda event, offset, length: None)
         yield src, e
 
 

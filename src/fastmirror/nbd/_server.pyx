@@ -21,7 +21,13 @@ from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy, memset, memcmp
 from posix.types cimport off_t
 from posix.uio cimport iovec
-from fastmirror._core.tracked cimport TrackedDisk, fm_route, fm_route_pread, FM_DIO_ALIGN
+from fastmirror._core.tracked cimport (TrackedDisk, fm_route, fm_route_pread, fm_dio_ok,
+                                       FM_DIO_ALIGN)
+from fastmirror._core.engine cimport fm_engine_mark
+from fastmirror._core.blockio cimport pread_full, pwrite_full
+from fastmirror._core.ring cimport (fm_ring, fm_ring_init, fm_ring_exit, fm_ring_prep,
+                                   fm_ring_supports, fm_ring_unqueue, FM_RING_READ,
+                                   FM_RING_WRITE, FM_CALLS_PLAIN)
 from fastmirror._core.sync cimport (pthread_mutex_t, pthread_cond_t, pthread_mutex_init,
                                     pthread_mutex_destroy, pthread_mutex_lock,
                                     pthread_mutex_unlock, pthread_cond_init,
@@ -55,11 +61,73 @@ cdef extern from "<sys/socket.h>" nogil:
 cdef extern from "<stdlib.h>" nogil:
     int posix_memalign(void **p, size_t alignment, size_t size)
 
+cdef extern from *:
+    """
+    #include "ring.h"
+    /* A connection's ring is filled by its reader and reaped by its
+       completer: each thread touches only its own queue of the ring (the
+       fm_ring_submit/fm_ring_reap pair shares a counter, so not those). */
+    #if FM_HAVE_URING
+    static int fm_nbd_ring_enter(fm_ring *r) {
+        while (r->to_submit) {
+            int n = (int)syscall(__NR_io_uring_enter, r->fd, r->to_submit, 0, 0, NULL, 0);
+            if (n < 0) {
+                if (errno == EINTR) continue;
+                return -errno;
+            }
+            if (n == 0) return -EAGAIN;
+            r->to_submit -= (unsigned)n;
+        }
+        return 0;
+    }
+    static int fm_nbd_ring_wait(fm_ring *r) {
+        if (__atomic_load_n(r->cq_tail, __ATOMIC_ACQUIRE) != *r->cq_head) return 0;
+        int n = (int)syscall(__NR_io_uring_enter, r->fd, 0, 1, IORING_ENTER_GETEVENTS, NULL, 0);
+        return n < 0 && errno != EINTR ? -errno : 0;
+    }
+    static int fm_nbd_ring_reap(fm_ring *r, uint64_t *user_data, int *res) {
+        unsigned head = *r->cq_head;
+        if (head == __atomic_load_n(r->cq_tail, __ATOMIC_ACQUIRE)) return 0;
+        struct io_uring_cqe *cqe = &((struct io_uring_cqe *)r->cqes)[head & *r->cq_mask];
+        *user_data = cqe->user_data;
+        *res = cqe->res;
+        __atomic_store_n(r->cq_head, head + 1, __ATOMIC_RELEASE);
+        return 1;
+    }
+    static int fm_nbd_ring_nop(fm_ring *r, uint64_t user_data) {
+        unsigned tail = *r->sq_tail;
+        unsigned head = __atomic_load_n(r->sq_head, __ATOMIC_ACQUIRE);
+        if (tail - head >= r->sq_entries) return -EBUSY;
+        unsigned idx = tail & *r->sq_mask;
+        struct io_uring_sqe *sqe = &((struct io_uring_sqe *)r->sqes)[idx];
+        memset(sqe, 0, sizeof(*sqe));
+        sqe->opcode = IORING_OP_NOP;
+        sqe->user_data = user_data;
+        r->sq_array[idx] = idx;
+        __atomic_store_n(r->sq_tail, tail + 1, __ATOMIC_RELEASE);
+        r->to_submit++;
+        return 0;
+    }
+    #else
+    static int fm_nbd_ring_enter(fm_ring *r) { (void)r; return -ENOSYS; }
+    static int fm_nbd_ring_wait(fm_ring *r) { (void)r; return -ENOSYS; }
+    static int fm_nbd_ring_reap(fm_ring *r, uint64_t *u, int *res) {
+        (void)r; (void)u; (void)res; return 0;
+    }
+    static int fm_nbd_ring_nop(fm_ring *r, uint64_t u) { (void)r; (void)u; return -ENOSYS; }
+    #endif
+    """
+    int fm_nbd_ring_enter(fm_ring *r) nogil
+    int fm_nbd_ring_wait(fm_ring *r) nogil
+    int fm_nbd_ring_reap(fm_ring *r, uint64_t *user_data, int *res) nogil
+    int fm_nbd_ring_nop(fm_ring *r, uint64_t user_data) nogil
+
 cdef extern from "<pthread.h>" nogil:
     ctypedef unsigned long pthread_t
     int pthread_create(pthread_t *t, const void *attr, void *(*start)(void *) noexcept nogil,
                        void *arg)
     int pthread_join(pthread_t t, void **ret)
+    int pthread_detach(pthread_t t)
 
 cdef extern from "<unistd.h>" nogil:
     off_t lseek(int fd, off_t offset, int whence)
@@ -175,6 +243,10 @@ cdef struct req_t:
     int64_t buf_len
     int64_t charged             # its share of INFLIGHT_BYTES
     req_t *next                 # in the queue or the free list
+    # On the ring (ring_submit): the route taken at the gate, and the
+    # descriptor the I/O went to.
+    fm_route route
+    int fd
 
 
 cdef struct conn_t:
@@ -212,6 +284,11 @@ cdef struct conn_t:
     char pending[PENDING_REPLIES * 16]  # simple replies not sent yet
     pthread_cond_t taken        # the sender took the pending replies
     pthread_t threads[MAX_INFLIGHT]
+    # The ring (io_uring, when the kernel allows it): plain reads and writes
+    # go there from the reader, and the completer thread ends them.
+    fm_ring ring
+    bint ring_ok
+    pthread_t completer
 
 
 cdef int send_all(int sock, const void *p, size_t n, bint more) noexcept nogil:
@@ -942,6 +1019,113 @@ cdef void submit(conn_t *c, TrackedDisk disk, req_t *q) noexcept nogil:
     pthread_mutex_unlock(&c.mu)
 
 
+# -- the ring: plain reads and writes without a thread each ------------------------
+#
+# A WRITE (without FUA) or a READ of data only, on a disk not in
+# write-blocking mode and without a trace listener, is the whole of what a
+# guest or fio sends in a run: the reader passes the gate for it, queues it
+# on the connection's io_uring and goes on reading; the completer thread
+# reaps it, marks a write's range dirty in the job's engine (as the tracked
+# path does once a write landed), leaves the gate and sends the reply.  So a
+# connection keeps MAX_INFLIGHT requests at the disk with two threads and
+# one system call to submit each, as QEMU's server does.  Everything else
+# (claims, flushes, zeroing, holes, block status, errors) goes to the pool.
+
+cdef enum:
+    RING_STOP = MAX_INFLIGHT    # the user_data of the completer's last entry
+
+
+cdef bint ring_submit(conn_t *c, TrackedDisk disk, req_t *q) noexcept nogil:
+    """Queue q on the ring; False when it is not for the ring (the pool
+    serves it)."""
+    cdef bint write = q.cmd == CMD_WRITE
+    cdef bint hole
+    cdef int64_t nxt
+    cdef uint64_t index = <uint64_t>(q - &c.slots[0])
+    cdef uint64_t unused
+    if not c.ring_ok or disk.trace_on or q.bad or q.length == 0:
+        return False
+    if write:
+        if c.read_only or q.flags & CMDF_FUA:
+            return False
+    elif q.cmd != CMD_READ or q.length > MAX_REQUEST or grow(q, q.length) < 0:
+        return False
+    if disk.c_enter(&q.route) < 0:
+        return False            # the pool answers the error
+    if q.route.mirror_fd >= 0:
+        disk.c_leave(&q.route)  # write-blocking: claims, both sides
+        return False
+    if not write and c.structured and not (q.flags & CMDF_DF):
+        nxt = next_extent(q.route.fd, q.route.is_block, q.offset, q.offset + q.length, &hole)
+        if hole or (0 <= nxt < q.offset + q.length):
+            disk.c_leave(&q.route)  # holes: OFFSET_HOLE chunks from the pool
+            return False
+    q.fd = q.route.dfd if q.route.dfd >= 0 and fm_dio_ok(q.buf, q.length, q.offset) \
+        else q.route.fd
+    if fm_ring_prep(&c.ring, FM_RING_WRITE if write else FM_RING_READ, q.fd, q.buf,
+                    q.length, q.offset, index) < 0:
+        disk.c_leave(&q.route)
+        return False
+    if fm_nbd_ring_enter(&c.ring) < 0:
+        # Not taken: take it back, the pool serves it.
+        fm_ring_unqueue(&c.ring, &unused, 1)
+        disk.c_leave(&q.route)
+        return False
+    return True
+
+
+cdef int ring_complete(conn_t *c, TrackedDisk disk, req_t *q, int64_t r) noexcept nogil:
+    """End a request the ring served (r: its result) and send its reply."""
+    cdef int sent
+    cdef char head[8]
+    cdef bint write = q.cmd == CMD_WRITE
+    if r == -EINVAL and q.fd == q.route.dfd and q.fd != q.route.fd:
+        # O_DIRECT refused this one (alignment above a page): buffered.
+        q.fd = q.route.fd
+        r = 0
+    if 0 <= r < q.length:
+        # A short transfer, or the buffered retry: the rest in this thread.
+        if write:
+            r = pwrite_full(q.fd, q.buf + r, q.length - r, q.offset + r)
+        else:
+            r = pread_full(q.fd, q.buf + r, q.length - r, q.offset + r)
+            if r >= 0 and r < q.length:     # the end of a file that shrank: zeros
+                memset(q.buf + r, 0, <size_t>(q.length - r))
+                r = q.length
+    if write:
+        # Marked once it landed (or failed, maybe in part): invariant 2.
+        if q.route.engine != NULL:
+            fm_engine_mark(q.route.engine, q.offset, q.length)
+        disk.c_leave(&q.route)
+        return locked_simple(c, q.cookie, r if r < 0 else 0)
+    disk.c_leave(&q.route)
+    if r < 0:
+        return locked_error(c, q.cookie, nbd_errno(r), c.structured)
+    pthread_mutex_lock(&c.send_mu)
+    if not c.structured:
+        sent = simple_reply(c, q.cookie, 0, q.buf, q.length)
+    else:
+        put64(head, <uint64_t>q.offset)
+        sent = chunk(c, q.cookie, RF_DONE, CHUNK_OFFSET_DATA, head, 8, q.buf, q.length)
+    pthread_mutex_unlock(&c.send_mu)
+    return sent
+
+
+cdef void *completer_main(void *arg) noexcept nogil:
+    """Reap the ring until RING_STOP."""
+    cdef conn_t *c = <conn_t *>arg
+    cdef uint64_t index
+    cdef int res
+    while True:
+        if fm_nbd_ring_wait(&c.ring) < 0:
+            return NULL         # cannot happen with a working ring; drain() copes
+        while fm_nbd_ring_reap(&c.ring, &index, &res):
+            if index >= RING_STOP:
+                return NULL
+            finish(c, &c.slots[index],
+                   ring_complete(c, <TrackedDisk>c.disk, &c.slots[index], res))
+
+
 cdef void drain(conn_t *c) noexcept nogil:
     """Wait for every request taken to be served and answered, then end the
     workers."""
@@ -957,6 +1141,13 @@ cdef void drain(conn_t *c) noexcept nogil:
     for i in range(c.nthreads):
         pthread_join(c.threads[i], NULL)
     c.nthreads = 0
+    if c.ring_ok:
+        # Nothing is on the ring now: its last entry ends the completer.
+        if fm_nbd_ring_nop(&c.ring, RING_STOP) == 0 and fm_nbd_ring_enter(&c.ring) == 0:
+            pthread_join(c.completer, NULL)
+        else:
+            pthread_detach(c.completer)  # unreachable with a working ring
+        c.ring_ok = False
 
 
 cdef int transmission(conn_t *c, TrackedDisk disk) noexcept nogil:
@@ -1007,7 +1198,8 @@ cdef int transmission(conn_t *c, TrackedDisk disk) noexcept nogil:
                 finish(c, q, 0)
                 end = END_IO
                 break
-        submit(c, disk, q)
+        if not ring_submit(c, disk, q):
+            submit(c, disk, q)
     drain(c)
     return end
 
@@ -1042,7 +1234,15 @@ def serve_connection(int sock, TrackedDisk disk not None, bytes name not None,
     with nogil:
         r = handshake(&c)
         if r == 0:
+            if fm_ring_init(&c.ring, 2 * MAX_INFLIGHT) == 0:
+                if fm_ring_supports(&c.ring, FM_CALLS_PLAIN) == 0 and pthread_create(
+                        &c.completer, NULL, completer_main, &c) == 0:
+                    c.ring_ok = True
+                else:
+                    fm_ring_exit(&c.ring)
             r = transmission(&c, disk)
+            if c.ring.fd > 0:
+                fm_ring_exit(&c.ring)
         elif r == 1:
             r = END_DISCONNECT
         else:
