@@ -127,9 +127,9 @@ cdef extern from "<pthread.h>" nogil:
     int pthread_create(pthread_t *t, const void *attr, void *(*start)(void *) noexcept nogil,
                        void *arg)
     int pthread_join(pthread_t t, void **ret)
-    int pthread_detach(pthread_t t)
 
 cdef extern from "<unistd.h>" nogil:
+    int usleep(unsigned usec)
     off_t lseek(int fd, off_t offset, int whence)
     int SEEK_DATA
     int SEEK_HOLE
@@ -1077,6 +1077,7 @@ cdef bint ring_submit(conn_t *c, TrackedDisk disk, req_t *q) noexcept nogil:
 cdef int ring_complete(conn_t *c, TrackedDisk disk, req_t *q, int64_t r) noexcept nogil:
     """End a request the ring served (r: its result) and send its reply."""
     cdef int sent
+    cdef int64_t n
     cdef char head[8]
     cdef bint write = q.cmd == CMD_WRITE
     if r == -EINVAL and q.fd == q.route.dfd and q.fd != q.route.fd:
@@ -1086,12 +1087,13 @@ cdef int ring_complete(conn_t *c, TrackedDisk disk, req_t *q, int64_t r) noexcep
     if 0 <= r < q.length:
         # A short transfer, or the buffered retry: the rest in this thread.
         if write:
-            r = pwrite_full(q.fd, q.buf + r, q.length - r, q.offset + r)
+            n = pwrite_full(q.fd, q.buf + r, q.length - r, q.offset + r)
         else:
-            r = pread_full(q.fd, q.buf + r, q.length - r, q.offset + r)
-            if r >= 0 and r < q.length:     # the end of a file that shrank: zeros
-                memset(q.buf + r, 0, <size_t>(q.length - r))
-                r = q.length
+            n = pread_full(q.fd, q.buf + r, q.length - r, q.offset + r)
+            if 0 <= n < q.length - r:      # the end of a file that shrank: zeros
+                memset(q.buf + r + n, 0, <size_t>(q.length - r - n))
+                n = q.length - r
+        r = n if n < 0 else r + n
     if write:
         # Marked once it landed (or failed, maybe in part): invariant 2.
         if q.route.engine != NULL:
@@ -1118,7 +1120,9 @@ cdef void *completer_main(void *arg) noexcept nogil:
     cdef int res
     while True:
         if fm_nbd_ring_wait(&c.ring) < 0:
-            return NULL         # cannot happen with a working ring; drain() copes
+            # Not seen with a working ring; requests are in flight, so wait
+            # and look again rather than leave them unanswered.
+            usleep(1000)
         while fm_nbd_ring_reap(&c.ring, &index, &res):
             if index >= RING_STOP:
                 return NULL
@@ -1128,8 +1132,9 @@ cdef void *completer_main(void *arg) noexcept nogil:
 
 cdef void drain(conn_t *c) noexcept nogil:
     """Wait for every request taken to be served and answered, then end the
-    workers."""
+    workers and the completer."""
     cdef int i
+    cdef uint64_t unused
     pthread_mutex_lock(&c.mu)
     while c.busy:
         c.reader_waiting = True
@@ -1143,10 +1148,10 @@ cdef void drain(conn_t *c) noexcept nogil:
     c.nthreads = 0
     if c.ring_ok:
         # Nothing is on the ring now: its last entry ends the completer.
-        if fm_nbd_ring_nop(&c.ring, RING_STOP) == 0 and fm_nbd_ring_enter(&c.ring) == 0:
-            pthread_join(c.completer, NULL)
-        else:
-            pthread_detach(c.completer)  # unreachable with a working ring
+        while fm_nbd_ring_nop(&c.ring, RING_STOP) < 0 or fm_nbd_ring_enter(&c.ring) < 0:
+            fm_ring_unqueue(&c.ring, &unused, 1)
+            usleep(1000)        # the kernel is short of memory: try again
+        pthread_join(c.completer, NULL)
         c.ring_ok = False
 
 
