@@ -591,6 +591,23 @@ def test_bench_exports_runs_every_row_on_both_servers(tmp_path, capsys):
     assert len(data) == 16 * MiB and data.count(0) < len(data) // 2
 
 
+def test_bench_exports_buffered(tmp_path, capsys):
+    for tool in ("fio", "qemu-storage-daemon"):
+        if shutil.which(tool) is None:
+            _missing("%s is not installed" % tool)
+    src, dst, out = tmp_path / "src.img", tmp_path / "dst.img", tmp_path / "exports.json"
+    args = _parse(["--exports", "--create", "8M", "--rounds", "1", "--export-seconds", "0.2",
+                   "--export-rows", "randwrite-4k", "--export-cache", "buffered", src, dst,
+                   "--json", out])
+    assert benchmark.run(args) == 0, capsys.readouterr()
+    doc = json.loads(out.read_text())
+    assert doc["settings"]["cache"] == "buffered" and doc["settings"]["rows"] == ["randwrite-4k"]
+    assert sorted(r["server"] for r in doc["runs"]) == ["fastmirror", "qemu"]
+    assert all(r["ok"] and r["iops"] > 0 for r in doc["runs"]), doc["runs"]
+    assert "cache.direct=off" in doc["commands"]["qemu"]
+    assert "--direct" not in doc["commands"]["fastmirror"]
+
+
 def test_bench_exports_refuses_to_write_an_existing_source(tmp_path, capsys):
     src, dst = tmp_path / "src.img", tmp_path / "dst.img"
     images.make_image(src, MiB)
