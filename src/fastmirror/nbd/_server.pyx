@@ -1039,7 +1039,6 @@ cdef bint ring_submit(conn_t *c, TrackedDisk disk, req_t *q) noexcept nogil:
     """Queue q on the ring; False when it is not for the ring (the pool
     serves it)."""
     cdef bint write = q.cmd == CMD_WRITE
-    cdef bint hole
     cdef int64_t nxt
     cdef uint64_t index = <uint64_t>(q - &c.slots[0])
     cdef uint64_t unused
@@ -1055,9 +1054,12 @@ cdef bint ring_submit(conn_t *c, TrackedDisk disk, req_t *q) noexcept nogil:
     if q.route.mirror_fd >= 0:
         disk.c_leave(&q.route)  # write-blocking: claims, both sides
         return False
-    if not write and c.structured and not (q.flags & CMDF_DF):
-        nxt = next_extent(q.route.fd, q.route.is_block, q.offset, q.offset + q.length, &hole)
-        if hole or (0 <= nxt < q.offset + q.length):
+    if not write and c.structured and not (q.flags & CMDF_DF) and not q.route.is_block:
+        # All data when the first hole at or after the offset starts past
+        # the end: one SEEK_HOLE (next_extent's SEEK_DATA first would be a
+        # second system call on the reader's path, for every read).
+        nxt = lseek(q.route.fd, q.offset, SEEK_HOLE)
+        if 0 <= nxt < q.offset + q.length:
             disk.c_leave(&q.route)  # holes: OFFSET_HOLE chunks from the pool
             return False
     q.fd = q.route.dfd if q.route.dfd >= 0 and fm_dio_ok(q.buf, q.length, q.offset) \
