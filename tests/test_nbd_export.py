@@ -18,7 +18,7 @@ import pytest
 import fastmirror
 from fastmirror import EventType
 from helpers.files import allocated_bytes, make_image
-from helpers.require import fm, require
+from helpers.require import fm, require, require_that
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -65,13 +65,22 @@ def recv_exact(s: socket.socket, n: int) -> bytes:
     return out
 
 
-def handshake(path: str, name: bytes = b"", structured: bool = False
+def connect(where) -> socket.socket:
+    """A connected socket: `where` is a unix socket's path or (host, port)."""
+    if isinstance(where, tuple):
+        s = socket.create_connection(where, timeout=10)
+    else:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(10)
+        s.connect(where)
+    return s
+
+
+def handshake(path, name: bytes = b"", structured: bool = False
               ) -> tuple[socket.socket, int]:
-    """Fixed newstyle, NBD_OPT_GO (simple replies unless `structured`);
-    (socket, size)."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(10)
-    s.connect(path)
+    """Fixed newstyle, NBD_OPT_GO (simple replies unless `structured`) on a
+    unix socket's path or a (host, port); (socket, size)."""
+    s = connect(path)
     magic, opt, hflags = struct.unpack(">QQH", recv_exact(s, 18))
     assert magic == 0x4e42444d41474943 and opt == IHAVEOPT and hflags & 1
     s.sendall(struct.pack(">I", 3))                   # FIXED_NEWSTYLE | NO_ZEROES
@@ -293,6 +302,164 @@ def test_write_zeroes_flags_no_hole_and_fast_zero(tmp_path):
     with open(src, "rb") as f:
         data = f.read()
     assert data[:3 * MiB] == bytes(3 * MiB) and data[3 * MiB:] == b"\x22" * MiB
+
+
+# -- TCP, the limit on connections and on request size ----------------------------
+
+def ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+def test_tcp_listen_serves_qemu_io_and_nbdinfo_and_warns(tmp_path, caplog):
+    import logging
+    nbdinfo = require("nbdinfo")
+    src = make_image(tmp_path / "src.img", 4 * MiB, pattern=0x11)
+    with caplog.at_level(logging.WARNING, logger="fastmirror"):
+        export = fastmirror.Export(src, listen=("127.0.0.1", 0), name="vm1")
+    with export:
+        host, port = export.address
+        assert host == "127.0.0.1" and port > 0            # port 0: a free one
+        assert export.socket_path is None
+        assert export.url == "nbd://127.0.0.1:%d/vm1" % port
+        assert export.urls == [export.url]
+        assert "no authentication" in caplog.text and "127.0.0.1:%d" % port in caplog.text
+        assert int(run(nbdinfo, "--size", export.url).stdout) == 4 * MiB
+        qemu_io(export.url, "write -P 0x5c 1m 64k", "read -P 0x5c 1m 64k", "read -P 0x11 0 4k")
+        s, size = handshake(("127.0.0.1", port), name=b"vm1")
+        assert size == 4 * MiB
+        request(s, NBD_CMD_READ, 1 * MiB, 4, cookie=3)
+        assert simple_reply(s, 4) == (0, 3, b"\x5c" * 4)
+        s.close()
+    with open(src, "rb") as f:
+        f.seek(1 * MiB)
+        assert f.read(64 * KiB) == b"\x5c" * (64 * KiB)
+    # Closed: nothing listens there any more.
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+
+def test_tcp_and_unix_socket_together_ipv6_in_brackets(tmp_path):
+    require_that(ipv6_loopback(), "no IPv6 loopback (::1) here")
+    src = make_image(tmp_path / "src.img", 2 * MiB, pattern=0x22)
+    sock = str(tmp_path / "s")
+    with fastmirror.Export(src, socket=sock, listen=("::1", 0)) as export:
+        port = export.address[1]
+        assert export.url == "nbd+unix:///?socket=%s" % sock
+        assert export.urls == [export.url, "nbd://[::1]:%d/" % port]
+        qemu_io(export.urls[1], "write -P 0x66 0 4k")
+        qemu_io(export.urls[0], "read -P 0x66 0 4k")        # one disk behind both
+        a, _ = handshake(sock)
+        b, _ = handshake(("::1", port))
+        assert export.connections == 2
+        a.close()
+        b.close()
+    assert not os.path.exists(sock)
+
+
+def test_export_needs_somewhere_to_listen(tmp_path):
+    src = make_image(tmp_path / "src.img", 1 * MiB)
+    with pytest.raises(ValueError, match="socket"):
+        fastmirror.Export(src)
+    with pytest.raises(ValueError, match="max_connections"):
+        fastmirror.Export(src, socket=str(tmp_path / "s"), max_connections=0)
+    with pytest.raises(ValueError, match="listen"):
+        fastmirror.Export(src, listen=("127.0.0.1", 70000))
+    # A port in use: the error, and nothing left behind (the unix socket).
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        with pytest.raises(OSError):
+            fastmirror.Export(src, socket=str(tmp_path / "s"), listen=busy.getsockname())
+    assert not (tmp_path / "s").exists()
+
+
+def wait_for(predicate, timeout=10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_a_client_beyond_the_limit_is_refused_the_others_go_on(tmp_path):
+    src = make_image(tmp_path / "src.img", 2 * MiB, pattern=0x33)
+    sock = str(tmp_path / "s")
+    with fastmirror.Export(src, socket=sock, listen=("127.0.0.1", 0),
+                           max_connections=2) as export:
+        tcp = export.address
+        a, _ = handshake(sock)
+        b, _ = handshake(tcp)                   # the limit counts unix and TCP together
+        assert export.connections == 2
+        for where in (sock, tcp):
+            extra = connect(where)
+            # Closed before the handshake: not even the greeting.
+            with pytest.raises((EOFError, ConnectionResetError)):
+                recv_exact(extra, 18)
+            extra.close()
+        bad = subprocess.run([require("qemu-io"), "-f", "raw", "-c", "read 0 4k", export.url],
+                             capture_output=True, text=True, timeout=30)
+        assert bad.returncode != 0 or "read 4096/4096" not in bad.stdout
+        # The two served are unaffected.
+        request(a, NBD_CMD_WRITE, 0, 4, payload=b"aaaa")
+        assert simple_reply(a)[0] == 0
+        request(b, NBD_CMD_READ, 0, 4, cookie=5)
+        assert simple_reply(b, 4) == (0, 5, b"aaaa")
+        # One leaves: its place is free again.
+        request(a, NBD_CMD_DISC, 0, 0)
+        a.close()
+        assert wait_for(lambda: export.connections == 1)
+        qemu_io(export.url, "read -P 0x61 0 4", "read -P 0x33 4 4092")
+        request(b, NBD_CMD_READ, 4, 4, cookie=6)
+        assert simple_reply(b, 4) == (0, 6, b"\x33" * 4)
+        b.close()
+
+
+def test_request_size_limit_for_write_and_read(tmp_path):
+    """32 MiB is the most a READ or WRITE may carry (NBD_INFO_BLOCK_SIZE's
+    maximum): a longer READ is an error and the connection goes on; a longer
+    WRITE ends the connection (its payload cannot be skipped safely) and
+    nothing of it is written."""
+    limit = 32 * MiB
+    src = tmp_path / "src.img"
+    with open(src, "wb") as f:
+        f.truncate(2 * limit)
+    with fastmirror.Export(src, socket=str(tmp_path / "s")) as export:
+        s, _ = handshake(export.socket_path)
+        request(s, NBD_CMD_READ, 0, limit + 1, cookie=1)
+        assert simple_reply(s) == (22, 1, b"")                  # NBD_EINVAL
+        request(s, NBD_CMD_READ, 0, limit, cookie=2)
+        err, cookie, data = simple_reply(s, limit)
+        assert (err, cookie) == (0, 2) and data == bytes(limit)
+        payload = b"\x7e" * limit
+        request(s, NBD_CMD_WRITE, limit, limit, cookie=3, payload=payload)
+        assert simple_reply(s) == (0, 3, b"")                   # exactly the limit: fine
+        st, _ = handshake(export.socket_path, structured=True)
+        request(st, NBD_CMD_READ, 0, limit + 1, cookie=4)
+        ((flags, ctype, _, _),) = structured_chunks(st)
+        assert flags & 1 and ctype == 32769                      # NBD_REPLY_TYPE_ERROR
+        # One byte over: dropped, whether the payload follows or not.
+        for sent in (0, 4096, limit + 1):
+            bad, _ = handshake(export.socket_path)
+            try:
+                request(bad, NBD_CMD_WRITE, 0, limit + 1, payload=b"\x99" * sent)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+            assert is_closed(bad)
+            bad.close()
+        request(s, NBD_CMD_READ, 0, 4096, cookie=5)             # the others go on
+        assert simple_reply(s, 4096) == (0, 5, bytes(4096))
+        request(st, NBD_CMD_DISC, 0, 0)
+        s.close()
+        st.close()
+    with open(src, "rb") as f:
+        assert f.read(limit) == bytes(limit)                     # nothing of the 0x99s
+        assert f.read(limit) == payload
 
 
 # -- malformed input ends one connection only -------------------------------------
@@ -589,3 +756,43 @@ def test_fastmirror_serve_until_sigterm(tmp_path):
     assert not sock.exists()
     missing = fm("serve", str(tmp_path / "missing.img"), "--socket", str(sock), timeout=60)
     assert missing.returncode == 2 and "missing.img" in missing.stderr
+
+
+def test_fastmirror_serve_listen_warns_and_limits_connections(tmp_path):
+    import re
+    nbdinfo = require("nbdinfo")
+    src = make_image(tmp_path / "src.img", 2 * MiB)
+    sock = tmp_path / "s"
+    p = subprocess.Popen([sys.executable, "-m", "fastmirror", "serve", src, "--socket", str(sock),
+                          "--listen", "127.0.0.1:0", "--max-connections", "1", "--name", "vm1"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = p.stdout.readline()
+        m = re.search(r"nbd://127\.0\.0\.1:(\d+)/vm1", line)
+        assert m and "nbd+unix:///vm1?socket=%s" % sock in line, line
+        url = m.group(0)
+        assert int(run(nbdinfo, "--size", url).stdout) == 2 * MiB
+        held, _ = handshake(("127.0.0.1", int(m.group(1))), name=b"vm1")
+        refused = subprocess.run([nbdinfo, "--size", "nbd+unix:///vm1?socket=%s" % sock],
+                                 capture_output=True, text=True, timeout=30)
+        assert refused.returncode != 0                   # the one place is taken
+        request(held, NBD_CMD_DISC, 0, 0)
+        held.close()
+        deadline = time.monotonic() + 10
+        while subprocess.run([nbdinfo, "--size", url], capture_output=True,
+                             timeout=30).returncode != 0:
+            assert time.monotonic() < deadline, "the place was not freed"
+            time.sleep(0.05)
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(30) == 0
+        err = p.stderr.read()
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert "no authentication" in err and "127.0.0.1:%s" % m.group(1) in err, err
+    assert "refused a client" in err, err
+    for bad in (["--listen", "::1:10809"], ["--listen", "localhost"], ["--listen", "h:99999"],
+                ["--socket", str(sock), "--max-connections", "0"], []):
+        r = fm("serve", src, *bad, timeout=60)
+        assert r.returncode == 2 and r.stderr.startswith("fastmirror: "), (bad, r.stderr)

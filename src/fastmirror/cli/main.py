@@ -425,10 +425,30 @@ def cmd_verify(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from fastmirror.nbd.export import Export
+    from fastmirror.nbd.export import Export, parse_listen
+    if args.socket is None and args.listen is None:
+        print("fastmirror: serve needs --socket PATH, --listen HOST:PORT or both",
+              file=sys.stderr)
+        return EXIT_USAGE
+    listen = None
+    if args.listen is not None:
+        try:
+            listen = parse_listen(args.listen)
+        except ValueError as e:
+            print("fastmirror: --listen: %s" % e, file=sys.stderr)
+            return EXIT_USAGE
+    limit = {}
+    if args.max_connections is not None:
+        if args.max_connections < 1:
+            print("fastmirror: --max-connections must be at least 1", file=sys.stderr)
+            return EXIT_USAGE
+        limit["max_connections"] = args.max_connections
+    # The export's warnings: TCP without authentication, refused and
+    # dropped clients.
+    _log_to_stderr()
     try:
-        export = Export(args.source, socket=args.socket, name=args.name,
-                        read_only=args.read_only)
+        export = Export(args.source, socket=args.socket, listen=listen, name=args.name,
+                        read_only=args.read_only, **limit)
     except (OSError, ValueError) as e:
         print("fastmirror: cannot serve %s: %s" % (args.source, e), file=sys.stderr)
         return EXIT_USAGE if isinstance(e, ValueError) or \
@@ -444,8 +464,8 @@ def cmd_serve(args) -> int:
                 print("fastmirror: cannot listen for QMP at %s: %s" % (args.qmp, e),
                       file=sys.stderr)
                 return EXIT_FAIL
-        print("serving %s (%s) at %s" % (args.source, _size_words(export.size), export.url),
-              flush=True)
+        print("serving %s (%s) at %s" % (args.source, _size_words(export.size),
+                                         " and ".join(export.urls)), flush=True)
         if qmp is not None:
             print("QMP at %s" % args.qmp, flush=True)
         stop.event.wait()
@@ -561,13 +581,23 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     b.set_defaults(func=cmd_bench)
 
-    sv = sub.add_parser("serve", help="serve SRC over NBD on a unix socket",
+    sv = sub.add_parser("serve", help="serve SRC over NBD on a unix socket (or TCP)",
                         description=textwrap.fill(
                             "Serve the image file or block device SRC over NBD at the "
                             "unix socket PATH (mode 0600), as nbd+unix:///NAME?socket=PATH, "
+                            "and/or over TCP at HOST:PORT, as nbd://HOST:PORT/NAME, "
                             "until SIGTERM or SIGINT (exit 0 after a clean shutdown)."))
     sv.add_argument("source", metavar="SRC")
-    sv.add_argument("--socket", required=True, metavar="PATH")
+    sv.add_argument("--socket", metavar="PATH",
+                    help="the unix socket to serve on (mode 0600)")
+    sv.add_argument("--listen", metavar="HOST:PORT",
+                    help="also (or only) serve over TCP; an IPv6 host in brackets "
+                         "([::1]:10809); port 0 picks a free port.  NBD without TLS has "
+                         "no authentication: anyone who can reach the port can read and "
+                         "write the disk")
+    sv.add_argument("--max-connections", type=int, metavar="N",
+                    help="clients served at once, unix and TCP together (default 64); "
+                         "one more is closed before the handshake")
     sv.add_argument("--name", default="", help='the export name (default "")')
     sv.add_argument("--read-only", action="store_true")
     sv.add_argument("--qmp", metavar="PATH",

@@ -1,20 +1,24 @@
-"""Serve a disk over NBD on a unix socket, and mirror it while it is served.
+"""Serve a disk over NBD on a unix socket (and TCP when asked), and mirror
+it while it is served.
 
 The export owns one TrackedDisk.  Untracked until mirror(), it then becomes
 the job's source handle (MirrorJob(_disk=...)): every client's writes go
 through the job's gate, claims and marks, and the job's pivot switches the
 very disk the connections use, so no client is disconnected.  Each
 connection is a thread that spends its life in serve_connection(), which
-does not hold the GIL.
+does not hold the GIL.  One acceptor thread per listening socket; the
+limit on connections counts them all.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket as _socket
 import stat
 import threading
+import time
 from typing import Optional
 from urllib.parse import quote
 
@@ -26,19 +30,85 @@ log = logging.getLogger("fastmirror.nbd")
 
 MAX_CONNECTIONS = 64
 
+# What an unauthenticated TCP listener means, said wherever one is opened.
+TCP_WARNING = ("NBD over TCP has no authentication and no encryption (no TLS): anyone "
+               "who can reach %s can %s the disk")
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """"HOST:PORT" as (host, port); an IPv6 host goes in brackets
+    ("[::1]:10809").  Port 0 picks a free port.  ValueError otherwise."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError("expected HOST:PORT (an IPv6 host in brackets), not %r" % text)
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError("an IPv6 host goes in brackets: [%s]:%s" % (host, port))
+    if not host:
+        raise ValueError("no host in %r" % text)
+    try:
+        number = int(port, 10)
+    except ValueError:
+        number = -1
+    if not 0 <= number <= 65535:
+        raise ValueError("port %r is not a number from 0 to 65535" % port)
+    return host, number
+
+
+def _listen_tcp(host: str, port: int, backlog: int) -> _socket.socket:
+    """A listening TCP socket on the first address `host` resolves to."""
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    infos = _socket.getaddrinfo(host, port, type=_socket.SOCK_STREAM,
+                                flags=_socket.AI_PASSIVE)
+    family, kind, proto, _, addr = infos[0]
+    s = _socket.socket(family, kind, proto)
+    try:
+        # A restarted server gets its port back while the old connections
+        # linger in TIME_WAIT.
+        s.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
+        s.bind(addr)
+        s.listen(backlog)
+    except BaseException:
+        s.close()
+        raise
+    return s
+
 
 class Export:
-    """Export(path, socket=PATH, name="", read_only=False): serve the image
-    file or block device `path` over NBD at the unix socket PATH (created
-    with mode 0600; an existing socket file there is replaced).
+    """Export(path, socket=PATH, listen=(HOST, PORT), name="", read_only=False,
+    max_connections=64): serve the image file or block device `path` over
+    NBD at the unix socket PATH (created with mode 0600; an existing socket
+    file there is replaced), over TCP at HOST:PORT, or both (at least one).
 
-    Use as a context manager or call close(); `url` is what clients open
-    (nbd+unix:///NAME?socket=PATH)."""
+    TCP has no authentication and no encryption: anyone who can reach the
+    port can read and write the disk (a warning is logged).  Port 0 picks
+    a free port; `address` is the (host, port) bound.
 
-    def __init__(self, path, *, socket, name: str = "", read_only: bool = False,
+    More than `max_connections` clients at once (unix and TCP together):
+    the next one is closed before the handshake, the others go on.
+
+    Use as a context manager or call close(); `url` is what clients open:
+    nbd+unix:///NAME?socket=PATH, or nbd://HOST:PORT/NAME without a unix
+    socket (`urls` lists both)."""
+
+    def __init__(self, path, *, socket=None, listen: Optional[tuple[str, int]] = None,
+                 name: str = "", read_only: bool = False,
                  max_connections: int = MAX_CONNECTIONS):
+        if socket is None and listen is None:
+            raise ValueError("an export needs a unix socket (socket=PATH), a TCP address "
+                             "(listen=(HOST, PORT)) or both")
+        if type(max_connections) is not int or max_connections < 1:
+            raise ValueError("max_connections must be a positive integer, not %r"
+                             % (max_connections,))
+        if listen is not None:
+            host, port = listen
+            if not isinstance(host, str) or type(port) is not int or not 0 <= port <= 65535:
+                raise ValueError("listen must be (host, port), not %r" % (listen,))
         self._path = os.fspath(path)
-        self.socket_path = os.fspath(socket)
+        self.socket_path = os.fspath(socket) if socket is not None else None
+        self.address: Optional[tuple[str, int]] = None
         self.name = name
         self.read_only = read_only
         self._name_bytes = name.encode()
@@ -51,7 +121,9 @@ class Export:
         self._closed = False
         self._job = None
         self._disk: Optional[TrackedDisk] = None
-        self._listener: Optional[_socket.socket] = None
+        self._listeners: list[_socket.socket] = []
+        self._acceptors: list[threading.Thread] = []
+        self._refused = 0
 
         fd = os.open(self._path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
         try:
@@ -67,16 +139,32 @@ class Export:
         self._disk.attach(fd, is_block)
         self.size = size
         try:
-            self._listener = self._listen()
+            if self.socket_path is not None:
+                self._listeners.append(listen_private(self.socket_path, 16))
+            if listen is not None:
+                tcp = _listen_tcp(listen[0], listen[1], 16)
+                self._listeners.append(tcp)
+                bound = tcp.getsockname()
+                self.address = (listen[0].strip("[]"), bound[1])
+                log.warning(TCP_WARNING, self._tcp_where(),
+                            "read" if read_only else "read and write")
         except BaseException:
+            for s in self._listeners:
+                s.close()
+            if self.socket_path is not None and self._listeners:
+                _unlink_quietly(self.socket_path)
             self._disk.close()
             raise
-        self._acceptor = threading.Thread(target=self._accept, name="fastmirror-nbd-accept",
-                                          daemon=True)
-        self._acceptor.start()
+        for s in self._listeners:
+            t = threading.Thread(target=self._accept, args=(s,), name="fastmirror-nbd-accept",
+                                 daemon=True)
+            self._acceptors.append(t)
+            t.start()
 
-    def _listen(self) -> _socket.socket:
-        return listen_private(self.socket_path, 16)
+    def _tcp_where(self) -> str:
+        assert self.address is not None
+        host, port = self.address
+        return "%s:%d" % ("[%s]" % host if ":" in host else host, port)
 
     @property
     def path(self) -> str:
@@ -87,8 +175,21 @@ class Export:
         return self._path
 
     @property
+    def urls(self) -> list[str]:
+        """What clients open: nbd+unix:///NAME?socket=PATH for the unix
+        socket, nbd://HOST:PORT/NAME for TCP (the NBD URI specification)."""
+        out = []
+        name = quote(self.name, safe="")
+        if self.socket_path is not None:
+            out.append("nbd+unix:///%s?socket=%s" % (name, self.socket_path))
+        if self.address is not None:
+            out.append("nbd://%s/%s" % (self._tcp_where(), name))
+        return out
+
+    @property
     def url(self) -> str:
-        return "nbd+unix:///%s?socket=%s" % (quote(self.name, safe=""), self.socket_path)
+        """The unix socket's URL, or TCP's when there is no unix socket."""
+        return self.urls[0]
 
     @property
     def disk(self) -> TrackedDisk:
@@ -103,24 +204,58 @@ class Export:
 
     # -- connections ------------------------------------------------------------
 
-    def _accept(self) -> None:
-        assert self._listener is not None
+    def _accept(self, listener: _socket.socket) -> None:
         while True:
             try:
-                conn, _ = self._listener.accept()
-            except OSError:
-                return              # close() shut the listener down
-            with self._lock:
-                if self._closed or len(self._conns) >= self._max:
+                conn, _ = listener.accept()
+            except OSError as e:
+                if self._closed or e.errno in (errno.EBADF, errno.EINVAL):
+                    return          # close() shut the listener down
+                # ECONNABORTED, EMFILE...: this client is lost, not the server.
+                log.warning("nbd: accept failed: %s", e)
+                time.sleep(0.05)
+                continue
+            if conn.family != _socket.AF_UNIX:
+                # Replies go out as header + data with MSG_MORE; without
+                # Nagle nothing else waits.  Keepalive frees the slot of a
+                # peer that vanished.
+                try:
+                    conn.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
+                    conn.setsockopt(_socket.SOL_SOCKET, _socket.SO_KEEPALIVE, 1)
+                except OSError:         # the peer is gone already
                     conn.close()
                     continue
-                t = threading.Thread(target=self._serve, args=(conn,), name="fastmirror-nbd-conn",
-                                     daemon=True)
-                self._conns[conn.fileno()] = (conn, t)
-                # close() joins every thread, also those whose client just
-                # left (out of _conns, not yet returned).
-                self._threads = [x for x in self._threads if x.is_alive()] + [t]
-            t.start()
+            refused = 0
+            with self._lock:
+                if self._closed:
+                    conn.close()
+                    return
+                if len(self._conns) >= self._max:
+                    self._refused += 1
+                    refused = self._refused
+                else:
+                    t = threading.Thread(target=self._serve, args=(conn,),
+                                         name="fastmirror-nbd-conn", daemon=True)
+                    self._conns[conn.fileno()] = (conn, t)
+                    # close() joins every thread, also those whose client just
+                    # left (out of _conns, not yet returned).
+                    self._threads = [x for x in self._threads if x.is_alive()] + [t]
+            if refused:
+                # Before the handshake: the client sees the connection end at
+                # once, and no thread or buffer is spent on it.
+                conn.close()
+                if refused == 1 or refused % 100 == 0:
+                    log.warning("nbd: refused a client: %d connections already (the limit; "
+                                "%d refused so far)", self._max, refused)
+                continue
+            try:
+                t.start()
+            except RuntimeError as e:   # no thread to be had: this client only
+                log.warning("nbd: cannot serve a client: %s", e)
+                with self._lock:
+                    self._conns.pop(conn.fileno(), None)
+                    self._threads.remove(t)
+                conn.close()
 
     def _serve(self, conn: _socket.socket) -> None:
         key = conn.fileno()
@@ -187,17 +322,17 @@ class Export:
             conns = list(self._conns.values())
             threads = list(self._threads)
             job = self._job
-        if self._listener is not None:
+        for s in self._listeners:
             try:
-                self._listener.shutdown(_socket.SHUT_RDWR)
+                s.shutdown(_socket.SHUT_RDWR)
             except OSError:
                 pass
-            self._acceptor.join()
-            self._listener.close()
-            try:
-                os.unlink(self.socket_path)
-            except OSError:
-                pass
+        for t in self._acceptors:
+            t.join()
+        for s in self._listeners:
+            s.close()
+        if self.socket_path is not None and self._listeners:
+            _unlink_quietly(self.socket_path)
         for conn, _ in conns:
             try:
                 conn.shutdown(_socket.SHUT_RDWR)    # wakes the nogil loop
@@ -225,3 +360,10 @@ class Export:
 
     def __repr__(self) -> str:
         return "<Export %s at %s%s>" % (self.path, self.url, " closed" if self._closed else "")
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
