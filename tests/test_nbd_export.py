@@ -4,6 +4,7 @@ qemu-io, qemu-img, nbdcopy; and a raw socket for what they never send."""
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import stat
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Optional
 
 import pytest
 
@@ -516,57 +518,300 @@ def test_malformed_request_ends_that_connection_only(served):
     qemu_io(export.url, "read -P 0 2m 4k")
 
 
-def test_fuzzed_handshakes_options_and_requests_change_nothing(served):
-    """Seeded random and mutated input, none of it a valid write: the server
-    lives, the source is untouched, a good client still reads and writes."""
-    import random
+def test_unknown_flags_are_refused_and_nothing_is_written(served):
+    """A flag the command does not take is NBD_EINVAL, not ignored: a client
+    that asks for something the server does not do must not get a write it
+    did not mean.  The connection goes on (the WRITE's payload is read)."""
     src, export = served
     with open(src, "rb") as f:
         before = f.read()
-    rng = random.Random(1234)
-    go = struct.pack(">QII", IHAVEOPT, NBD_OPT_GO, 6) + struct.pack(">IH", 0, 0)
-    for i in range(150):
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(10)
-        s.connect(export.socket_path)
-        try:
-            recv_exact(s, 18)
-            kind = i % 3
-            if kind == 0:                       # junk, or a mutated handshake
-                msg = bytearray(struct.pack(">I", 3) + go)
-                for _ in range(rng.randint(1, 6)):
-                    msg[rng.randrange(len(msg))] = rng.randrange(256)
-                msg += rng.randbytes(rng.randrange(64))
-            elif kind == 1:                     # options: any code, any payload
-                msg = bytearray(struct.pack(">I", 3))
-                for _ in range(rng.randint(1, 4)):
-                    body = rng.randbytes(rng.randrange(40))
-                    n = len(body) if rng.random() < 0.7 else rng.randrange(1 << 32)
-                    msg += struct.pack(">QII", IHAVEOPT, rng.choice([1, 3, 6, 8, 9, 10, 99]),
-                                       n) + body
-            else:                               # requests that must not write
-                msg = bytearray(struct.pack(">I", 3) + go)
-                for _ in range(rng.randint(1, 8)):
-                    cmd = rng.choice([0, 3, 7, 8, 42, 1, 4, 6])
-                    off = rng.randrange(1 << 64)
-                    if cmd in (1, 4, 6):        # writes only out of range
-                        off = rng.randrange(8 * MiB + 1, 1 << 63)
-                    length = rng.choice([0, 1, 4096, 1 << 25, 1 << 26, rng.randrange(1 << 32)])
-                    payload = rng.randbytes(min(length, 4096)) if cmd == 1 else b""
-                    msg += struct.pack(">IHHQQI", NBD_REQUEST_MAGIC, rng.randrange(1 << 16),
-                                       cmd, i, off, length) + payload
-                if rng.random() < 0.5:
-                    msg += rng.randbytes(28)
-            s.sendall(bytes(msg))
-        except (BrokenPipeError, ConnectionResetError, EOFError):
-            pass
-        finally:
-            s.close()
-    qemu_io(export.url, "write -P 0x99 5m 4k", "read -P 0x99 5m 4k")
+    s, _ = handshake(export.socket_path)
+
+    def send(cmd, flags, offset, length, payload=b"", cookie=1):
+        s.sendall(struct.pack(">IHHQQI", NBD_REQUEST_MAGIC, flags, cmd, cookie, offset,
+                              length) + payload)
+        return simple_reply(s)[:2]
+
+    assert send(NBD_CMD_WRITE, 1 << 7, 0, 4, b"EVIL") == (22, 1)
+    assert send(NBD_CMD_WRITE, 2, 0, 4, b"EVIL") == (22, 1)              # NO_HOLE
+    assert send(4, 2, 0, 4096) == (22, 1)                              # TRIM + NO_HOLE
+    assert send(6, 8, 0, 4096) == (22, 1)                              # WRITE_ZEROES + REQ_ONE
+    assert send(3, 1 << 15, 0, 0) == (22, 1)                           # FLUSH
+    assert send(NBD_CMD_READ, 4, 0, 4) == (22, 1)      # DF without structured replies
+    # The flags each command takes are still served.
+    assert send(NBD_CMD_WRITE, 1, 8192, 4, b"good") == (0, 1)          # FUA
+    assert send(6, 2 | 1, 16384, 4096) == (0, 1)                       # NO_HOLE | FUA
+    request(s, NBD_CMD_READ, 8192, 4, cookie=2)
+    assert simple_reply(s, 4) == (0, 2, b"good")
+    s.close()
     with open(src, "rb") as f:
         after = f.read()
-    assert after[:5 * MiB] == before[:5 * MiB]
-    assert after[5 * MiB + 4 * KiB:] == before[5 * MiB + 4 * KiB:]
+    assert after[:8192] == before[:8192]
+    assert after[8192:8196] == b"good" and after[16384:20480] == bytes(4096)
+
+
+# -- the fuzz: malformed clients next to well-behaved ones ----------------------------
+#
+# Fuzz clients send seeded random and mutated handshakes, options and requests
+# over both listeners while well-behaved clients write and read their own
+# halves of the disk and a mirror job tracks every write.  No fuzz client ever
+# sends a write the server may carry out: every WRITE, TRIM and WRITE_ZEROES
+# of theirs is malformed (bad magic, unknown flags, out of range, over the
+# size limit) or has a payload they never finish.  So afterwards the source,
+# and the target after the pivot, hold exactly what the good clients wrote.
+# FASTMIRROR_FUZZ_ROUNDS (connections per fuzz client) makes it longer.
+
+FUZZ_ROUNDS = int(os.environ.get("FASTMIRROR_FUZZ_ROUNDS", "80"))
+FUZZ_SIZE = 8 * MiB
+LIMIT = 32 * MiB
+CMD_FLUSH, CMD_TRIM, CMD_WRITE_ZEROES, CMD_BLOCK_STATUS = 3, 4, 6, 7
+WRITES = (NBD_CMD_WRITE, CMD_TRIM, CMD_WRITE_ZEROES)
+FUA, NO_HOLE, DF, REQ_ONE, FAST_ZERO = 1, 2, 4, 8, 16
+GO_DEFAULT = struct.pack(">QII", IHAVEOPT, NBD_OPT_GO, 6) + struct.pack(">IH", 0, 0)
+STRUCTURED = struct.pack(">QII", IHAVEOPT, 8, 0)
+
+
+def acted_on_as_write(magic, flags, cmd, offset, length) -> bool:
+    """Whether the server may carry this request out as a write (given its
+    whole payload): the checks a valid write passes.  Errs on the side of
+    yes: a write of 0 bytes in range counts."""
+    if magic != NBD_REQUEST_MAGIC or cmd not in WRITES:
+        return False
+    allowed = FUA | (NO_HOLE | FAST_ZERO if cmd == CMD_WRITE_ZEROES else 0)
+    if flags & ~allowed or offset > FUZZ_SIZE or length > FUZZ_SIZE - offset:
+        return False
+    return not (cmd == NBD_CMD_WRITE and length > LIMIT)
+
+
+def payload_read(magic, cmd, length) -> Optional[int]:
+    """The payload bytes the server reads after this header; None when the
+    header ends the connection (bad magic, a WRITE over the limit, DISC)."""
+    if magic != NBD_REQUEST_MAGIC or cmd == NBD_CMD_DISC or \
+            (cmd == NBD_CMD_WRITE and length > LIMIT):
+        return None
+    return length if cmd == NBD_CMD_WRITE else 0
+
+
+def fuzz_requests(rng) -> bytes:
+    """A stream of requests none of which the server carries out as a
+    write.  A request after one that ends the connection is never read."""
+    out = bytearray()
+    for i in range(rng.randint(1, 10)):
+        kind = rng.randrange(6)
+        magic, flags, cmd = NBD_REQUEST_MAGIC, 0, rng.choice(WRITES)
+        offset, length = rng.randrange(FUZZ_SIZE), rng.choice([0, 1, 512, 4096, 65536])
+        truncate = False
+        if kind == 0:                           # reads, flushes, status, unknown commands
+            cmd = rng.choice([NBD_CMD_READ, CMD_FLUSH, CMD_BLOCK_STATUS, 5, 8, 9, 42,
+                              rng.randrange(10, 1 << 16)])
+            flags = rng.choice([0, FUA, DF, REQ_ONE, rng.randrange(1 << 16)])
+            length = rng.choice([0, 1, 4096, LIMIT + 1, rng.randrange(1 << 32)])
+            if rng.random() < 0.5:
+                offset = rng.randrange(1 << 64)
+        elif kind == 1:                         # unknown flags
+            flags = rng.choice([1 << rng.randrange(5, 16), DF, REQ_ONE, NO_HOLE, FAST_ZERO,
+                                rng.randrange(1 << 16)])
+            if cmd == CMD_WRITE_ZEROES:
+                flags &= ~(FUA | NO_HOLE | FAST_ZERO)
+                flags |= 1 << rng.randrange(5, 16)
+        elif kind == 2:                         # out of range
+            offset = rng.choice([FUZZ_SIZE + 1, rng.randrange(FUZZ_SIZE + 1, 1 << 64),
+                                 (1 << 64) - 1, FUZZ_SIZE - rng.randrange(1, 4096)])
+            if offset <= FUZZ_SIZE:
+                length = FUZZ_SIZE - offset + rng.randrange(1, 65536)
+        elif kind == 3:                         # over the limit, or a bad magic
+            if rng.random() < 0.5:
+                cmd, length = NBD_CMD_WRITE, rng.choice([LIMIT + 1, 1 << 31, (1 << 32) - 1])
+            else:
+                magic = rng.choice([0, NBD_REQUEST_MAGIC ^ (1 << rng.randrange(32)),
+                                    rng.randrange(1 << 32)])
+        elif kind == 4:                         # a valid write, mutated
+            raw = bytearray(struct.pack(">IHHQQI", magic, flags, cmd, i, offset, length))
+            for _ in range(rng.randint(1, 4)):
+                raw[rng.randrange(28)] = rng.randrange(256)
+            magic, flags, cmd, _, offset, length = struct.unpack(">IHHQQI", raw)
+            if acted_on_as_write(magic, flags, cmd, offset, length):
+                if cmd == NBD_CMD_WRITE and length > 0:
+                    truncate = True             # still valid: its payload never comes
+                else:
+                    magic ^= 1                  # nothing to hold back: make it bad
+        else:                                   # a valid write whose payload never comes
+            cmd, length, truncate = NBD_CMD_WRITE, rng.randint(1, 65536), True
+            flags = rng.choice([0, FUA])
+        if not truncate and acted_on_as_write(magic, flags, cmd, offset, length):
+            magic ^= 1                          # a guard; the kinds above never get here
+        out += struct.pack(">IHHQQI", magic, flags, cmd, i, offset, length)
+        needed = payload_read(magic, cmd, length)
+        if truncate:
+            if cmd == NBD_CMD_WRITE and needed:
+                out += rng.randbytes(rng.randrange(min(needed, 65536)))
+            return bytes(out)                   # and hang up: nothing may follow
+        if needed is None:
+            break
+        if needed > 65536:                      # too much to send: cut, and end here
+            out += rng.randbytes(rng.randrange(65536))
+            return bytes(out)
+        out += rng.randbytes(needed)
+    if rng.random() < 0.3:
+        junk = rng.randbytes(rng.randrange(1, 64))
+        if junk[:4] != struct.pack(">I", NBD_REQUEST_MAGIC):
+            out += junk
+    return bytes(out)
+
+
+def fuzz_stream(rng) -> bytes:
+    """What one fuzz client sends after the server's greeting."""
+    kind = rng.randrange(4)
+    if kind == 0:                               # junk, or a mutated handshake
+        msg = bytearray(struct.pack(">I", 3) + GO_DEFAULT)
+        for _ in range(rng.randint(1, 6)):
+            msg[rng.randrange(len(msg))] = rng.randrange(256)
+        return bytes(msg + rng.randbytes(rng.randrange(64)))
+    if kind == 1:                               # options: any code, any payload
+        msg = bytearray(struct.pack(">I", rng.choice([3, 1, 0, 7, rng.randrange(1 << 32)])))
+        for _ in range(rng.randint(1, 4)):
+            body = rng.randbytes(rng.randrange(40))
+            n = len(body) if rng.random() < 0.7 else rng.randrange(1 << 32)
+            msg += struct.pack(">QII", IHAVEOPT, rng.choice([1, 2, 3, 6, 7, 8, 9, 10, 99]),
+                               n) + body
+        return bytes(msg)
+    # A valid handshake, maybe with structured replies and harmless options
+    # first, then requests.
+    msg = bytearray(struct.pack(">I", 3))
+    if rng.random() < 0.5:
+        msg += STRUCTURED
+    if rng.random() < 0.3:
+        msg += struct.pack(">QII", IHAVEOPT, 3, 0)                    # LIST
+    if rng.random() < 0.3:
+        msg += struct.pack(">QII", IHAVEOPT, rng.randrange(11, 1 << 16), 0)   # unknown
+    return bytes(msg + GO_DEFAULT + fuzz_requests(rng))
+
+
+def fuzz_client(where_list, seed: int, rounds: int, errors: list) -> None:
+    rng = random.Random(seed)
+    try:
+        for _ in range(rounds):
+            s = connect(rng.choice(where_list))
+            try:
+                recv_exact(s, 18)
+                s.sendall(fuzz_stream(rng))
+            except (BrokenPipeError, ConnectionResetError, EOFError):
+                pass                            # the server hung up on it: fine
+            finally:
+                s.close()
+    except Exception as e:                      # e.g. a timeout: the server stalled
+        errors.append("fuzz client %d: %r" % (seed, e))
+
+
+class GoodClient:
+    """Writes, zeroes and reads [lo, hi) of the disk, no one else's, and
+    checks every read against what it wrote."""
+
+    def __init__(self, where, structured: bool, lo: int, hi: int, initial: bytes, seed: int):
+        self.s, _ = handshake(where, structured=structured)
+        self.structured = structured
+        self.lo, self.hi = lo, hi
+        self.model = bytearray(initial[lo:hi])
+        self.rng = random.Random(seed)
+        self.cookie = 0
+        self.writes = 0
+
+    def _send(self, cmd, flags, offset, length, payload=b"") -> int:
+        self.cookie += 1
+        self.s.sendall(struct.pack(">IHHQQI", NBD_REQUEST_MAGIC, flags, cmd, self.cookie,
+                                   offset, length) + payload)
+        return self.cookie
+
+    def _ack(self, cookie) -> None:
+        err, got, _ = simple_reply(self.s)      # writes get simple replies
+        assert (err, got) == (0, cookie)
+
+    def read(self, offset: int, length: int) -> bytes:
+        cookie = self._send(NBD_CMD_READ, 0, offset, length)
+        if not self.structured:
+            err, got, data = simple_reply(self.s, length)
+            assert (err, got) == (0, cookie)
+            return data
+        buf = bytearray(length)
+        for _, ctype, off, body in structured_chunks(self.s):
+            assert ctype in (1, 2), ctype           # data or hole, never an error
+            if ctype == 1:
+                buf[off - offset:off - offset + len(body)] = body
+            else:
+                buf[off - offset:off - offset + struct.unpack(">I", body)[0]] = \
+                    bytes(struct.unpack(">I", body)[0])
+        return bytes(buf)
+
+    def step(self) -> None:
+        rng = self.rng
+        length = rng.choice([1, 512, 4096, 65536, rng.randrange(1, 200_000)])
+        offset = rng.randrange(self.lo, self.hi - length)
+        at = offset - self.lo
+        op = rng.random()
+        if op < 0.5:
+            data = rng.randbytes(length)
+            self._ack(self._send(NBD_CMD_WRITE, rng.choice([0, FUA]), offset, length, data))
+            self.model[at:at + length] = data
+            self.writes += 1
+        elif op < 0.65:
+            self._ack(self._send(CMD_WRITE_ZEROES, rng.choice([0, NO_HOLE, FUA]), offset,
+                                 length))
+            self.model[at:at + length] = bytes(length)
+            self.writes += 1
+        else:
+            assert self.read(offset, length) == self.model[at:at + length], (offset, length)
+
+    def check_all(self) -> None:
+        for pos in range(self.lo, self.hi, 1 * MiB):
+            n = min(1 * MiB, self.hi - pos)
+            assert self.read(pos, n) == self.model[pos - self.lo:pos - self.lo + n], pos
+
+
+def test_fuzz_clients_next_to_good_ones_write_nothing(tmp_path):
+    """Several fuzz clients at once, on the unix socket and TCP, while two
+    well-behaved clients write and read and a job mirrors: the server lives,
+    the good clients read what they wrote, and source and target (after the
+    pivot) hold exactly what the good clients wrote."""
+    src = make_image(tmp_path / "src.img", FUZZ_SIZE, holes=[(2 * MiB, 1 * MiB),
+                                                             (6 * MiB, 1 * MiB)])
+    dst = tmp_path / "dst.img"
+    with open(src, "rb") as f:
+        initial = f.read()
+    sock = str(tmp_path / "s")
+    errors: list[str] = []
+    with fastmirror.Export(src, socket=sock, listen=("127.0.0.1", 0)) as export:
+        where = [sock, export.address]
+        job = export.mirror(dst, direct=False)
+        good = [GoodClient(sock, False, 0, FUZZ_SIZE // 2, initial, 1),
+                GoodClient(export.address, True, FUZZ_SIZE // 2, FUZZ_SIZE, initial, 2)]
+        fuzzers = [threading.Thread(target=fuzz_client, args=(where, 100 + k, FUZZ_ROUNDS,
+                                                              errors)) for k in range(4)]
+        for t in fuzzers:
+            t.start()
+        try:
+            while any(t.is_alive() for t in fuzzers):
+                for g in good:
+                    g.step()
+        finally:
+            for t in fuzzers:
+                t.join(60)
+        assert not errors, errors
+        assert all(g.writes > 0 for g in good)
+        for g in good:
+            g.check_all()
+            g.s.close()
+        # Every fuzz connection ended; the server still serves (both ways).
+        assert wait_for(lambda: export.connections == 0), export.connections
+        assert job.wait_ready(60)
+        job.complete()
+        assert job.wait(60).type == EventType.COMPLETED
+        expected = bytes(good[0].model + good[1].model)
+        with open(src, "rb") as f:
+            assert f.read() == expected, "the source holds something no good client wrote"
+        with open(dst, "rb") as f:
+            assert f.read() == expected, "the target differs"
+        qemu_io(export.urls[1], "write -P 0x99 5m 4k")
+        qemu_io(export.urls[0], "read -P 0x99 5m 4k")
 
 
 # -- a live mirror ---------------------------------------------------------------

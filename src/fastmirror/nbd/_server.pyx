@@ -631,6 +631,19 @@ cdef int do_write_zeroes(conn_t *c, TrackedDisk disk, uint16_t flags, int64_t of
     return disk.c_write_zeroes(offset, length)
 
 
+cdef uint16_t allowed_flags(conn_t *c, uint16_t cmd) noexcept nogil:
+    """The flags a request of `cmd` may carry; any other is NBD_EINVAL and
+    nothing is done (a flag not understood must not be ignored).  FUA on
+    any command, as QEMU's server allows."""
+    if cmd == CMD_READ:
+        return CMDF_FUA | (CMDF_DF if c.structured else 0)
+    if cmd == CMD_WRITE_ZEROES:
+        return CMDF_FUA | CMDF_NO_HOLE | CMDF_FAST_ZERO
+    if cmd == CMD_BLOCK_STATUS:
+        return CMDF_FUA | CMDF_REQ_ONE
+    return CMDF_FUA
+
+
 cdef int transmission(conn_t *c, TrackedDisk disk) noexcept nogil:
     """END_DISCONNECT, END_MALFORMED or END_IO."""
     cdef char h[28]
@@ -638,7 +651,7 @@ cdef int transmission(conn_t *c, TrackedDisk disk) noexcept nogil:
     cdef uint32_t length
     cdef int64_t offset, r
     cdef const char *cookie = h + 8
-    cdef bint bad
+    cdef bint bad, bad_flags
     while True:
         if recv_all(c.sock, h, 28) < 0:
             return END_IO
@@ -651,6 +664,7 @@ cdef int transmission(conn_t *c, TrackedDisk disk) noexcept nogil:
         if get64(h + 16) > <uint64_t>c.size:
             offset = -1         # out of range, whatever the command
         bad = offset < 0 or <int64_t>length > c.size - offset
+        bad_flags = (flags & ~allowed_flags(c, cmd)) != 0
 
         if cmd == CMD_WRITE:
             if length > MAX_REQUEST:
@@ -659,7 +673,7 @@ cdef int transmission(conn_t *c, TrackedDisk disk) noexcept nogil:
                 return END_IO
             if c.read_only:
                 r = -EPERM
-            elif bad:
+            elif bad or bad_flags:
                 r = -EINVAL
             else:
                 r = disk.c_write(c.buf, length, offset)
@@ -668,7 +682,7 @@ cdef int transmission(conn_t *c, TrackedDisk disk) noexcept nogil:
             if simple_reply(c, cookie, nbd_errno(r) if r < 0 else 0, NULL, 0) < 0:
                 return END_IO
         elif cmd == CMD_READ:
-            if bad or length > MAX_REQUEST:
+            if bad or bad_flags or length > MAX_REQUEST:
                 r = reply_error(c, cookie, NBD_EINVAL, c.structured)
             else:
                 r = do_read(c, disk, cookie, flags, offset, length)
@@ -677,13 +691,13 @@ cdef int transmission(conn_t *c, TrackedDisk disk) noexcept nogil:
         elif cmd == CMD_DISC:
             return END_DISCONNECT
         elif cmd == CMD_FLUSH:
-            r = disk.c_flush()
+            r = -EINVAL if bad_flags else disk.c_flush()
             if simple_reply(c, cookie, nbd_errno(r) if r < 0 else 0, NULL, 0) < 0:
                 return END_IO
         elif cmd == CMD_TRIM or cmd == CMD_WRITE_ZEROES:
             if c.read_only:
                 r = -EPERM
-            elif bad:
+            elif bad or bad_flags:
                 r = -EINVAL
             elif cmd == CMD_TRIM:
                 r = disk.c_discard(offset, length)
@@ -696,7 +710,7 @@ cdef int transmission(conn_t *c, TrackedDisk disk) noexcept nogil:
             if simple_reply(c, cookie, nbd_errno(r) if r < 0 else 0, NULL, 0) < 0:
                 return END_IO
         elif cmd == CMD_BLOCK_STATUS:
-            if bad or length == 0:
+            if bad or bad_flags or length == 0:
                 r = reply_error(c, cookie, NBD_EINVAL, c.structured)
             elif not c.structured:
                 r = simple_reply(c, cookie, NBD_EINVAL, NULL, 0)
