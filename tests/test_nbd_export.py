@@ -977,6 +977,131 @@ def test_one_mirror_at_a_time_and_none_of_a_read_only_export(tmp_path):
             export.mirror(tmp_path / "t3.img", direct=False)
 
 
+def test_closing_the_jobs_source_handle_leaves_the_export_serving(tmp_path):
+    """job.source of an export's job is the export's disk, borrowed: closing
+    the handle ends I/O through it, not the export's clients, and the job
+    still tracks their writes."""
+    src = make_image(tmp_path / "src.img", 2 * MiB, pattern=0x10)
+    dst = tmp_path / "dst.img"
+    with fastmirror.Export(src, socket=str(tmp_path / "s")) as export:
+        job = export.mirror(dst, direct=False)
+        assert job.wait_ready(60)
+        job.source.close()
+        with pytest.raises(ValueError, match="closed"):
+            job.source.pwrite(b"x", 0)
+        assert not export.disk.is_closed
+        qemu_io(export.url, "write -P 0x44 64k 64k")          # tracked still
+        job.complete()
+        assert job.wait(60).type == EventType.COMPLETED
+        qemu_io(export.url, "write -P 0x45 0 4k", "read -P 0x44 64k 64k")
+        job.source.close()                                    # twice: nothing more
+        job.close()
+    with open(dst, "rb") as f:
+        data = f.read(128 * KiB)
+    assert data == b"\x45" * 4096 + b"\x10" * (60 * KiB) + b"\x44" * (64 * KiB)
+
+
+def test_export_path_follows_the_pivot_hook_and_a_mirror_right_after(tmp_path):
+    """The job tells the export of its pivot (MirrorJob.on_pivot) while the
+    clients are held at the gate; the next mirror may start the moment the
+    previous one is waited for, from any thread."""
+    src = make_image(tmp_path / "src.img", 1 * MiB, seed=5)
+    with fastmirror.Export(src, socket=str(tmp_path / "s")) as export:
+        seen = []
+        for k in range(4):
+            t = tmp_path / ("t%d.img" % k)
+            job = export.mirror(t, direct=False)
+            job.on_pivot(lambda path: seen.append((path, export.disk.gate_is_closed,
+                                                   export.path)))
+            assert job.wait_ready(60)
+            job.complete()
+            assert job.wait(60).type == EventType.COMPLETED
+            assert export.path == os.fspath(t)
+            # Gate closed in the hook, and the export already knew the path.
+            assert seen[-1] == (os.fspath(t), True, os.fspath(t))
+        qemu_io(export.url, "write -P 0x21 0 4k")
+    with open(tmp_path / "t3.img", "rb") as f:
+        assert f.read(4096) == b"\x21" * 4096
+
+
+def test_on_pivot_only_at_a_pivot_and_a_raising_hook_is_logged(tmp_path, caplog):
+    import logging
+    src = make_image(tmp_path / "src.img", 1 * MiB)
+    calls = []
+    with fastmirror.MirrorJob(src, tmp_path / "a.img", direct=False) as job:
+        job.on_pivot(calls.append)
+        assert job.wait_ready(60)
+        job.cancel()                            # in READY: a drain, no pivot
+        assert job.wait(60).type == EventType.COMPLETED
+        job.source.close()
+    assert calls == []
+    with caplog.at_level(logging.ERROR, logger="fastmirror"):
+        with fastmirror.MirrorJob(src, tmp_path / "b.img", direct=False) as job:
+            job.on_pivot(lambda path: 1 / 0)
+            job.on_pivot(calls.append)
+            assert job.wait_ready(60)
+            job.complete()
+            assert job.wait(60).type == EventType.COMPLETED
+            assert job.source.pivoted
+            job.source.close()
+    assert calls == [os.fspath(tmp_path / "b.img")]
+    assert "on_pivot callback" in caplog.text
+    with pytest.raises(TypeError):
+        job.on_pivot(None)
+
+
+def test_two_mirrors_at_once_one_wins(tmp_path):
+    src = make_image(tmp_path / "src.img", 2 * MiB)
+    with fastmirror.Export(src, socket=str(tmp_path / "s")) as export:
+        results: list = []
+        barrier = threading.Barrier(2)
+
+        def start(k):
+            barrier.wait()
+            try:
+                results.append(export.mirror(tmp_path / ("t%d.img" % k), direct=False,
+                                             speed=1))
+            except RuntimeError as e:
+                results.append(e)
+
+        threads = [threading.Thread(target=start, args=(k,)) for k in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        jobs = [r for r in results if not isinstance(r, Exception)]
+        refused = [r for r in results if isinstance(r, Exception)]
+        assert len(jobs) == 1 and len(refused) == 1, results
+        assert "running already" in str(refused[0])
+        jobs[0].cancel(force=True)
+        jobs[0].wait(30)
+
+
+def test_close_does_not_wait_for_a_drain_that_clients_wait_on(tmp_path):
+    """close() during a slow drain, with a client's write held at the gate:
+    the job is stopped (force), the client let go, and close() returns."""
+    src = make_image(tmp_path / "src.img", 8 * MiB)
+    dst = tmp_path / "dst.img"
+    export = fastmirror.Export(src, socket=str(tmp_path / "s"))
+    try:
+        job = export.mirror(dst, direct=False)
+        assert job.wait_ready(60)
+        job.set_speed(64 * KiB)                  # the drain copies 4 MiB: a minute
+        qemu_io(export.url, "write -P 0x55 0 4M")
+        job.complete()
+        assert wait_for(lambda: export.disk.gate_is_closed)
+        s, _ = handshake(export.socket_path)
+        request(s, NBD_CMD_WRITE, 4 * MiB, 4, payload=b"held")   # waits at the gate
+        time.sleep(0.2)
+    finally:
+        t0 = time.monotonic()
+        export.close()
+        took = time.monotonic() - t0
+    assert took < 10, "close() waited %.1f s for the drain" % took
+    assert job.state.value == "concluded"
+    s.close()
+
+
 # -- the command ----------------------------------------------------------------
 
 def test_fastmirror_serve_until_sigterm(tmp_path):

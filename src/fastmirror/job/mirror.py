@@ -276,6 +276,7 @@ class MirrorJob:
         self._error: Optional[JobError] = None
         self._io_status = "ok"
         self._listeners: list[Callable[[JobEvent], object]] = []
+        self._pivot_hooks: list[Callable[[str], object]] = []
         self._threads: list[threading.Thread] = []
         self._coordinator: Optional[threading.Thread] = None
         self._copy_rate = _Rate()
@@ -442,6 +443,28 @@ class MirrorJob:
             raise TypeError("listener must be callable")
         with self._lock:
             self._listeners.append(callback)
+
+    def on_pivot(self, callback: Callable[[str], object]) -> None:
+        """callback(target_path) at the pivot, before COMPLETED: from the
+        job's thread, with no lock of the job held, while writers are still
+        held at the gate, so that no write reaches the target before it
+        returns.  For whoever serves the disk and must know what it serves
+        from then on (fastmirror.Export).  It must not write through
+        job.source (the gate is closed).  Add it before complete(); one that
+        raises is logged and the pivot stands."""
+        if not callable(callback):
+            raise TypeError("on_pivot's callback must be callable")
+        with self._lock:
+            self._pivot_hooks.append(callback)
+
+    def _run_pivot_hooks(self) -> None:
+        with self._lock:
+            hooks = list(self._pivot_hooks)
+        for cb in hooks:
+            try:
+                cb(self._dst.path)
+            except Exception:
+                _log.exception("on_pivot callback %r raised", cb)
 
     def remove_listener(self, callback: Callable[[JobEvent], object]) -> None:
         """Stop calling a callback given to add_listener (ValueError if it
@@ -871,6 +894,8 @@ class MirrorJob:
                         self.source.pivot(self._dst.path, self._dst.open_buffered(),
                                           self._dst.info.is_block)
                     self._conclude(EventType.COMPLETED)
+                if self._ending == "complete":
+                    self._run_pivot_hooks()     # writers still held at the gate
                 return EventType.COMPLETED, None
         finally:
             self.source.open_gate()

@@ -65,6 +65,11 @@ class TrackedSource(BlockHandle):
         self._origin = fd            # closed once the read-write side is open
         self._is_block = is_block
         self._target_path: Optional[str] = None
+        # A borrowed disk is the NBD export's: close() ends I/O through this
+        # handle only, the export's clients keep it (and the job still gates
+        # and marks their writes).
+        self._borrowed = disk is not None
+        self._closed = False
         if disk is None:
             self._disk = TrackedDisk(size, engine)
         else:
@@ -151,6 +156,8 @@ class TrackedSource(BlockHandle):
     def _call(self, operation: str, offset: int, call, *args):
         """One request through the C path: open the source on first use,
         and raise for -errno (pread returns bytes, the others a count)."""
+        if self._closed:
+            raise ValueError("I/O on a closed handle")
         if not self._disk.attached:
             self._attach()
         r = call(*args)
@@ -178,7 +185,12 @@ class TrackedSource(BlockHandle):
         self._call("flush", 0, self._disk.flush)
 
     def close(self) -> None:
-        self._disk.close()
+        """End I/O through this handle (ValueError from then on).  The disk
+        is closed with it, unless it is an NBD export's (Export.mirror):
+        that one the export closes."""
+        self._closed = True
+        if not self._borrowed:
+            self._disk.close()
         with self._open_lock:
             self._drop_origin()
 

@@ -23,7 +23,7 @@ from typing import Optional
 from urllib.parse import quote
 
 from fastmirror._core.tracked import TrackedDisk
-from fastmirror.nbd._server import serve_connection
+from fastmirror.nbd._server import MALFORMED, serve_connection
 from fastmirror.nbd.unixsock import listen_private
 
 log = logging.getLogger("fastmirror.nbd")
@@ -116,6 +116,7 @@ class Export:
             raise ValueError("an NBD export name is at most 4096 bytes")
         self._max = max_connections
         self._lock = threading.Lock()
+        self._mirror_lock = threading.Lock()
         self._conns: dict[int, tuple[_socket.socket, threading.Thread]] = {}
         self._threads: list[threading.Thread] = []
         self._closed = False
@@ -169,9 +170,6 @@ class Export:
     @property
     def path(self) -> str:
         """The file served: the last mirror's target after its pivot."""
-        job = self._job
-        if job is not None and self._disk is not None and self._disk.pivoted:
-            return job.source.path
         return self._path
 
     @property
@@ -261,7 +259,7 @@ class Export:
         key = conn.fileno()
         try:
             end = serve_connection(key, self._disk, self._name_bytes, self.read_only)
-            if end == 1:
+            if end == MALFORMED:
                 log.warning("nbd: dropped a client that sent a malformed handshake or request")
         finally:
             with self._lock:
@@ -276,38 +274,49 @@ class Export:
         After complete() and COMPLETED the export serves the target; after
         a cancel it keeps serving the source.  Returns the started job.
         `listener`: a callback(JobEvent) added before the start, so that it
-        sees every event (a small disk can be READY before mirror() returns)."""
+        sees every event (a small disk can be READY before mirror() returns).
+
+        One mirror at a time (RuntimeError while one runs); the next one,
+        after a pivot, mirrors the target onward.  The job's `source` is the
+        export's disk, borrowed: job.source.close() does not end the
+        export's service."""
+        from fastmirror.job.events import JobState
         from fastmirror.job.mirror import MirrorJob
         if self.read_only:
             raise ValueError("a read-only export has no writes to track: mirror the file "
                              "with MirrorJob")
-        with self._lock:
-            if self._closed:
+        # Held from the check to the start: two callers cannot both pass the
+        # check, and close() waits for a job being set up.
+        with self._mirror_lock:
+            with self._lock:
+                if self._closed:
+                    raise ValueError("the export is closed")
+                previous = self._job
+                path = self._path
+            if previous is not None:
+                if previous.state != JobState.CONCLUDED:
+                    raise RuntimeError("a mirror of this export is running already")
+                # Joins its threads: on return it has let go of the disk.
+                previous.close()
+            job = MirrorJob(path, target, _disk=self._disk, **options)
+            job.on_pivot(self._pivoted)
+            if listener is not None:
+                job.add_listener(listener)
+            with self._lock:
+                closing = self._closed
+                if not closing:
+                    self._job = job
+            if closing:
+                job.close()
                 raise ValueError("the export is closed")
-            if self._job is not None and not self._job_done(self._job):
-                raise RuntimeError("a mirror of this export is running already")
-            previous = self._job
-        # After a pivot the disk served is the previous target.
-        self._path = self.path
-        if previous is not None:
-            previous.close()        # concluded: its descriptors, not the disk
-            # wait() returns at the final event, a moment before the job's
-            # thread lets go of the disk (stop_tracking): wait for that.
-            coordinator = getattr(previous, "_coordinator", None)
-            if coordinator is not None:
-                coordinator.join()
-        job = MirrorJob(self._path, target, _disk=self._disk, **options)
-        if listener is not None:
-            job.add_listener(listener)
-        with self._lock:
-            self._job = job
-        job.start()
-        return job
+            job.start()
+            return job
 
-    @staticmethod
-    def _job_done(job) -> bool:
-        from fastmirror.job.events import JobState
-        return job.state == JobState.CONCLUDED
+    def _pivoted(self, path: str) -> None:
+        """The job's pivot (MirrorJob.on_pivot), clients still held at the
+        gate: from now on the export serves `path`."""
+        with self._lock:
+            self._path = path
 
     # -- the end ------------------------------------------------------------------
 
@@ -321,7 +330,6 @@ class Export:
             self._closed = True
             conns = list(self._conns.values())
             threads = list(self._threads)
-            job = self._job
         for s in self._listeners:
             try:
                 s.shutdown(_socket.SHUT_RDWR)
@@ -333,6 +341,12 @@ class Export:
             s.close()
         if self.socket_path is not None and self._listeners:
             _unlink_quietly(self.socket_path)
+        with self._mirror_lock:         # a mirror() under way has ended
+            job = self._job
+        if job is not None:
+            # First: a drain holds clients' writes at the gate, and their
+            # threads cannot end before it does.  A forced cancel opens it.
+            job.cancel(force=True)
         for conn, _ in conns:
             try:
                 conn.shutdown(_socket.SHUT_RDWR)    # wakes the nogil loop
