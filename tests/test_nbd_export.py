@@ -3,6 +3,7 @@ qemu-io, qemu-img, nbdcopy; and a raw socket for what they never send."""
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import signal
@@ -1166,3 +1167,20 @@ def test_fastmirror_serve_listen_warns_and_limits_connections(tmp_path):
                 ["--socket", str(sock), "--max-connections", "0"], []):
         r = fm("serve", src, *bad, timeout=60)
         assert r.returncode == 2 and r.stderr.startswith("fastmirror: "), (bad, r.stderr)
+
+
+def test_a_second_export_at_a_live_socket_is_refused(tmp_path):
+    """The socket of a running export is not taken over by a second one (a
+    stale socket file, with nobody listening, is replaced)."""
+    src = make_image(tmp_path / "src.img", 1 * MiB, pattern=0x31)
+    sock = str(tmp_path / "s")
+    with fastmirror.Export(src, socket=sock) as export:
+        with pytest.raises(OSError) as e:
+            fastmirror.Export(src, socket=sock)
+        assert e.value.errno == errno.EADDRINUSE
+        qemu_io(export.url, "read -P 0x31 0 4k")            # still the first one's
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(sock)                                         # left behind, nobody listens
+    stale.close()
+    with fastmirror.Export(src, socket=sock) as export:
+        qemu_io(export.url, "read -P 0x31 0 4k")

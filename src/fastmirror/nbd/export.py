@@ -119,7 +119,7 @@ class Export:
         self._mirror_lock = threading.Lock()
         self._conns: dict[int, tuple[_socket.socket, threading.Thread]] = {}
         self._threads: list[threading.Thread] = []
-        self._closed = False
+        self._closed = True         # until the end of __init__: nothing for close() to do
         self._job = None
         self._disk: Optional[TrackedDisk] = None
         self._listeners: list[_socket.socket] = []
@@ -156,6 +156,7 @@ class Export:
                 _unlink_quietly(self.socket_path)
             self._disk.close()
             raise
+        self._closed = False
         for s in self._listeners:
             t = threading.Thread(target=self._accept, args=(s,), name="fastmirror-nbd-accept",
                                  daemon=True)
