@@ -883,26 +883,45 @@ def test_live_mirror_through_the_export_pivots_with_no_client_lost(tmp_path, cop
         assert target[r * region:(r + 1) * region] == bytes([p]) * region, r
 
 
-def test_fio_verifies_the_target_after_writing_through_the_pivot(tmp_path):
-    """fio --ioengine=nbd writes with checksums through the export while a
-    job mirrors, completes and pivots; fio then verifies the target file."""
+# fio writes with checksums (--verify) at a steady rate with several writes
+# in flight, and the job goes through its whole life meanwhile: bulk copy,
+# READY and half a second in it, the drain, the pivot, and fio still writing
+# to the target after it.  Then fio's verify of the target file reads every
+# block and checks each against what fio wrote and had acknowledged.
+@pytest.mark.parametrize("copy_mode,speed", [("background", 0), ("write-blocking", 16 * MiB)])
+def test_fio_verifies_the_target_after_writing_through_ready_and_the_pivot(tmp_path, copy_mode,
+                                                                          speed):
+    from fastmirror._core import tracked
     fio = require("fio")
+    size = 16 * MiB
     src = tmp_path / "src.img"
     with open(src, "wb") as f:
-        f.truncate(8 * MiB)
+        f.truncate(size)
     dst = tmp_path / "dst.img"
-    common = ["--name=w", "--rw=write", "--bs=64k", "--size=8M", "--verify=crc32c"]
+    # Random 4 KiB writes over the whole disk (each block once, in an order
+    # fio's verify replays from its seed), 1500 a second, 8 in flight.
+    common = ["--name=w", "--rw=randwrite", "--bs=4k", "--size=%d" % size,
+              "--randseed=42", "--verify=crc32c", "--verify_fatal=1"]
+    events: list[tuple[float, int]] = []        # (when, tracked.MARK or CLAIM_*)
     with fastmirror.Export(src, socket=str(tmp_path / "s")) as export:
-        p = subprocess.Popen([fio, "--ioengine=nbd", "--uri=" + export.url, "--iodepth=4",
-                              "--rate=4m", "--do_verify=0", *common],
+        p = subprocess.Popen([fio, "--ioengine=nbd", "--uri=" + export.url, "--iodepth=8",
+                              "--rate_iops=1500", "--do_verify=0", *common],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              cwd=tmp_path)         # fio leaves its verify state there
         try:
-            time.sleep(0.4)
-            job = export.mirror(dst, direct=False)
+            time.sleep(0.4)                          # data on the source before the job
+            job = export.mirror(dst, direct=False, copy_mode=copy_mode, speed=speed)
+            job.source.set_trace(lambda ev, off, n: events.append((time.monotonic(), ev)))
             assert job.wait_ready(30)
+            ready_at = time.monotonic()
+            assert p.poll() is None, "fio ended before READY"
+            job.set_speed(0)
+            time.sleep(0.5)                          # phase 2: writes tracked, copied
+            complete_at = time.monotonic()
             job.complete()
             assert job.wait(30).type == EventType.COMPLETED
+            pivot_at = time.monotonic()
+            assert export.disk.pivoted and export.path == os.fspath(dst)
             assert p.poll() is None, "fio ended before the pivot: nothing was tested"
             out, _ = p.communicate(timeout=60)
         finally:
@@ -910,14 +929,22 @@ def test_fio_verifies_the_target_after_writing_through_the_pivot(tmp_path):
                 p.kill()
                 p.wait()
         assert p.returncode == 0, out
-    ok = subprocess.run([fio, "--ioengine=psync", "--filename=%s" % dst, "--verify_only", *common],
-                        capture_output=True, text=True, timeout=60, cwd=tmp_path)
+        job.source.set_trace(None)
+    # Writes were tracked before READY and in READY (marked, or sent to both
+    # sides in write-blocking mode), and none after the pivot.
+    kind = tracked.MARK if copy_mode == "background" else tracked.CLAIM_HELD
+    assert any(ev == kind and t < ready_at for t, ev in events), "no write before READY"
+    assert sum(1 for t, ev in events if ev == kind and ready_at < t < complete_at) > 100
+    assert not any(t > pivot_at for t, ev in events)
+    ok = subprocess.run([fio, "--ioengine=psync", "--filename=%s" % dst, "--verify_only",
+                         *common], capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "io=16.0MiB" in ok.stdout, ok.stdout          # every block was checked
     # The same check of the source fails: the writes after the pivot are
     # only in the target (and the check can fail at all).
     bad = subprocess.run([fio, "--ioengine=psync", "--filename=%s" % src, "--verify_only",
                           *common], capture_output=True, text=True, timeout=60, cwd=tmp_path)
-    assert bad.returncode != 0
+    assert bad.returncode != 0 and "verify" in (bad.stdout + bad.stderr).lower()
 
 
 def test_cancelled_mirror_keeps_serving_the_source(tmp_path):
