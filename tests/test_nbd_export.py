@@ -560,9 +560,11 @@ def test_unknown_flags_are_refused_and_nothing_is_written(served):
 # of theirs is malformed (bad magic, unknown flags, out of range, over the
 # size limit) or has a payload they never finish.  So afterwards the source,
 # and the target after the pivot, hold exactly what the good clients wrote.
-# FASTMIRROR_FUZZ_ROUNDS (connections per fuzz client) makes it longer.
+# FASTMIRROR_FUZZ_ROUNDS (connections per fuzz client) makes it longer;
+# FASTMIRROR_FUZZ_SEED picks other seeds (a failure names its seed).
 
 FUZZ_ROUNDS = int(os.environ.get("FASTMIRROR_FUZZ_ROUNDS", "80"))
+FUZZ_SEED = int(os.environ.get("FASTMIRROR_FUZZ_SEED", "100"))
 FUZZ_SIZE = 8 * MiB
 LIMIT = 32 * MiB
 CMD_FLUSH, CMD_TRIM, CMD_WRITE_ZEROES, CMD_BLOCK_STATUS = 3, 4, 6, 7
@@ -785,8 +787,9 @@ def test_fuzz_clients_next_to_good_ones_write_nothing(tmp_path):
         job = export.mirror(dst, direct=False)
         good = [GoodClient(sock, False, 0, FUZZ_SIZE // 2, initial, 1),
                 GoodClient(export.address, True, FUZZ_SIZE // 2, FUZZ_SIZE, initial, 2)]
-        fuzzers = [threading.Thread(target=fuzz_client, args=(where, 100 + k, FUZZ_ROUNDS,
-                                                              errors)) for k in range(4)]
+        fuzzers = [threading.Thread(target=fuzz_client, args=(where, FUZZ_SEED + k,
+                                                              FUZZ_ROUNDS, errors))
+                   for k in range(4)]
         for t in fuzzers:
             t.start()
         try:
@@ -808,9 +811,12 @@ def test_fuzz_clients_next_to_good_ones_write_nothing(tmp_path):
         assert job.wait(60).type == EventType.COMPLETED
         expected = bytes(good[0].model + good[1].model)
         with open(src, "rb") as f:
-            assert f.read() == expected, "the source holds something no good client wrote"
+            assert f.read() == expected, \
+                "the source holds something no good client wrote (seeds %d..%d)" \
+                % (FUZZ_SEED, FUZZ_SEED + 3)
         with open(dst, "rb") as f:
-            assert f.read() == expected, "the target differs"
+            assert f.read() == expected, "the target differs (seeds %d..%d)" \
+                % (FUZZ_SEED, FUZZ_SEED + 3)
         qemu_io(export.urls[1], "write -P 0x99 5m 4k")
         qemu_io(export.urls[0], "read -P 0x99 5m 4k")
 
