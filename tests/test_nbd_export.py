@@ -395,6 +395,7 @@ def test_a_client_beyond_the_limit_is_refused_the_others_go_on(tmp_path):
     sock = str(tmp_path / "s")
     with fastmirror.Export(src, socket=sock, listen=("127.0.0.1", 0),
                            max_connections=2) as export:
+        assert export.max_connections == 2
         tcp = export.address
         a, _ = handshake(sock)
         b, _ = handshake(tcp)                   # the limit counts unix and TCP together

@@ -114,7 +114,7 @@ class Export:
         self._name_bytes = name.encode()
         if len(self._name_bytes) > 4096:
             raise ValueError("an NBD export name is at most 4096 bytes")
-        self._max = max_connections
+        self.max_connections = max_connections
         self._lock = threading.Lock()
         self._mirror_lock = threading.Lock()
         self._conns: dict[int, tuple[_socket.socket, threading.Thread]] = {}
@@ -229,7 +229,7 @@ class Export:
                 if self._closed:
                     conn.close()
                     return
-                if len(self._conns) >= self._max:
+                if len(self._conns) >= self.max_connections:
                     self._refused += 1
                     refused = self._refused
                 else:
@@ -245,7 +245,7 @@ class Export:
                 conn.close()
                 if refused == 1 or refused % 100 == 0:
                     log.warning("nbd: refused a client: %d connections already (the limit; "
-                                "%d refused so far)", self._max, refused)
+                                "%d refused so far)", self.max_connections, refused)
                 continue
             try:
                 t.start()
