@@ -21,7 +21,7 @@ import pytest
 import fastmirror
 from fastmirror import EventType
 from helpers.files import allocated_bytes, make_image
-from helpers.require import fm, require, require_that
+from helpers.require import fm, require
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -346,18 +346,23 @@ def test_tcp_listen_serves_qemu_io_and_nbdinfo_and_warns(tmp_path, caplog):
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
 
 
-def test_tcp_and_unix_socket_together_ipv6_in_brackets(tmp_path):
-    require_that(ipv6_loopback(), "no IPv6 loopback (::1) here")
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_tcp_and_unix_socket_together_ipv6_in_brackets(tmp_path, host):
+    if host == "::1" and not ipv6_loopback():
+        # The machine's network, not a tool to install: a skip even under
+        # FASTMIRROR_REQUIRE_ALL (containers often run without IPv6).
+        pytest.skip("no IPv6 loopback (::1) here")
     src = make_image(tmp_path / "src.img", 2 * MiB, pattern=0x22)
     sock = str(tmp_path / "s")
-    with fastmirror.Export(src, socket=sock, listen=("::1", 0)) as export:
+    with fastmirror.Export(src, socket=sock, listen=(host, 0)) as export:
         port = export.address[1]
         assert export.url == "nbd+unix:///?socket=%s" % sock
-        assert export.urls == [export.url, "nbd://[::1]:%d/" % port]
+        where = "[%s]" % host if ":" in host else host
+        assert export.urls == [export.url, "nbd://%s:%d/" % (where, port)]
         qemu_io(export.urls[1], "write -P 0x66 0 4k")
         qemu_io(export.urls[0], "read -P 0x66 0 4k")        # one disk behind both
         a, _ = handshake(sock)
-        b, _ = handshake(("::1", port))
+        b, _ = handshake((host, port))
         assert export.connections == 2
         a.close()
         b.close()
