@@ -494,3 +494,31 @@ def test_export_mirror_to_an_nbd_uri(tmp_path, servers, src):
         assert job.wait(30).type == EventType.COMPLETED
         assert exp.path == str(src)           # no pivot to an NBD target
     assert read_back(k.uri(), tmp_path / "back.img") == content(src)
+
+
+def test_server_that_lost_its_data_gets_everything_unflushed_again(tmp_path, servers, src):
+    """nbdkit's memory plugin killed and started again has forgotten every
+    write: nothing was flushed yet (phase 1), so after resume() the whole
+    copy, holes zeroed included, must be done again, or the target would
+    read zeros where the source has data."""
+    k = nbdkit(servers, tmp_path, "memory", "size=%d" % SIZE)
+    job = fastmirror.MirrorJob(str(src), k.uri(), on_target_error="stop", speed=16 * MiB)
+    try:
+        job.start()
+        deadline = time.monotonic() + 10
+        while job.status().bytes_copied < 2 * MiB and time.monotonic() < deadline:
+            time.sleep(0.02)
+        k.stop()
+        k.start()                               # empty again
+        deadline = time.monotonic() + 10
+        while job.state != JobState.PAUSED and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert job.state == JobState.PAUSED
+        job.set_speed(0)
+        job.resume()
+        assert job.wait_ready(30), job.status().error
+        job.complete()
+        assert job.wait(30).type == EventType.COMPLETED
+    finally:
+        job.close()
+    assert read_back(k.uri(), tmp_path / "back.img") == content(src)
