@@ -522,3 +522,40 @@ def test_server_that_lost_its_data_gets_everything_unflushed_again(tmp_path, ser
     finally:
         job.close()
     assert read_back(k.uri(), tmp_path / "back.img") == content(src)
+
+
+def test_qmp_drive_mirror_to_an_nbd_uri(tmp_path, servers, src):
+    """drive-mirror's target passes through to the job: an NBD URI works
+    as it does for QEMU (which opens it with its own NBD client)."""
+    import asyncio
+    try:
+        from qemu.qmp import QMPClient
+    except ImportError:
+        from helpers.require import require_that
+        require_that(False, "the qemu.qmp client is not installed (pip install qemu.qmp)")
+    from fastmirror.nbd.export import Export
+    from fastmirror.nbd.qmp import QMPServer
+    k = nbdkit(servers, tmp_path, "memory", "size=%d" % SIZE)
+
+    async def until(c, name):
+        while True:
+            ev = await asyncio.wait_for(c.events.get(), 30)
+            if ev["event"] == name:
+                return ev
+
+    async def go(qmp):
+        c = QMPClient("test")
+        await c.connect(qmp.socket_path)
+        await c.execute("drive-mirror", {"device": "vm1", "target": k.uri(),
+                                         "sync": "full", "mode": "existing"})
+        await until(c, "BLOCK_JOB_READY")
+        await c.execute("block-job-complete", {"device": "vm1"})
+        ev = await until(c, "BLOCK_JOB_COMPLETED")
+        await c.disconnect()
+        return ev
+
+    with Export(str(src), socket=str(tmp_path / "e.sock"), name="vm1") as exp:
+        with QMPServer(exp, socket=str(tmp_path / "qmp.sock")) as qmp:
+            ev = asyncio.run(asyncio.wait_for(go(qmp), 60))
+    assert "error" not in ev["data"] and ev["data"]["offset"] == SIZE
+    assert read_back(k.uri(), tmp_path / "back.img") == content(src)
