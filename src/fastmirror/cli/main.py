@@ -535,7 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--connections", type=int, default=None, metavar="N",
                    help="DST an NBD URI (nbd://host[:port]/name or nbd+unix:///name"
                         "?socket=PATH): connections to open when the server allows "
-                        "multi-conn (default 4; one otherwise)")
+                        "multi-conn (default 2; one otherwise)")
     m.add_argument("--trace", metavar="PATTERN",
                    help="print tracepoints matching PATTERN (e.g. 'mirror_*') on stderr")
     m.add_argument("--json", action="store_true",

@@ -74,6 +74,7 @@ MAX_GRANULARITY = 64 << 20  # as QEMU's mirror: 512 bytes to 64 MiB
 MAX_SPEED = 1 << 50         # 1 PB/s: anything above is a typo
 TICK = 0.1                  # seconds between coordinator wake-ups
 RETRY_BACKOFF = (0.01, 1.0)  # "ignore": first and longest wait before retrying
+NBD_ZERO_THREADS = 8        # an NBD target's holes: WRITE_ZEROES in flight at once
 
 
 def copy_shape(buf_size: int, granularity: int,
@@ -786,6 +787,7 @@ class MirrorJob:
                     break
         if self.target_is_zero:
             return
+        holes = []
         pos = 0
         while pos < self.size:
             clean = self._bitmap.next_clean(pos)
@@ -793,12 +795,23 @@ class MirrorJob:
                 break
             dirty = self._bitmap.next_dirty(clean)
             end = self.size if dirty < 0 else dirty
-            if self._engine.zero_target(clean, end - clean) < 0:
+            holes.append((clean, end - clean))
+            pos = end
+        if self._nbd and len(holes) > 1:
+            # Each WRITE_ZEROES is a round trip to the server: keep several
+            # in flight (zero_target releases the GIL; no copy runs yet).
+            from concurrent.futures import ThreadPoolExecutor
+            with ThreadPoolExecutor(min(NBD_ZERO_THREADS, len(holes)),
+                                    thread_name_prefix="fastmirror-zero") as pool:
+                results = list(pool.map(lambda h: self._engine.zero_target(*h), holes))
+        else:
+            results = [self._engine.zero_target(off, n) for off, n in holes]
+        for (off, n), r in zip(holes, results):
+            if r < 0:
                 # No zeroing call (or it failed): copy the zeros instead; the
                 # copy reports real errors under the target's policy.
-                self._bitmap.set(clean, end - clean)
-                self._initial_chunks += (end - clean + self.granularity - 1) // self.granularity
-            pos = end
+                self._bitmap.set(off, n)
+                self._initial_chunks += (n + self.granularity - 1) // self.granularity
 
     def _loop(self) -> tuple[EventType, Optional[JobError]]:
         eng = self._engine
