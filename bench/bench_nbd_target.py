@@ -61,7 +61,11 @@ from fastmirror.bench.images import make_image  # noqa: E402
 from fastmirror.job.events import EventType  # noqa: E402
 
 GiB = 1 << 30
-SIZE = fmbench.parse_size(os.environ.get("FASTMIRROR_BENCH_NBD_SIZE", "256M"))
+# The size of the measurement, or FASTMIRROR_BENCH_SIZE when that
+# is smaller (the CI smoke run).
+SIZE = fmbench.parse_size(os.environ.get("FASTMIRROR_BENCH_NBD_SIZE") or "256M")
+if "FASTMIRROR_BENCH_NBD_SIZE" not in os.environ and "FASTMIRROR_BENCH_SIZE" in os.environ:
+    SIZE = min(SIZE, fmbench.parse_size(os.environ["FASTMIRROR_BENCH_SIZE"]))
 ROUNDS = int(os.environ.get("FASTMIRROR_BENCH_NBD_ROUNDS", "5"))
 DELAY = "2ms"
 

@@ -559,3 +559,29 @@ def test_qmp_drive_mirror_to_an_nbd_uri(tmp_path, servers, src):
             ev = asyncio.run(asyncio.wait_for(go(qmp), 60))
     assert "error" not in ev["data"] and ev["data"]["offset"] == SIZE
     assert read_back(k.uri(), tmp_path / "back.img") == content(src)
+
+
+def test_tcp_target(tmp_path, servers, src):
+    """nbd://host:port/name over TCP (TCP_NODELAY), the export name sent."""
+    require("nbdkit")
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    pidfile = tmp_path / "pid"
+    p = subprocess.Popen(["nbdkit", "-f", "-i", "127.0.0.1", "-p", str(port), "-P",
+                          str(pidfile), "--filter=exportname", "memory", "size=%d" % SIZE,
+                          "exportname=disk", "exportname-strict=true"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not pidfile.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        uri = "nbd://127.0.0.1:%d/disk" % port
+        st = mirror(src, uri, verify=True)
+        assert "2 connections (multi-conn)" in st.io_calls
+        with pytest.raises(FileNotFoundError, match="no such export"):
+            fastmirror.MirrorJob(str(src), "nbd://127.0.0.1:%d/other" % port)
+    finally:
+        p.kill()
+        p.wait()

@@ -3,10 +3,11 @@ without the GIL (nbdclient.h).  Failures raise OSError carrying errno."""
 
 from typing import Final
 
-from typing_extensions import Buffer
+from typing_extensions import Buffer, disjoint_base
 
 MAX_CONNECTIONS: Final[int]
 
+@disjoint_base
 class NbdClient:
     where: str
     """The URI, for messages."""
