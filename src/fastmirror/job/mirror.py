@@ -145,6 +145,16 @@ class MirrorJob:
     Bad input raises ValueError or the OSError subclass of its errno, naming
     the path.
 
+    `target` may be an NBD URI, nbd://host[:port]/name or
+    nbd+unix:///name?socket=PATH (job/nbdtarget.py): the export is checked
+    before any write (it answers the handshake, exists, is writable and
+    large enough), written through the C NBD client over `connections`
+    connections (default 2) when the server allows multi-conn, else one.
+    With an NBD target copy_mode="write-blocking" is refused, there is no
+    pivot (after complete(), job.source writes the source again, untracked),
+    and a lost connection is connected again by the "ignore" retry or by
+    resume().
+
     The job runs in two phases, as QEMU's mirror job: start() begins phase 1,
     the bulk copy; the first moment the target equals the source (flushed)
     is the READY event and phase 2, where the job keeps the target in sync;
