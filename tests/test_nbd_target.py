@@ -585,3 +585,20 @@ def test_tcp_target(tmp_path, servers, src):
     finally:
         p.kill()
         p.wait()
+
+
+def test_zero_data_becomes_write_zeroes(tmp_path, servers):
+    """Zeros written as data in the source (allocated) reach the target as
+    WRITE_ZEROES: the target file stays sparse there, and equal."""
+    src = tmp_path / "zeros.img"
+    make_image(src, SIZE, seed=9)
+    with open(src, "r+b") as f:
+        f.seek(4 * MiB)
+        f.write(bytes(6 * MiB))             # allocated zeros
+    dst = tmp_path / "dst.img"
+    blank(dst, SIZE)
+    q = qemu_nbd(servers, tmp_path, dst)
+    st = mirror(src, q.uri())
+    assert content(dst) == content(src)
+    assert st.bytes_zero_detected >= 6 * MiB - 128 * 1024
+    assert allocated(dst) <= allocated(src) - 5 * MiB, (allocated(dst), allocated(src))

@@ -76,6 +76,10 @@ cdef enum:
     MAX_FAILURES = 64
     ZERO_BLOCK = 4096        # zero detection looks at blocks of this size (or the alignment)
     MIN_ZERO_RUN = 4096      # shorter zero runs inside data are written as data
+    # The same for an NBD target: a zero run is a request of its own, a
+    # round trip, between the data runs around it; below 64 KiB writing
+    # the zeros with the data costs less than that round trip on a network.
+    NBD_MIN_ZERO_RUN = 65536
     SUBMIT_RETRIES = 1000    # io_uring short of memory: 1 ms apart, then the copies fail
 
 # What wait_event() returns.
@@ -947,13 +951,14 @@ cdef class CopyEngine:
     cdef int _store(self, const char *p, int64_t off, int64_t length) noexcept nogil:
         """Write data read from the source to the target, its zero runs as
         zeroed ranges; 0 or -errno."""
-        cdef int64_t pos, end, n, blk = ZERO_BLOCK
+        cdef int64_t pos, end, n, blk = ZERO_BLOCK, min_run
         cdef bint z
         cdef int w
         if not self.detect_zeroes:
             return self._write_target(p, off, length)
         if blk < self.align:
             blk = self.align
+        min_run = MIN_ZERO_RUN if self.nbd == NULL else NBD_MIN_ZERO_RUN
         # Split the extent into runs of zero blocks and data runs, so that the
         # zeros of a partly sparse chunk stay holes on the target.  Zero runs
         # shorter than MIN_ZERO_RUN inside data are written with it: splitting
@@ -961,10 +966,10 @@ cdef class CopyEngine:
         pos = 0
         while pos < length:
             end = self._run_end(p, pos, length, blk, &z)
-            if not z or (end - pos < MIN_ZERO_RUN and not (pos == 0 and end == length)):
+            if not z or (end - pos < min_run and not (pos == 0 and end == length)):
                 while end < length:
                     n = self._run_end(p, end, length, blk, &z)
-                    if z and n - end >= MIN_ZERO_RUN:
+                    if z and n - end >= min_run:
                         break
                     end = n
                 z = False
