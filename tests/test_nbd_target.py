@@ -369,9 +369,11 @@ def _error_server(servers, tmp_path, trigger, err="EIO"):
                   "error-zero-file=%s" % trigger)
 
 
-def test_error_filter_report_fails_with_errno(tmp_path, servers, src):
+@pytest.mark.parametrize("name", ["ENOSPC", "EPERM", "EIO", "ENOMEM", "EINVAL",
+                                  "ESHUTDOWN"])
+def test_error_filter_report_fails_with_errno(tmp_path, servers, src, name):
     trigger = tmp_path / "trigger"
-    k = _error_server(servers, tmp_path, trigger, "ENOSPC")
+    k = _error_server(servers, tmp_path, trigger, name)
     job = fastmirror.MirrorJob(str(src), k.uri())
     trigger.touch()
     try:
@@ -380,7 +382,28 @@ def test_error_filter_report_fails_with_errno(tmp_path, servers, src):
     finally:
         job.close()
     assert ev.type == EventType.FAILED
-    assert ev.error.errno == errno.ENOSPC and ev.error.filename == k.uri()
+    assert ev.error.errno == getattr(errno, name) and ev.error.filename == k.uri()
+
+
+def test_error_filter_enospc_policy_pauses_on_enospc(tmp_path, servers, src):
+    trigger = tmp_path / "trigger"
+    k = _error_server(servers, tmp_path, trigger, "ENOSPC")
+    job = fastmirror.MirrorJob(str(src), k.uri(), on_target_error="enospc")
+    trigger.touch()
+    try:
+        job.start()
+        deadline = time.monotonic() + 10
+        while job.state != JobState.PAUSED and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert job.state == JobState.PAUSED and job.status().io_status == "nospace"
+        trigger.unlink()
+        job.resume()
+        assert job.wait_ready(30)
+        job.complete()
+        assert job.wait(30).type == EventType.COMPLETED
+    finally:
+        job.close()
+    assert read_back(k.uri(), tmp_path / "back.img") == content(src)
 
 
 def test_error_filter_ignore_retries_until_the_trigger_goes(tmp_path, servers, src):
@@ -435,7 +458,7 @@ def test_dropped_connection_stop_restart_resume(tmp_path, servers, src):
     dst = tmp_path / "dst.img"
     blank(dst, SIZE)
     q = qemu_nbd(servers, tmp_path, dst)
-    job = fastmirror.MirrorJob(str(src), q.uri(), on_target_error="stop", speed=8 * MiB)
+    job = fastmirror.MirrorJob(str(src), q.uri(), on_target_error="stop", speed=4 * MiB)
     errors = []
     job.add_listener(lambda ev: ev.type == EventType.ERROR and errors.append(ev))
     try:
@@ -502,7 +525,9 @@ def test_server_that_lost_its_data_gets_everything_unflushed_again(tmp_path, ser
     copy, holes zeroed included, must be done again, or the target would
     read zeros where the source has data."""
     k = nbdkit(servers, tmp_path, "memory", "size=%d" % SIZE)
-    job = fastmirror.MirrorJob(str(src), k.uri(), on_target_error="stop", speed=16 * MiB)
+    # Slow enough that the copy is far from done when the server dies, even
+    # on a loaded machine (2 MiB copies, 4 MiB/s: a copy every half second).
+    job = fastmirror.MirrorJob(str(src), k.uri(), on_target_error="stop", speed=4 * MiB)
     try:
         job.start()
         deadline = time.monotonic() + 10
@@ -602,3 +627,31 @@ def test_zero_data_becomes_write_zeroes(tmp_path, servers):
     assert content(dst) == content(src)
     assert st.bytes_zero_detected >= 6 * MiB - 128 * 1024
     assert allocated(dst) <= allocated(src) - 5 * MiB, (allocated(dst), allocated(src))
+
+
+def test_dropped_connection_ignore_reconnects_by_itself(tmp_path, servers, src):
+    """Under "ignore" the retry connects again once the server is back."""
+    dst = tmp_path / "dst.img"
+    blank(dst, SIZE)
+    q = qemu_nbd(servers, tmp_path, dst)
+    job = fastmirror.MirrorJob(str(src), q.uri(), on_target_error="ignore", speed=4 * MiB)
+    errors = []
+    job.add_listener(lambda ev: ev.type == EventType.ERROR and errors.append(ev))
+    try:
+        job.start()
+        time.sleep(0.3)
+        q.stop()
+        deadline = time.monotonic() + 10
+        while not errors and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.3)
+        q.start()
+        job.set_speed(0)
+        assert job.wait_ready(30), job.status().error
+        job.complete()
+        assert job.wait(30).type == EventType.COMPLETED
+    finally:
+        job.close()
+    q.stop()
+    assert errors and all(e.action == "ignore" for e in errors)
+    assert content(dst) == content(src)
