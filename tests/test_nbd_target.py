@@ -361,6 +361,17 @@ def test_write_blocking_refused_for_nbd(tmp_path, servers, src):
 # Errors under the target's policy
 # ---------------------------------------------------------------------------
 
+def _resume_until_ready(job, timeout: float = 30) -> None:
+    """resume(), and again if copies that were in flight when the policy
+    paused the job failed (the trigger still there) and paused it again."""
+    deadline = time.monotonic() + timeout
+    job.resume()
+    while not job.wait_ready(0.1):
+        assert time.monotonic() < deadline, job.status()
+        if job.state == JobState.PAUSED:
+            job.resume()
+
+
 def _error_server(servers, tmp_path, trigger, err="EIO"):
     return nbdkit(servers, tmp_path, "--filter=error", "memory", "size=%d" % SIZE,
                   "error-pwrite=%s" % err, "error-pwrite-rate=100%",
@@ -397,8 +408,7 @@ def test_error_filter_enospc_policy_pauses_on_enospc(tmp_path, servers, src):
             time.sleep(0.02)
         assert job.state == JobState.PAUSED and job.status().io_status == "nospace"
         trigger.unlink()
-        job.resume()
-        assert job.wait_ready(30)
+        _resume_until_ready(job)
         job.complete()
         assert job.wait(30).type == EventType.COMPLETED
     finally:
@@ -441,8 +451,7 @@ def test_error_filter_stop_then_resume(tmp_path, servers, src):
             time.sleep(0.02)
         assert job.state == JobState.PAUSED and job.status().io_status == "failed"
         trigger.unlink()
-        job.resume()
-        assert job.wait_ready(30)
+        _resume_until_ready(job)
         job.complete()
         assert job.wait(30).type == EventType.COMPLETED
     finally:
