@@ -664,3 +664,32 @@ def test_dropped_connection_ignore_reconnects_by_itself(tmp_path, servers, src):
     q.stop()
     assert errors and all(e.action == "ignore" for e in errors)
     assert content(dst) == content(src)
+
+
+@pytest.mark.parametrize("unmap", [True, False])
+def test_requests_seen_by_the_server(tmp_path, servers, src, unmap):
+    """nbdkit's log filter shows what went over the wire: several WRITEs in
+    flight on one connection at once, the holes as WRITE_ZEROES (may-trim
+    only with unmap: NO_HOLE otherwise), never TRIM, and a FLUSH before
+    READY and another at the end."""
+    import re
+    log = tmp_path / "nbdkit.log"
+    k = nbdkit(servers, tmp_path, "--filter=log", "--filter=delay", "memory",
+               "size=%d" % SIZE, "logfile=%s" % log, "delay-write=20ms")
+    mirror(src, k.uri(), connections=1, unmap=unmap)
+    k.stop()
+    lines = log.read_text().splitlines()
+    inflight = most = 0
+    for line in lines:
+        if re.search(r" Write id=\d+ ", line):
+            inflight += 1
+            most = max(most, inflight)
+        elif "...Write id=" in line:
+            inflight -= 1
+    assert most >= 2, "never two WRITEs in flight at once"
+    zeros = [line for line in lines if re.search(r" Zero id=\d+ ", line)]
+    assert zeros and all(("trim=1" if unmap else "trim=0") in z for z in zeros)
+    assert not [line for line in lines if re.search(r" Trim id=", line)]
+    flushes = [i for i, line in enumerate(lines) if re.search(r" Flush id=\d+ ", line)]
+    writes = [i for i, line in enumerate(lines) if re.search(r" Write id=\d+ ", line)]
+    assert len(flushes) >= 2 and flushes[0] > writes[-1]
