@@ -9,6 +9,7 @@ from typing import Final
 from typing_extensions import disjoint_base
 
 from fastmirror._core.hbitmap import HBitmap
+from fastmirror._core.nbdclient import NbdClient
 
 # What wait_event() returns.
 EV_TIMEOUT: Final = 0
@@ -55,7 +56,18 @@ class CopyEngine:
         dst_is_block: bool = False,
         detect_zeroes: bool = True,
         unmap: bool = True,
-    ) -> None: ...
+        nbd: NbdClient | None = None,
+    ) -> None:
+        """With ``nbd`` the target is that NBD export (``dst_fd`` and
+        ``dst_tail_fd`` are ignored): WRITE, WRITE_ZEROES and FLUSH go
+        through the client's C functions from the worker threads."""
+    @property
+    def nbd_client(self) -> NbdClient | None: ...
+    def reconnect_target(self) -> int:
+        """NBD target: connect again the connections that failed, after
+        dirtying again what was written since the last successful flush
+        (the workers are then held until ``release()``).  OSError when the
+        server is still away; 0 for a file target."""
     @property
     def bitmap(self) -> HBitmap: ...
     @property

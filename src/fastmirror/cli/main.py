@@ -275,7 +275,8 @@ def cmd_mirror(args) -> int:
             direct=not args.no_direct, target_is_zero=args.target_is_zero,
             on_source_error=args.on_source_error, on_target_error=args.on_target_error,
             copy_mode=args.copy_mode, io_engine=args.io_engine,
-            force_share=args.force_share, allow_image_target=args.overwrite_image)
+            force_share=args.force_share, allow_image_target=args.overwrite_image,
+            connections=args.connections)
     except (ValueError, OSError) as e:
         code = _refuse(args, _describe(e, args.source, args.target), e)
         if isinstance(e, InUseError) and e.side == "source" and e.lock:
@@ -521,7 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Ctrl-C or SIGTERM before READY cancels and leaves DST partial (exit "
             "130); after READY the job completes (exit 0).") + "\n\n" + SIZE_HELP)
     m.add_argument("source", metavar="SRC")
-    m.add_argument("target", metavar="DST", help="created sparse if missing")
+    m.add_argument("target", metavar="DST", help="created sparse if missing; or an NBD URI: "
+                   "nbd://host[:port]/name, nbd+unix:///name?socket=PATH")
     m.add_argument("--granularity", type=parse_size, default=65536,
                    help="bytes per dirty-bitmap chunk (power of two, default 64K)")
     m.add_argument("--buf-size", type=parse_size, default=16 << 20,
@@ -550,6 +552,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="overwrite a target that starts with a qcow2, vmdk, vhdx, vdi, "
                         "vpc, qed or LUKS header (refused by default: fastmirror writes "
                         "raw bytes)")
+    m.add_argument("--connections", type=int, default=None, metavar="N",
+                   help="DST an NBD URI (nbd://host[:port]/name or nbd+unix:///name"
+                        "?socket=PATH): connections to open when the server allows "
+                        "multi-conn (default 2; one otherwise)")
     m.add_argument("--trace", metavar="PATTERN",
                    help="print tracepoints matching PATTERN (e.g. 'mirror_*') on stderr")
     m.add_argument("--json", action="store_true",

@@ -40,6 +40,7 @@ from fastmirror._core.hbitmap import HBitmap
 from fastmirror.job.events import (EventType, JobError, JobEvent, JobState,
                                JobStateError, JobStatus, as_job_error, io_error)
 from fastmirror.job.endpoints import validate_pair
+from fastmirror.job import nbdtarget
 from fastmirror.job.source import TrackedSource
 from fastmirror.job.states import PAUSED_STATES, TRANSITIONS, VERBS, WORKING_STATES
 
@@ -73,6 +74,7 @@ MAX_GRANULARITY = 64 << 20  # as QEMU's mirror: 512 bytes to 64 MiB
 MAX_SPEED = 1 << 50         # 1 PB/s: anything above is a typo
 TICK = 0.1                  # seconds between coordinator wake-ups
 RETRY_BACKOFF = (0.01, 1.0)  # "ignore": first and longest wait before retrying
+NBD_ZERO_THREADS = 8        # an NBD target's holes: WRITE_ZEROES in flight at once
 
 
 def copy_shape(buf_size: int, granularity: int,
@@ -143,6 +145,16 @@ class MirrorJob:
     Bad input raises ValueError or the OSError subclass of its errno, naming
     the path.
 
+    `target` may be an NBD URI, nbd://host[:port]/name or
+    nbd+unix:///name?socket=PATH (job/nbdtarget.py): the export is checked
+    before any write (it answers the handshake, exists, is writable and
+    large enough), written through the C NBD client over `connections`
+    connections (default 2) when the server allows multi-conn, else one.
+    With an NBD target copy_mode="write-blocking" is refused, there is no
+    pivot (after complete(), job.source writes the source again, untracked),
+    and a lost connection is connected again by the "ignore" retry or by
+    resume().
+
     The job runs in two phases, as QEMU's mirror job: start() begins phase 1,
     the bulk copy; the first moment the target equals the source (flushed)
     is the READY event and phase 2, where the job keeps the target in sync;
@@ -185,7 +197,7 @@ class MirrorJob:
                  verify: bool = False, copy_mode: str = "auto",
                  io_size: Optional[int] = None, io_engine: str = "auto",
                  force_share: bool = False, allow_image_target: bool = False,
-                 _disk=None):
+                 connections: Optional[int] = None, _disk=None):
         granularity = _positive_int("granularity", granularity, 512, MAX_GRANULARITY)
         if granularity & (granularity - 1):
             raise ValueError("granularity %d is not a power of two" % granularity)
@@ -205,9 +217,22 @@ class MirrorJob:
             if pol not in POLICIES:
                 raise ValueError("%s must be one of %s, not %r" % (name, POLICIES, pol))
 
-        self._src, self._dst = validate_pair(os.fspath(source), os.fspath(target), direct,
-                                             force_share=force_share,
-                                             allow_image_target=allow_image_target)
+        # A target may be an NBD URI (job/nbdtarget.py): no file, no
+        # descriptor; the engine writes through the NBD client.
+        self._nbd = nbdtarget.is_nbd_uri(target)
+        if self._nbd:
+            if copy_mode == "write-blocking":
+                raise ValueError("copy_mode='write-blocking' needs a file or block device "
+                                 "target; an NBD target is mirrored in the background")
+            self._src, self._dst = nbdtarget.validate_pair(
+                os.fspath(source), target, direct, force_share=force_share,
+                allow_image_target=allow_image_target, connections=connections)
+        else:
+            if connections is not None:
+                raise ValueError("connections is for an NBD target (nbd://...)")
+            self._src, self._dst = validate_pair(os.fspath(source), os.fspath(target), direct,
+                                                 force_share=force_share,
+                                                 allow_image_target=allow_image_target)
         try:
             align = max(self._src.info.alignment, self._dst.info.alignment)
             if granularity < align:
@@ -231,6 +256,10 @@ class MirrorJob:
         self.copy_mode = copy_mode
         if io_engine == "threads":
             self.io_engine = "threads"
+        elif self._nbd:
+            # The NBD client's calls block: one thread per copy, every copy
+            # a request in flight.
+            self.io_engine = "threads (NBD target)"
         elif uring_error is None:
             self.io_engine = "io_uring"
         else:
@@ -247,7 +276,8 @@ class MirrorJob:
             self._engine = CopyEngine(
                 self._bitmap, self._src.fd, self._dst.fd, self._dst.tail_fd,
                 self.size, align, max_io, nworkers, dst_is_block=self._dst.info.is_block,
-                detect_zeroes=detect_zeroes, unmap=unmap)
+                detect_zeroes=detect_zeroes, unmap=unmap,
+                nbd=self._dst.client if self._nbd else None)
         except BaseException:      # e.g. MemoryError: leave nothing behind
             self._close_endpoints(remove_created=True)
             raise
@@ -359,6 +389,8 @@ class MirrorJob:
         """Copy again after pause(), also after an error policy's pause
         (stop, enospc), which it acknowledges (status().io_status is "ok"
         again).  A paused drain drains again."""
+        if self._nbd and self._state in VERBS["resume"]:
+            self._reconnect_target()
         with self._lock:
             self._verb("resume")
             self._io_status = "ok"
@@ -528,6 +560,8 @@ class MirrorJob:
     def _io_calls(self) -> str:
         """What the copies issue: the rings' calls (registered buffers or
         not, and why) once the drivers run, else the blocking calls."""
+        if self._nbd:
+            return "preadv, NBD WRITE/WRITE_ZEROES/FLUSH over %s" % self._dst.describe()
         if self.io_engine == "io_uring":
             return self._engine.ring_io or "io_uring"
         return "preadv/pwritev"
@@ -658,7 +692,7 @@ class MirrorJob:
         or an error policy) the copy is stopped on purpose, so writes piling
         up then say nothing about convergence.  A pause drops the window, and
         measuring starts afresh once the job runs again."""
-        if self.copy_mode != "auto" or self._write_blocking:
+        if self.copy_mode != "auto" or self._write_blocking or self._nbd:
             return
         if self._state in PAUSED_STATES:
             self._progress.clear()
@@ -778,7 +812,7 @@ class MirrorJob:
         for off, length in extents:
             self._bitmap.set(off, length)
         self._initial_chunks = self._bitmap.dirty_count
-        if not self._dst.info.is_block:
+        if not self._dst.info.is_block and self._dst.fd >= 0:
             # Allocate the file target where data will go, so that the
             # parallel direct writes do not serialize on allocation.
             for off, length in extents:
@@ -786,6 +820,7 @@ class MirrorJob:
                     break
         if self.target_is_zero:
             return
+        holes = []
         pos = 0
         while pos < self.size:
             clean = self._bitmap.next_clean(pos)
@@ -793,12 +828,23 @@ class MirrorJob:
                 break
             dirty = self._bitmap.next_dirty(clean)
             end = self.size if dirty < 0 else dirty
-            if self._engine.zero_target(clean, end - clean) < 0:
+            holes.append((clean, end - clean))
+            pos = end
+        if self._nbd and len(holes) > 1:
+            # Each WRITE_ZEROES is a round trip to the server: keep several
+            # in flight (zero_target releases the GIL; no copy runs yet).
+            from concurrent.futures import ThreadPoolExecutor
+            with ThreadPoolExecutor(min(NBD_ZERO_THREADS, len(holes)),
+                                    thread_name_prefix="fastmirror-zero") as pool:
+                results = list(pool.map(lambda h: self._engine.zero_target(*h), holes))
+        else:
+            results = [self._engine.zero_target(off, n) for off, n in holes]
+        for (off, n), r in zip(holes, results):
+            if r < 0:
                 # No zeroing call (or it failed): copy the zeros instead; the
                 # copy reports real errors under the target's policy.
-                self._bitmap.set(clean, end - clean)
-                self._initial_chunks += (end - clean + self.granularity - 1) // self.granularity
-            pos = end
+                self._bitmap.set(off, n)
+                self._initial_chunks += (n + self.granularity - 1) // self.granularity
 
     def _loop(self) -> tuple[EventType, Optional[JobError]]:
         eng = self._engine
@@ -890,7 +936,12 @@ class MirrorJob:
                     # came during the flush is obeyed (back to the loop's top).
                     if self._state != S.DRAINING:
                         continue
-                    if self._ending == "complete":
+                    if self._ending == "complete" and self._nbd:
+                        # Nothing to pivot to: job.source writes to the
+                        # source again, untracked (see the class docs).
+                        _log.info("target %s is complete; job.source is not switched to "
+                                  "an NBD target", self._dst.path)
+                    elif self._ending == "complete":
                         self.source.pivot(self._dst.path, self._dst.open_buffered(),
                                           self._dst.info.is_block)
                     self._conclude(EventType.COMPLETED)
@@ -903,10 +954,14 @@ class MirrorJob:
     def _verify_target(self) -> Optional[JobError]:
         """verify=True: with writers still held at the gate, compare the
         source and the flushed target byte for byte (GIL released)."""
-        from fastmirror.job.verify import first_difference
+        from fastmirror.job.verify import first_difference, first_difference_nbd
         try:
-            diff = first_difference(self._src.path, self._dst.path, self.size,
-                                    fds=(self._src.fd, self._dst.fd))
+            if self._nbd:
+                diff = first_difference_nbd(self._src.path, self._dst.client, self.size,
+                                            fd=self._src.fd)
+            else:
+                diff = first_difference(self._src.path, self._dst.path, self.size,
+                                        fds=(self._src.fd, self._dst.fd))
         except OSError as e:
             return as_job_error(e)
         if diff < 0:
@@ -974,8 +1029,24 @@ class MirrorJob:
                     self._transition(S.PAUSED if self._state == S.RUNNING else S.STANDBY)
         elif delay is not None:
             self._engine.wait_event(delay, want_clean=False)   # sleeps unless kicked
+            if self._nbd:
+                self._reconnect_target()
             self._engine.release()
         return worst
+
+    def _reconnect_target(self) -> None:
+        """NBD target: connect again what failed (the retry of "ignore",
+        resume() after "stop").  What the server acknowledged since the last
+        flush is copied again (engine.reconnect_target).  A server still away
+        is only logged: the next copy fails under the policy again."""
+        try:
+            n = self._engine.reconnect_target()
+        except OSError as e:
+            _log.warning("cannot reconnect to %s: %s", self._dst.path, e.strerror or e)
+            return
+        if n:
+            _log.info("reconnected %d connection%s to %s", n, "" if n == 1 else "s",
+                      self._dst.path)
 
     def _backoff(self, kind: str) -> float:
         """"ignore": seconds to wait before retrying after a failure of
