@@ -945,7 +945,7 @@ class MirrorJob:
                         self.source.pivot(self._dst.path, self._dst.open_buffered(),
                                           self._dst.info.is_block)
                     self._conclude(EventType.COMPLETED)
-                if self._ending == "complete":
+                if self._ending == "complete" and not self._nbd:
                     self._run_pivot_hooks()     # writers still held at the gate
                 return EventType.COMPLETED, None
         finally:
