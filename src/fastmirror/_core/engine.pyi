@@ -105,6 +105,9 @@ class CopyEngine:
     @property
     def speed(self) -> int:
         """The speed limit in bytes per second; 0 means unlimited."""
+    def persistable(self, out: HBitmap) -> None:
+        """Set in ``out`` every chunk a state file must keep dirty: dirty,
+        unflushed, being flushed, or in flight (copies and claims)."""
     @property
     def unflushed_bytes(self) -> int:
         """Bytes written to the target since the last successful flush, in

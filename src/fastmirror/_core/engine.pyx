@@ -623,6 +623,32 @@ cdef class CopyEngine:
         # applied its error policy (release()).
         self.held = True
 
+    def persistable(self, HBitmap out not None):
+        """Set in `out` (same size and granularity) every chunk that a state
+        file must keep dirty: dirty now, written to the target but not yet
+        covered by a successful flush (unflushed, flushing), or being copied
+        or written to both sides (copies and claims in flight).  Its
+        complement is what a crash cannot make wrong on the target.  Taken
+        under mu, so a chunk moving between these sets is seen in one."""
+        cdef int i
+        cdef fm_claim *k
+        if out.size != self.size or out.granularity != self.bitmap.granularity:
+            raise ValueError("the bitmap does not match the engine")
+        with nogil:
+            pthread_mutex_lock(&self.mu)
+            self._or_into(self.bitmap, out)
+            self._or_into(self.unflushed, out)
+            self._or_into(self.flushing, out)
+            for i in range(MAX_WORKERS):
+                if self.inflight_first[i] >= 0:
+                    out.c_set(self.inflight_first[i],
+                              self.inflight_end[i] - self.inflight_first[i])
+            k = self.claims
+            while k != NULL:
+                out.c_set(k.first, k.end - k.first)
+                k = k.next
+            pthread_mutex_unlock(&self.mu)
+
     @property
     def unflushed_bytes(self):
         """Bytes written to the target since the last successful flush (an
