@@ -33,11 +33,18 @@ class Export:
     with mode 0600; an existing socket file there is replaced).
 
     Use as a context manager or call close(); `url` is what clients open
-    (nbd+unix:///NAME?socket=PATH)."""
+    (nbd+unix:///NAME?socket=PATH).
+
+    state=PATH: mirrors of this export keep their state in PATH (see
+    MirrorJob's `state`).  If PATH holds an unfinished mirror of `path`, it
+    is resumed before the first client is accepted (`job`); if it holds one
+    that pivoted, the export serves its target, never the stale source."""
 
     def __init__(self, path, *, socket, name: str = "", read_only: bool = False,
-                 max_connections: int = MAX_CONNECTIONS):
+                 max_connections: int = MAX_CONNECTIONS, state=None):
         self._path = os.fspath(path)
+        self._state_path = os.fspath(state) if state is not None else None
+        resume = self._resume_plan()
         self.socket_path = os.fspath(socket)
         self.name = name
         self.read_only = read_only
@@ -67,13 +74,61 @@ class Export:
         self._disk.attach(fd, is_block)
         self.size = size
         try:
+            if resume is not None:
+                # Before the first client: no write may pass untracked.
+                self.mirror(resume.target.get("path") or resume.target["uri"],
+                            **resume.options)
             self._listener = self._listen()
         except BaseException:
+            if self._job is not None:
+                self._job.close()
             self._disk.close()
             raise
         self._acceptor = threading.Thread(target=self._accept, name="fastmirror-nbd-accept",
                                           daemon=True)
         self._acceptor.start()
+
+    def _resume_plan(self):
+        """With a state file: the State of a mirror to resume (None if
+        none), and the file to serve (the target, after a pivot).  A
+        damaged file or one of another disk raises StateError."""
+        from fastmirror.job import state as _state
+        if self._state_path is None:
+            return None
+        st = _state.load(self._state_path)
+        if st is None:
+            return None
+        if st.phase == "pivoted":
+            if st.target.get("kind") == "uri":
+                raise _state.StateError(self._state_path, "its mirror pivoted to %s, which "
+                                        "is not a file to serve" % st.target["uri"])
+            fd = os.open(st.target["path"], os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if _state.identity(st.target["path"], fd, 0)["kind"] == "uri" or \
+                        not _state._same(st.target, _state.identity(st.target["path"], fd, 0)):
+                    raise _state.StateError(self._state_path, "its mirror pivoted to %s, and "
+                                            "that path names another file now"
+                                            % st.target["path"])
+            finally:
+                os.close(fd)
+            self._path = st.target["path"]
+            return None
+        fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            here = _state.identity(self._path, fd, 0)
+        finally:
+            os.close(fd)
+        if not _state._same(st.source, here):
+            raise _state.StateError(self._state_path, "it is the state of a mirror of %s, "
+                                    "not of %s" % (_state._describe(st.source), self._path))
+        if st.phase == "stopped":
+            return None         # cancelled or failed: a new drive-mirror resumes it
+        return st
+
+    @property
+    def job(self):
+        """The last mirror started (or resumed) on this export, or None."""
+        return self._job
 
     def _listen(self) -> _socket.socket:
         return listen_private(self.socket_path, 16)
@@ -161,6 +216,8 @@ class Export:
             coordinator = getattr(previous, "_coordinator", None)
             if coordinator is not None:
                 coordinator.join()
+        if self._state_path is not None:
+            options.setdefault("state", self._state_path)
         job = MirrorJob(self._path, target, _disk=self._disk, **options)
         if listener is not None:
             job.add_listener(listener)
