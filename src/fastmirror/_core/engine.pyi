@@ -40,6 +40,9 @@ class CopyEngine:
 
     detect_zeroes: bool
     """All-zero data becomes a zeroed range on the target."""
+    sync_source: bool
+    """flush() fdatasyncs the source before the target (a job with a state
+    file records what a flush covers as clean)."""
     unmap: bool
     """Zeroed file ranges are punched out (holes)."""
     def __init__(

@@ -165,6 +165,7 @@ cdef class CopyEngine:
     cdef bint flush_busy            # one flush at a time
     cdef bint dst_is_block          # zeroing uses BLKZEROOUT instead of fallocate
     cdef public bint detect_zeroes  # all-zero data becomes a zeroed range on the target
+    cdef public bint sync_source    # flush() syncs the source first (a state file's job)
     cdef public bint unmap          # zeroed file ranges are punched out (holes)
     cdef readonly int64_t size      # bytes mirrored: [0, size)
     cdef readonly int64_t align     # O_DIRECT offset/length alignment of both sides
@@ -573,7 +574,15 @@ cdef class CopyEngine:
                 self.unflushed.c_reset(0, self.nchunks)
                 pthread_mutex_unlock(&self.mu)
 
-                r = flush_fd(self.dst_fd)
+                # With a state file, a chunk this flush covers is recorded
+                # clean: the source data its copy read (possibly from the
+                # page cache, after a write through the tracked path) must be
+                # durable too, or a power cut could take it from the source
+                # and leave the target ahead of it.  Every copy in `flushing`
+                # read before this sync starts.
+                r = flush_fd(self.src_fd) if self.sync_source else 0
+                if r == 0:
+                    r = flush_fd(self.dst_fd)
                 if r == 0 and self.dst_tail_fd >= 0 and self.dst_tail_fd != self.dst_fd:
                     r = flush_fd(self.dst_tail_fd)
 

@@ -276,6 +276,7 @@ class MirrorJob:
         self._persisted_at = 0.0
         self.resumed = existing is not None
         if state_path is not None:
+            self._engine.sync_source = True     # see CopyEngine.flush
             try:
                 self._open_state(existing, ids, _disk, dict(
                     granularity=granularity, buf_size=self.buf_size, speed=speed, sync=sync,
