@@ -2,9 +2,7 @@
 log of a disk mirrored with a state file.  C callers cimport fm_al_begin and
 fm_al_end from actlog.pxd."""
 
-from typing import Final
-
-from typing_extensions import disjoint_base
+from typing import Final, final
 
 AL_MAGIC: Final[bytes]
 AL_VERSION: Final[int]
@@ -13,7 +11,7 @@ ALL_DIRTY: Final[int]
 RECORD_SIZE: Final[int]
 MAX_SLOTS: Final[int]
 
-@disjoint_base
+@final
 class ActivityLog:
     """The extents that writes may touch before a state file shows them,
     recorded in a sidecar file (two alternating records) before each write
