@@ -298,3 +298,22 @@ def test_large_writes_go_through_the_log_in_pieces_and_land_whole(tmp_path):
         assert f.read(len(data)) == data
         f.seek(42 * MiB - 4096)
         assert f.read(5 * MiB) == bytes(5 * MiB)
+
+
+def test_after_a_pivot_the_export_mirrors_onward_with_the_same_state(tmp_path):
+    src = make_image(tmp_path / "src", 4 * MiB)
+    dst, dst2, st = str(tmp_path / "dst"), str(tmp_path / "dst2"), str(tmp_path / "state")
+    with fastmirror.Export(src, socket=str(tmp_path / "s"), state=st) as export:
+        for target in (dst, dst2):
+            job = export.mirror(target)
+            assert job.wait_ready(30)
+            job.complete()
+            assert job.wait().type == EventType.COMPLETED
+            assert export.path == target
+        saved = _state.load(st)
+        assert saved.phase == "pivoted" and saved.target["path"] == dst2
+        assert saved.source["path"] == dst
+        # A mirror of some other disk with this file: refused.
+        with pytest.raises(_state.StateError, match="has completed"):
+            fastmirror.MirrorJob(src, str(tmp_path / "dst3"), state=st)
+    assert same(src, dst2)

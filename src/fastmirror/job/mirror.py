@@ -207,14 +207,10 @@ class MirrorJob:
             if pol not in POLICIES:
                 raise ValueError("%s must be one of %s, not %r" % (name, POLICIES, pol))
 
-        # A damaged state file, or one of a finished mirror, is refused before
-        # anything is opened; one of another pair right after (below).
+        # A damaged state file is refused before anything is opened; one of
+        # another pair, or of a finished mirror, right after (below).
         state_path = os.fspath(state) if state is not None else None
         existing = _state.load(state_path) if state_path is not None else None
-        if existing is not None and existing.phase == "pivoted":
-            raise _state.StateError(state_path, "the mirror it records has completed: "
-                                    "its target %s is the disk now"
-                                    % _state._describe(existing.target))
 
         self._src, self._dst = validate_pair(os.fspath(source), os.fspath(target), direct,
                                              force_share=force_share,
@@ -228,6 +224,14 @@ class MirrorJob:
             if state_path is not None:
                 ids = (_state.identity(self._src.path, self._src.fd, self._src.info.size),
                        _state.identity(self._dst.path, self._dst.fd, self._dst.info.size))
+                if existing is not None and existing.phase == "pivoted":
+                    # Finished: its target is the disk now.  Mirroring that
+                    # disk onward starts a new state; anything else is refused.
+                    if not _state._same(existing.target, ids[0]):
+                        raise _state.StateError(
+                            state_path, "the mirror it records has completed: its target "
+                            "%s is the disk now" % _state._describe(existing.target))
+                    existing = None
                 if existing is not None:
                     existing.check_pair(state_path, ids[0], ids[1], self._src.info.size,
                                         granularity)
