@@ -365,3 +365,26 @@ def test_activity_log_many_writers_two_slots_never_deadlock(tmp_path):
     assert not any(t.is_alive() for t in threads), "writers deadlocked"
     assert not bad, bad[:3]
     assert al.snapshot_waits > 0 and al.records > 10
+
+
+def test_an_idle_ready_job_leaves_its_state_file_alone_until_a_write(tmp_path):
+    src = make_image(tmp_path / "src", 4 * MiB)
+    dst, st = str(tmp_path / "dst"), str(tmp_path / "state")
+    job = fastmirror.MirrorJob(src, dst, state=st)
+    job.start()
+    assert job.wait_ready(30)
+    time.sleep(1.2 * _state.PERSIST_INTERVAL)       # the copies' last flush is recorded
+    before = os.stat(st).st_ino
+    time.sleep(2.2 * _state.PERSIST_INTERVAL)
+    assert os.stat(st).st_ino == before             # not replaced: nothing new
+    assert _state.load(st).bitmap.dirty_bytes == 0
+    job.source.pwrite(b"\x11" * 4096, 2 * MiB)
+    deadline = time.monotonic() + 10
+    while os.stat(st).st_ino == before:
+        assert time.monotonic() < deadline, "the write never reached the state file"
+        time.sleep(0.05)
+    assert _state.load(st).bitmap.dirty_bytes == 4 * MiB     # its extent, whole
+    job.cancel()
+    job.wait()
+    job.source.close()
+    job.close()

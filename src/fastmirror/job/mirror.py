@@ -278,6 +278,7 @@ class MirrorJob:
         self._resume_bits: Optional[HBitmap] = None   # a resumed job's first dirty chunks
         self._floor: Optional[HBitmap] = None     # dirty in every state file until marked
         self._persisted_at = 0.0
+        self._persisted_news: tuple = ()
         self.resumed = existing is not None
         if state_path is not None:
             self._engine.sync_source = True     # see CopyEngine.flush
@@ -880,11 +881,17 @@ class MirrorJob:
                     return EventType.FAILED, err
             if (self._al is not None and state in (S.RUNNING, S.READY)
                     and now - self._persisted_at >= _state.PERSIST_INTERVAL):
-                # A chunk is recorded clean only once a flush covers its copy.
-                if self._flush_target() == "report":
-                    return EventType.FAILED, self._error
-                if not self._flush_failed:
-                    self._persist_quietly()
+                news = self._persist_news()     # before the flush: see _persist
+                if news == self._persisted_news:
+                    # Nothing copied, marked, zeroed or added to the log since:
+                    # the last file still holds (an idle READY job costs no I/O).
+                    self._persisted_at = now
+                else:
+                    # A chunk is recorded clean only once a flush covers its copy.
+                    if self._flush_target() == "report":
+                        return EventType.FAILED, self._error
+                    if not self._flush_failed:
+                        self._persist_quietly(news=news)
             if ev == EV_CLEAN and state == S.RUNNING:
                 with self._lock:
                     if self._state != S.RUNNING:
@@ -1131,7 +1138,7 @@ class MirrorJob:
             os.close(fd)
         _state.sync_folder(alp)
 
-    def _persist(self, phase: Optional[str] = None) -> None:
+    def _persist(self, phase: Optional[str] = None, news: Optional[tuple] = None) -> None:
         """Write the state file now: what a crash could leave different on
         the target (engine.persistable) plus every extent of the activity
         log, captured before the bitmap; then those extents may leave the
@@ -1139,6 +1146,8 @@ class MirrorJob:
         with self._persist_lock:
             if phase is not None:
                 self._phase = phase
+            if news is None or phase is not None:
+                news = self._persist_news()
             al = self._al
             mark, extents = al.capture() if al is not None else (0, [])
             bits = HBitmap(self.size, self.granularity)
@@ -1156,12 +1165,24 @@ class MirrorJob:
             if al is not None:
                 al.covered(mark)
             self._persisted_at = time.monotonic()
+            self._persisted_news = news
 
-    def _persist_quietly(self, phase: Optional[str] = None) -> None:
+    def _persist_news(self) -> tuple:
+        """What changes whenever a new state file could say something new.
+        Read before the flush that precedes a state file (or before its
+        capture): a copy that ends after it shows as news next time, so a
+        chunk left dirty as unflushed is written clean once flushed."""
+        eng = self._engine
+        return (eng.bytes_copied, eng.bytes_marked, eng.bytes_zeroed, eng.copies,
+                self._al.misses if self._al is not None else 0, self._floor is None,
+                self._phase)
+
+    def _persist_quietly(self, phase: Optional[str] = None,
+                         news: Optional[tuple] = None) -> None:
         """_persist() where a failure only delays: the previous file stays
         valid (it is replaced atomically), and the next attempt comes soon."""
         try:
-            self._persist(phase)
+            self._persist(phase, news)
         except OSError as e:
             if phase is not None:
                 self._phase = phase
