@@ -41,6 +41,9 @@ class CopyEngine:
 
     detect_zeroes: bool
     """All-zero data becomes a zeroed range on the target."""
+    sync_source: bool
+    """flush() fdatasyncs the source before the target (a job with a state
+    file records what a flush covers as clean)."""
     unmap: bool
     """Zeroed file ranges are punched out (holes)."""
     def __init__(
@@ -117,6 +120,9 @@ class CopyEngine:
     @property
     def speed(self) -> int:
         """The speed limit in bytes per second; 0 means unlimited."""
+    def persistable(self, out: HBitmap) -> None:
+        """Set in ``out`` every chunk a state file must keep dirty: dirty,
+        unflushed, being flushed, or in flight (copies and claims)."""
     @property
     def unflushed_bytes(self) -> int:
         """Bytes written to the target since the last successful flush, in

@@ -175,6 +175,7 @@ cdef class CopyEngine:
     cdef bint flush_busy            # one flush at a time
     cdef bint dst_is_block          # zeroing uses BLKZEROOUT instead of fallocate
     cdef public bint detect_zeroes  # all-zero data becomes a zeroed range on the target
+    cdef public bint sync_source    # flush() syncs the source first (a state file's job)
     cdef public bint unmap          # zeroed file ranges are punched out (holes)
     cdef readonly int64_t size      # bytes mirrored: [0, size)
     cdef readonly int64_t align     # O_DIRECT offset/length alignment of both sides
@@ -595,9 +596,16 @@ cdef class CopyEngine:
                 self.unflushed.c_reset(0, self.nchunks)
                 pthread_mutex_unlock(&self.mu)
 
-                if self.nbd != NULL:
+                # With a state file, a chunk this flush covers is recorded
+                # clean: the source data its copy read (possibly from the
+                # page cache, after a write through the tracked path) must be
+                # durable too, or a power cut could take it from the source
+                # and leave the target ahead of it.  Every copy in `flushing`
+                # read before this sync starts.
+                r = flush_fd(self.src_fd) if self.sync_source else 0
+                if r == 0 and self.nbd != NULL:
                     r = fm_nbd_flush(self.nbd)
-                else:
+                elif r == 0:
                     r = flush_fd(self.dst_fd)
                 if r == 0 and self.dst_tail_fd >= 0 and self.dst_tail_fd != self.dst_fd:
                     r = flush_fd(self.dst_tail_fd)
@@ -665,6 +673,32 @@ cdef class CopyEngine:
                 self._redirty()
                 pthread_mutex_unlock(&self.mu)
         return self.nbd_client.reconnect()
+
+    def persistable(self, HBitmap out not None):
+        """Set in `out` (same size and granularity) every chunk that a state
+        file must keep dirty: dirty now, written to the target but not yet
+        covered by a successful flush (unflushed, flushing), or being copied
+        or written to both sides (copies and claims in flight).  Its
+        complement is what a crash cannot make wrong on the target.  Taken
+        under mu, so a chunk moving between these sets is seen in one."""
+        cdef int i
+        cdef fm_claim *k
+        if out.size != self.size or out.granularity != self.bitmap.granularity:
+            raise ValueError("the bitmap does not match the engine")
+        with nogil:
+            pthread_mutex_lock(&self.mu)
+            self._or_into(self.bitmap, out)
+            self._or_into(self.unflushed, out)
+            self._or_into(self.flushing, out)
+            for i in range(MAX_WORKERS):
+                if self.inflight_first[i] >= 0:
+                    out.c_set(self.inflight_first[i],
+                              self.inflight_end[i] - self.inflight_first[i])
+            k = self.claims
+            while k != NULL:
+                out.c_set(k.first, k.end - k.first)
+                k = k.next
+            pthread_mutex_unlock(&self.mu)
 
     @property
     def unflushed_bytes(self):

@@ -276,7 +276,7 @@ def cmd_mirror(args) -> int:
             on_source_error=args.on_source_error, on_target_error=args.on_target_error,
             copy_mode=args.copy_mode, io_engine=args.io_engine,
             force_share=args.force_share, allow_image_target=args.overwrite_image,
-            connections=args.connections)
+            connections=args.connections, state=args.state)
     except (ValueError, OSError) as e:
         code = _refuse(args, _describe(e, args.source, args.target), e)
         if isinstance(e, InUseError) and e.side == "source" and e.lock:
@@ -292,6 +292,8 @@ def cmd_mirror(args) -> int:
         say(job.io_mode)
     if job.io_engine.startswith("threads ("):
         say("copying with %s" % job.io_engine)
+    if args.state is not None:
+        say("%s %s" % ("resuming from" if job.resumed else "state in", args.state))
     data_at_start = _data_bytes(args.source) if args.sync == "full" else None
 
     final = None
@@ -449,7 +451,7 @@ def cmd_serve(args) -> int:
     _log_to_stderr()
     try:
         export = Export(args.source, socket=args.socket, listen=listen, name=args.name,
-                        read_only=args.read_only, **limit)
+                        read_only=args.read_only, state=args.state, **limit)
     except (OSError, ValueError) as e:
         print("fastmirror: cannot serve %s: %s" % (args.source, e), file=sys.stderr)
         return EXIT_USAGE if isinstance(e, ValueError) or \
@@ -465,8 +467,11 @@ def cmd_serve(args) -> int:
                 print("fastmirror: cannot listen for QMP at %s: %s" % (args.qmp, e),
                       file=sys.stderr)
                 return EXIT_FAIL
-        print("serving %s (%s) at %s" % (args.source, _size_words(export.size),
+        print("serving %s (%s) at %s" % (export.path, _size_words(export.size),
                                          " and ".join(export.urls)), flush=True)
+        if export.job is not None:
+            print("resumed the mirror onto %s from %s" % (export.job.target_path, args.state),
+                  flush=True)
         if qmp is not None:
             print("QMP at %s" % args.qmp, flush=True)
         stop.event.wait()
@@ -563,6 +568,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "VERIFY, and a final SUMMARY with the run's figures; a refusal "
                         "before the start is a REFUSED line")
     m.add_argument("--verify", action="store_true", help="compare after COMPLETED")
+    m.add_argument("--state", metavar="PATH",
+                   help="keep the job's state in PATH (and PATH.al): after a crash or a "
+                        "kill, the same command resumes from it instead of copying it all")
     m.add_argument("--no-progress", action="store_true")
     m.add_argument("-q", "--quiet", action="store_true")
     m.set_defaults(func=cmd_mirror)
@@ -606,6 +614,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "one more is closed before the handshake")
     sv.add_argument("--name", default="", help='the export name (default "")')
     sv.add_argument("--read-only", action="store_true")
+    sv.add_argument("--state", metavar="PATH",
+                    help="mirrors of this export (drive-mirror) keep their state in PATH; "
+                         "restarted with it, the export resumes an unfinished mirror, or "
+                         "serves its target after a pivot")
     sv.add_argument("--qmp", metavar="PATH",
                     help="QMP (QEMU's monitor protocol: drive-mirror, query-block-jobs, "
                          "block-job-complete...) at the unix socket PATH (mode 0600); "

@@ -36,11 +36,13 @@ from fastmirror import trace
 from fastmirror._core import blockio as _io
 from fastmirror._core.engine import (CopyEngine, EV_CLEAN, EV_ERROR, EV_STOPPED,
                                 OP_READ)
+from fastmirror._core.actlog import ActivityLog, RECORD_SIZE as _AL_RECORD
 from fastmirror._core.hbitmap import HBitmap
 from fastmirror.job.events import (EventType, JobError, JobEvent, JobState,
                                JobStateError, JobStatus, as_job_error, io_error)
 from fastmirror.job.endpoints import validate_pair
 from fastmirror.job import nbdtarget
+from fastmirror.job import state as _state
 from fastmirror.job.source import TrackedSource
 from fastmirror.job.states import PAUSED_STATES, TRANSITIONS, VERBS, WORKING_STATES
 
@@ -197,7 +199,7 @@ class MirrorJob:
                  verify: bool = False, copy_mode: str = "auto",
                  io_size: Optional[int] = None, io_engine: str = "auto",
                  force_share: bool = False, allow_image_target: bool = False,
-                 connections: Optional[int] = None, _disk=None):
+                 connections: Optional[int] = None, state=None, _disk=None):
         granularity = _positive_int("granularity", granularity, 512, MAX_GRANULARITY)
         if granularity & (granularity - 1):
             raise ValueError("granularity %d is not a power of two" % granularity)
@@ -216,6 +218,11 @@ class MirrorJob:
                           ("on_target_error", on_target_error)):
             if pol not in POLICIES:
                 raise ValueError("%s must be one of %s, not %r" % (name, POLICIES, pol))
+
+        # A damaged state file is refused before anything is opened; one of
+        # another pair, or of a finished mirror, right after (below).
+        state_path = os.fspath(state) if state is not None else None
+        existing = _state.load(state_path) if state_path is not None else None
 
         # A target may be an NBD URI (job/nbdtarget.py): no file, no
         # descriptor; the engine writes through the NBD client.
@@ -239,6 +246,21 @@ class MirrorJob:
                 raise ValueError("granularity %d is below the I/O alignment %d of %s"
                                  % (granularity, align, self._dst.path
                                     if self._dst.info.alignment == align else self._src.path))
+            if state_path is not None:
+                ids = (_state.identity(self._src.path, self._src.fd, self._src.info.size),
+                       _state.identity(self._dst.path, None if self._nbd else self._dst.fd,
+                                       self._dst.info.size))
+                if existing is not None and existing.phase == "pivoted":
+                    # Finished: its target is the disk now.  Mirroring that
+                    # disk onward starts a new state; anything else is refused.
+                    if not _state._same(existing.target, ids[0]):
+                        raise _state.StateError(
+                            state_path, "the mirror it records has completed: its target "
+                            "%s is the disk now" % _state._describe(existing.target))
+                    existing = None
+                if existing is not None:
+                    existing.check_pair(state_path, ids[0], ids[1], self._src.info.size,
+                                        granularity)
         except BaseException:
             self._close_endpoints(remove_created=True)
             raise
@@ -282,6 +304,27 @@ class MirrorJob:
             self._close_endpoints(remove_created=True)
             raise
         self._engine.set_speed(speed)
+        self._al = None             # the activity log, with a state file
+        self._state_path = state_path
+        self._resume_bits: Optional[HBitmap] = None   # a resumed job's first dirty chunks
+        self._floor: Optional[HBitmap] = None     # dirty in every state file until marked
+        self._persisted_at = 0.0
+        self._persisted_news: tuple = ()
+        self.resumed = existing is not None
+        if state_path is not None:
+            self._engine.sync_source = True     # see CopyEngine.flush
+            try:
+                self._open_state(existing, ids, _disk, dict(
+                    granularity=granularity, buf_size=self.buf_size, speed=speed, sync=sync,
+                    direct=direct, on_source_error=on_source_error,
+                    on_target_error=on_target_error, detect_zeroes=detect_zeroes,
+                    unmap=unmap, verify=verify, copy_mode=copy_mode, io_size=io_size,
+                    io_engine=io_engine, force_share=force_share,
+                    allow_image_target=allow_image_target))
+            except BaseException:
+                self._engine.close()
+                self._close_endpoints(remove_created=True)
+                raise
         # The handle reopens the checked source through its own duplicate
         # of our descriptor, not by path (a path may name another file now).
         # _disk: a TrackedDisk already serving the source (fastmirror.Export);
@@ -289,7 +332,8 @@ class MirrorJob:
         # of the export goes through the job and sees the pivot.
         try:
             self.source = TrackedSource(self._src.path, self.size, self._src.info.is_block,
-                                        self._engine, fd=os.dup(self._src.fd), disk=_disk)
+                                        self._engine, fd=os.dup(self._src.fd), disk=_disk,
+                                        al=self._al)
         except BaseException:
             self._engine.close()
             self._close_endpoints(remove_created=True)
@@ -320,6 +364,11 @@ class MirrorJob:
         self._retries = 0           # "ignore": failures in a row, for the backoff
         self._last_failure: Optional[tuple[str, int]] = None   # (kind, engine.copies then)
         self._flush_failed = False
+        self._persister: Optional[threading.Thread] = None
+        if self._al is not None:
+            self._persister = threading.Thread(target=self._persist_loop,
+                                               name="fastmirror-state", daemon=True)
+            self._persister.start()
 
     # ------------------------------------------------------------------
     # State machine
@@ -567,6 +616,11 @@ class MirrorJob:
         return "preadv/pwritev"
 
     @property
+    def target_path(self) -> str:
+        """The target as given (after validation)."""
+        return self._dst.path
+
+    @property
     def io_mode(self) -> str:
         """"direct" when both sides use O_DIRECT, otherwise "buffered (...)"
         saying why and which side."""
@@ -606,6 +660,7 @@ class MirrorJob:
         self.cancel(force=True)
         if self._coordinator is not None:
             self.wait()
+        self._stop_persister()
         self._engine.close()        # the workers have returned
         self._close_endpoints()
 
@@ -719,7 +774,7 @@ class MirrorJob:
         """Under the lock: record the final event (emitted by the caller)."""
         if self._final is not None:
             return
-        self._final = self._event(type_, error=error)
+        self._final = self._event(type_, error=error, bytes_copied=self._engine.bytes_copied)
         if error is not None:
             self._error = error
         self._transition(S.CONCLUDED)
@@ -728,9 +783,19 @@ class MirrorJob:
             self._emit(self._final)
 
     def _finish_handle(self) -> None:
+        if self._al is not None:
+            # Before writes go untracked: from now on the first one records
+            # ALL_DIRTY in the log (a resumed job then copies everything).
+            if self.source.pivoted:
+                self._al.stop()
+            else:
+                self._al.poison()
         if not self.source.pivoted:
             self.source.stop_tracking()
         self.source.open_gate()
+        if self._al is not None:
+            self._persist_quietly("pivoted" if self.source.pivoted else "stopped")
+            self._stop_persister(join=False)
 
     # -- the coordinator thread ------------------------------------------
 
@@ -738,8 +803,15 @@ class MirrorJob:
         final_type, error = EventType.FAILED, None
         try:
             trace.emit("mirror_start", self.source, self, threading.current_thread(), self.opaque)
-            self._initial_marking()
+            if self._resume_bits is not None:
+                # Resuming: what the state file and the activity log say, not
+                # the whole disk; the rest of the target is the source's.
+                self._bitmap.merge(self._resume_bits)
+                self._initial_chunks = self._bitmap.dirty_count
+            else:
+                self._initial_marking()
             self._marking = False
+            self._floor = None      # the engine's bitmap holds it all now
             if self.copy_mode == "write-blocking":
                 # Only now: the initial marking zeroes target ranges that are
                 # clean, and a write that went to both sides leaves its chunks
@@ -877,6 +949,19 @@ class MirrorJob:
                 err = self._check_source_size()
                 if err is not None:
                     return EventType.FAILED, err
+            if (self._al is not None and state in (S.RUNNING, S.READY)
+                    and now - self._persisted_at >= _state.PERSIST_INTERVAL):
+                news = self._persist_news()     # before the flush: see _persist
+                if news == self._persisted_news:
+                    # Nothing copied, marked, zeroed or added to the log since:
+                    # the last file still holds (an idle READY job costs no I/O).
+                    self._persisted_at = now
+                else:
+                    # A chunk is recorded clean only once a flush covers its copy.
+                    if self._flush_target() == "report":
+                        return EventType.FAILED, self._error
+                    if not self._flush_failed:
+                        self._persist_quietly(news=news)
             if ev == EV_CLEAN and state == S.RUNNING:
                 with self._lock:
                     if self._state != S.RUNNING:
@@ -892,6 +977,8 @@ class MirrorJob:
                     self._ready = True
                     self._ready_at = time.monotonic()
                     self._transition(S.READY)
+                if self._al is not None:
+                    self._persist_quietly("ready")
                 self._emit(self._event(EventType.READY))
             elif trace.is_active("mirror_before_sleep"):
                 trace.emit("mirror_before_sleep", self, self._bitmap.dirty_count,
@@ -931,20 +1018,38 @@ class MirrorJob:
                     err = self._verify_target()
                     if err is not None:
                         return EventType.FAILED, err
+                said_pivoted = False
+                if self._al is not None and self._ending == "complete" and not self._nbd:
+                    # The state says "pivoted" before any write can reach the
+                    # target (the gate is closed): a restarted serve --state
+                    # must serve the target, never the stale source.
+                    try:
+                        self._persist("pivoted")
+                    except OSError as e:
+                        return EventType.FAILED, as_job_error(e)
+                    said_pivoted = True
                 with self._lock:
                     # The last word is the state's: a pause or a cancel that
                     # came during the flush is obeyed (back to the loop's top).
-                    if self._state != S.DRAINING:
-                        continue
-                    if self._ending == "complete" and self._nbd:
-                        # Nothing to pivot to: job.source writes to the
-                        # source again, untracked (see the class docs).
-                        _log.info("target %s is complete; job.source is not switched to "
-                                  "an NBD target", self._dst.path)
-                    elif self._ending == "complete":
-                        self.source.pivot(self._dst.path, self._dst.open_buffered(),
-                                          self._dst.info.is_block)
-                    self._conclude(EventType.COMPLETED)
+                    undo = self._state != S.DRAINING or (said_pivoted
+                                                         and self._ending != "complete")
+                    if not undo:
+                        if self._ending == "complete" and self._nbd:
+                            # Nothing to pivot to: job.source writes to the
+                            # source again, untracked (see the class docs).
+                            _log.info("target %s is complete; job.source is not switched to "
+                                      "an NBD target", self._dst.path)
+                        elif self._ending == "complete":
+                            self.source.pivot(self._dst.path, self._dst.open_buffered(),
+                                              self._dst.info.is_block)
+                        self._conclude(EventType.COMPLETED)
+                if undo:
+                    if said_pivoted:
+                        try:        # the gate is still closed: no write went anywhere
+                            self._persist("ready")
+                        except OSError as e:
+                            return EventType.FAILED, as_job_error(e)
+                    continue
                 if self._ending == "complete" and not self._nbd:
                     self._run_pivot_hooks()     # writers still held at the gate
                 return EventType.COMPLETED, None
@@ -1075,3 +1180,130 @@ class MirrorJob:
             e.args = (_errno.EIO, e.strerror)
             return e
         return None
+
+    # ------------------------------------------------------------------
+    # The state file and the activity log (job/state.py, _core/actlog.pyx;
+    # docs/design.md, "The crash model")
+    # ------------------------------------------------------------------
+
+    def _open_state(self, existing, ids, disk, options: dict) -> None:
+        """Decide what to copy (all of it, or what a state file and its
+        activity log say), write the first state file of this run, then
+        start a fresh activity log tied to it."""
+        path = self._state_path
+        assert path is not None
+        self._state_ids = ids
+        self._state_options = options
+        self._phase = "mirroring"
+        self._persist_lock = threading.Lock()
+        self._persist_stop = threading.Event()
+        seq = 0
+        if existing is not None:
+            bits = existing.bitmap
+            if bits is None:
+                bits = HBitmap(self.size, self.granularity)
+                bits.set(0, self.size)
+            _state.set_extents(bits, existing.al_extents, existing.al_extent)
+            rec = _state.read_activity_log(_state.al_path(path), existing.run_id)
+            full = disk is not None and disk.untracked_writes > 0
+            seq = existing.al_seq
+            if rec is not None:
+                seq = max(seq, rec.seq)
+                full = full or rec.all_dirty
+                _state.set_extents(bits, rec.extents, 1 << rec.shift)
+            # Written untracked since (after a cancel, or on an export before
+            # this job): nothing says where, so everything is copied again.
+            self._resume_bits = None if full else bits
+        # Until the coordinator has the first marking in the engine's bitmap,
+        # every state file keeps all of it dirty.
+        self._floor = HBitmap(self.size, self.granularity)
+        if self._resume_bits is not None:
+            self._floor.merge(self._resume_bits)
+        else:
+            self._floor.set(0, self.size)
+        self._run_id = _state.new_run_id()
+        self._persist()
+        # Only now (the state file names the new run id) the sidecar is
+        # reset: until then its records, of the old run, still counted.
+        alp = _state.al_path(path)
+        fd = os.open(alp, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, 2 * _AL_RECORD)
+            self._al = ActivityLog(fd, self.size, _state.AL_EXTENT, _state.AL_SLOTS,
+                                   bytes.fromhex(self._run_id), seq)
+        finally:
+            os.close(fd)
+        _state.sync_folder(alp)
+
+    def _persist(self, phase: Optional[str] = None, news: Optional[tuple] = None) -> None:
+        """Write the state file now: what a crash could leave different on
+        the target (engine.persistable) plus every extent of the activity
+        log, captured before the bitmap; then those extents may leave the
+        log (covered)."""
+        with self._persist_lock:
+            if phase is not None:
+                self._phase = phase
+            if news is None or phase is not None:
+                news = self._persist_news()
+            al = self._al
+            mark, extents = al.capture() if al is not None else (0, [])
+            bits = HBitmap(self.size, self.granularity)
+            floor = self._floor
+            if floor is not None:
+                bits.merge(floor)
+            self._engine.persistable(bits)
+            _state.set_extents(bits, extents, _state.AL_EXTENT)
+            _state.save(self._state_path, _state.State(
+                phase=self._phase, size=self.size, granularity=self.granularity,
+                source=self._state_ids[0], target=self._state_ids[1],
+                options=self._state_options, run_id=self._run_id, bitmap=bits,
+                al_extent=_state.AL_EXTENT, al_extents=extents,
+                al_seq=al.seq if al is not None else 0))
+            if al is not None:
+                al.covered(mark)
+            self._persisted_at = time.monotonic()
+            self._persisted_news = news
+
+    def _persist_news(self) -> tuple:
+        """What changes whenever a new state file could say something new.
+        Read before the flush that precedes a state file (or before its
+        capture): a copy that ends after it shows as news next time, so a
+        chunk left dirty as unflushed is written clean once flushed."""
+        eng = self._engine
+        return (eng.bytes_copied, eng.bytes_marked, eng.bytes_zeroed, eng.copies,
+                self._al.misses if self._al is not None else 0, self._floor is None,
+                self._phase)
+
+    def _persist_quietly(self, phase: Optional[str] = None,
+                         news: Optional[tuple] = None) -> None:
+        """_persist() where a failure only delays: the previous file stays
+        valid (it is replaced atomically), and the next attempt comes soon."""
+        try:
+            self._persist(phase, news)
+        except OSError as e:
+            if phase is not None:
+                self._phase = phase
+            _log.warning("cannot write the state file %s: %s", self._state_path, e)
+
+    def _persist_loop(self) -> None:
+        """The state writer: a state file when a write waits for a slot of
+        the activity log, and every other second when nobody else wrote one
+        (before start, while paused)."""
+        al = self._al
+        assert al is not None
+        while not self._persist_stop.is_set():
+            asked = al.wait_request(_state.PERSIST_INTERVAL)
+            if self._persist_stop.is_set():
+                return
+            if asked or time.monotonic() - self._persisted_at >= 2 * _state.PERSIST_INTERVAL:
+                self._persist_quietly()
+
+    def _stop_persister(self, join: bool = True) -> None:
+        t = self._persister
+        if t is None:
+            return
+        self._persist_stop.set()
+        assert self._al is not None
+        self._al.wake()
+        if join and t is not threading.current_thread():
+            t.join()

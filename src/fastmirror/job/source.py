@@ -59,7 +59,7 @@ class TrackedSource(BlockHandle):
     another file by then.  Without it the handle opens `path`."""
 
     def __init__(self, path: str, size: int, is_block: bool, engine,
-                 fd: Optional[int] = None, disk: Optional[TrackedDisk] = None):
+                 fd: Optional[int] = None, disk: Optional[TrackedDisk] = None, al=None):
         self.size = size
         self._path = path
         self._origin = fd            # closed once the read-write side is open
@@ -72,9 +72,14 @@ class TrackedSource(BlockHandle):
         self._closed = False
         if disk is None:
             self._disk = TrackedDisk(size, engine)
+            if al is not None:
+                self._disk.set_activity_log(al)
         else:
             # A disk already served (the NBD export): its writers from now on
-            # go through the job's engine; it has its own descriptor.
+            # go through the job's engine; it has its own descriptor.  The
+            # activity log first: no write may be tracked without it.
+            if al is not None:
+                disk.set_activity_log(al)
             disk.track(engine)
             self._disk = disk
             self._drop_origin()

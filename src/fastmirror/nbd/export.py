@@ -91,11 +91,16 @@ class Export:
 
     Use as a context manager or call close(); `url` is what clients open:
     nbd+unix:///NAME?socket=PATH, or nbd://HOST:PORT/NAME without a unix
-    socket (`urls` lists both)."""
+    socket (`urls` lists both).
+
+    state=PATH: mirrors of this export keep their state in PATH (see
+    MirrorJob's `state`).  If PATH holds an unfinished mirror of `path`, it
+    is resumed before the first client is accepted (`job`); if it holds one
+    that pivoted, the export serves its target, never the stale source."""
 
     def __init__(self, path, *, socket=None, listen: Optional[tuple[str, int]] = None,
                  name: str = "", read_only: bool = False,
-                 max_connections: int = MAX_CONNECTIONS):
+                 max_connections: int = MAX_CONNECTIONS, state=None):
         if socket is None and listen is None:
             raise ValueError("an export needs a unix socket (socket=PATH), a TCP address "
                              "(listen=(HOST, PORT)) or both")
@@ -107,6 +112,8 @@ class Export:
             if not isinstance(host, str) or type(port) is not int or not 0 <= port <= 65535:
                 raise ValueError("listen must be (host, port), not %r" % (listen,))
         self._path = os.fspath(path)
+        self._state_path = os.fspath(state) if state is not None else None
+        resume = self._resume_plan()
         self.socket_path = os.fspath(socket) if socket is not None else None
         self.address: Optional[tuple[str, int]] = None
         self.name = name
@@ -140,6 +147,11 @@ class Export:
         self._disk.attach(fd, is_block)
         self.size = size
         try:
+            if resume is not None:
+                # Before the first client: no write may pass untracked.
+                self._closed = False
+                self.mirror(resume.target.get("path") or resume.target["uri"],
+                            **resume.options)
             if self.socket_path is not None:
                 self._listeners.append(listen_private(self.socket_path, 16))
             if listen is not None:
@@ -150,6 +162,9 @@ class Export:
                 log.warning(TCP_WARNING, self._tcp_where(),
                             "read" if read_only else "read and write")
         except BaseException:
+            self._closed = True
+            if self._job is not None:
+                self._job.close()
             for s in self._listeners:
                 s.close()
             if self.socket_path is not None and self._listeners:
@@ -167,6 +182,49 @@ class Export:
         assert self.address is not None
         host, port = self.address
         return "%s:%d" % ("[%s]" % host if ":" in host else host, port)
+
+    def _resume_plan(self):
+        """With a state file: the State of a mirror to resume (None if
+        none), and the file to serve (the target, after a pivot).  A
+        damaged file or one of another disk raises StateError."""
+        from fastmirror.job import state as _state
+        if self._state_path is None:
+            return None
+        st = _state.load(self._state_path)
+        if st is None:
+            return None
+        if st.phase == "pivoted":
+            if st.target.get("kind") == "uri":
+                raise _state.StateError(self._state_path, "its mirror pivoted to %s, which "
+                                        "is not a file to serve" % st.target["uri"])
+            fd = os.open(st.target["path"], os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if _state.identity(st.target["path"], fd, 0)["kind"] == "uri" or \
+                        not _state._same(st.target, _state.identity(st.target["path"], fd, 0)):
+                    raise _state.StateError(self._state_path, "its mirror pivoted to %s, and "
+                                            "that path names another file now"
+                                            % st.target["path"])
+            finally:
+                os.close(fd)
+            self._path = st.target["path"]
+            return None
+        fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            here = _state.identity(self._path, fd, 0)
+        finally:
+            os.close(fd)
+        if not _state._same(st.source, here):
+            raise _state.StateError(self._state_path, "it is the state of a mirror of %s, "
+                                    "not of %s" % (_state._describe(st.source), self._path))
+        if st.phase == "stopped":
+            return None         # cancelled or failed: a new drive-mirror resumes it
+        return st
+
+    @property
+    def job(self):
+        """The last mirror started (or resumed) on this export, or None."""
+        return self._job
+
 
     @property
     def path(self) -> str:
@@ -299,6 +357,8 @@ class Export:
                     raise RuntimeError("a mirror of this export is running already")
                 # Joins its threads: on return it has let go of the disk.
                 previous.close()
+            if self._state_path is not None:
+                options.setdefault("state", self._state_path)
             job = MirrorJob(path, target, _disk=self._disk, **options)
             job.on_pivot(self._pivoted)
             if listener is not None:
