@@ -58,7 +58,7 @@ $(LINT_STAMP): $(DEPS)
 	touch $@
 
 lint: $(LINT_STAMP)
-	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff check src tests bench examples
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/cython-lint src tests bench
 
 # Variant builds of the extensions go to build/<variant>/lib, with a copy of

@@ -267,3 +267,31 @@ def test_direct_export_serves_the_target_direct_after_the_pivot(tmp_path):
     with open(dst, "rb") as f:
         f.seek(4 * MiB)
         assert f.read(2 * MiB) == data
+
+
+def test_pipelined_writes_with_a_state_file_are_in_the_activity_log(tmp_path):
+    """With state=, a write is acknowledged only once its extent is active
+    in the activity log on disk: a plain write must not take the io_uring
+    path past the log.  Eight pipelined writes into eight 4 MiB extents (the
+    log keeps 64, so none leaves): all eight are in the log's record."""
+    from fastmirror.job import state as _state
+    src = make_image(tmp_path / "src.img", 40 * MiB)
+    st = str(tmp_path / "state")
+    with fastmirror.Export(src, socket=str(tmp_path / "nbd.sock"), state=st) as e:
+        job = e.mirror(str(tmp_path / "dst.img"), speed=1 * MiB)
+        extents = list(range(1, 9))
+        data = blocks(len(extents), 4 * KiB)
+        with connect(e.socket_path) as s:
+            s.sendall(b"".join(req(WRITE, x, x * 4 * MiB + 4 * KiB, 4 * KiB, d)
+                               for x, d in zip(extents, data)))
+            got = replies(s, {x: 0 for x in extents})
+            assert all(err == 0 for err, _ in got.values())
+            rec = _state.read_activity_log(_state.al_path(st), job._run_id)
+            assert rec is not None
+            assert set(extents) <= set(rec.extents), rec.extents
+        job.cancel(force=True)
+        job.wait()
+    with open(src, "rb") as f:
+        for x, d in zip(extents, data):
+            f.seek(x * 4 * MiB + 4 * KiB)
+            assert f.read(4 * KiB) == d

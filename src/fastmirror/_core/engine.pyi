@@ -9,6 +9,7 @@ from typing import Final
 from typing_extensions import disjoint_base
 
 from fastmirror._core.hbitmap import HBitmap
+from fastmirror._core.nbdclient import NbdClient
 
 # What wait_event() returns.
 EV_TIMEOUT: Final = 0
@@ -40,6 +41,9 @@ class CopyEngine:
 
     detect_zeroes: bool
     """All-zero data becomes a zeroed range on the target."""
+    sync_source: bool
+    """flush() fdatasyncs the source before the target (a job with a state
+    file records what a flush covers as clean)."""
     unmap: bool
     """Zeroed file ranges are punched out (holes)."""
     def __init__(
@@ -55,7 +59,18 @@ class CopyEngine:
         dst_is_block: bool = False,
         detect_zeroes: bool = True,
         unmap: bool = True,
-    ) -> None: ...
+        nbd: NbdClient | None = None,
+    ) -> None:
+        """With ``nbd`` the target is that NBD export (``dst_fd`` and
+        ``dst_tail_fd`` are ignored): WRITE, WRITE_ZEROES and FLUSH go
+        through the client's C functions from the worker threads."""
+    @property
+    def nbd_client(self) -> NbdClient | None: ...
+    def reconnect_target(self) -> int:
+        """NBD target: connect again the connections that failed, after
+        dirtying again what was written since the last successful flush
+        (the workers are then held until ``release()``).  OSError when the
+        server is still away; 0 for a file target."""
     @property
     def bitmap(self) -> HBitmap: ...
     @property
@@ -105,6 +120,9 @@ class CopyEngine:
     @property
     def speed(self) -> int:
         """The speed limit in bytes per second; 0 means unlimited."""
+    def persistable(self, out: HBitmap) -> None:
+        """Set in ``out`` every chunk a state file must keep dirty: dirty,
+        unflushed, being flushed, or in flight (copies and claims)."""
     @property
     def unflushed_bytes(self) -> int:
         """Bytes written to the target since the last successful flush, in

@@ -64,6 +64,8 @@ from fastmirror._core.sync cimport (pthread_mutex_t, pthread_cond_t, pthread_con
                                pthread_cond_destroy, pthread_cond_wait,
                                pthread_cond_timedwait, pthread_cond_signal,
                                pthread_cond_broadcast, CLOCK_MONOTONIC)
+from fastmirror._core.nbdclient cimport (NbdClient, fm_nbd, fm_nbd_write, fm_nbd_zero,
+                                       fm_nbd_flush, fm_nbd_take_lost)
 from fastmirror._core.ring cimport (fm_ring, fm_ring_init, fm_ring_exit, fm_ring_prep,
                                fm_ring_submit, fm_ring_reap, fm_ring_unqueue,
                                fm_ring_use, FM_RING_READ, FM_RING_WRITE,
@@ -74,6 +76,10 @@ cdef enum:
     MAX_FAILURES = 64
     ZERO_BLOCK = 4096        # zero detection looks at blocks of this size (or the alignment)
     MIN_ZERO_RUN = 4096      # shorter zero runs inside data are written as data
+    # The same for an NBD target: a zero run is a request of its own, a
+    # round trip, between the data runs around it; below 64 KiB writing
+    # the zeros with the data costs less than that round trip on a network.
+    NBD_MIN_ZERO_RUN = 65536
     SUBMIT_RETRIES = 1000    # io_uring short of memory: 1 ms apart, then the copies fail
 
 # What wait_event() returns.
@@ -153,6 +159,10 @@ cdef class CopyEngine:
     cdef int src_fd                 # opened read-only (O_DIRECT when possible)
     cdef int dst_fd                 # the target (O_DIRECT when possible)
     cdef int dst_tail_fd            # buffered target descriptor for the unaligned tail
+    # An NBD target instead of descriptors (dst_fd is then -1): writes,
+    # zeroing and flushes go through the client's C API; nbd_ref keeps it.
+    cdef fm_nbd *nbd
+    cdef readonly object nbd_client
     cdef bint fds_closed            # close() was called: no I/O any more
     cdef int users                  # flush() and zero_target() calls using the descriptors
     # Chunks written to the target since the last successful flush, and
@@ -165,6 +175,7 @@ cdef class CopyEngine:
     cdef bint flush_busy            # one flush at a time
     cdef bint dst_is_block          # zeroing uses BLKZEROOUT instead of fallocate
     cdef public bint detect_zeroes  # all-zero data becomes a zeroed range on the target
+    cdef public bint sync_source    # flush() syncs the source first (a state file's job)
     cdef public bint unmap          # zeroed file ranges are punched out (holes)
     cdef readonly int64_t size      # bytes mirrored: [0, size)
     cdef readonly int64_t align     # O_DIRECT offset/length alignment of both sides
@@ -240,7 +251,8 @@ cdef class CopyEngine:
 
     def __init__(self, HBitmap bitmap not None, int src_fd, int dst_fd, int dst_tail_fd,
                  int64_t size, int64_t align, int64_t max_io, int nworkers,
-                 bint dst_is_block=False, bint detect_zeroes=True, bint unmap=True):
+                 bint dst_is_block=False, bint detect_zeroes=True, bint unmap=True,
+                 NbdClient nbd=None):
         cdef int i
         if self.bitmap is not None:
             raise RuntimeError("CopyEngine is already initialised")
@@ -259,8 +271,19 @@ cdef class CopyEngine:
         self.flushing = HBitmap(size, bitmap.granularity)
         # Our own descriptors (__dealloc__ closes them if this raises).
         self.src_fd = _dup_fd(src_fd)
-        self.dst_fd = _dup_fd(dst_fd)
-        if dst_tail_fd == dst_fd:
+        if nbd is not None:
+            # The target is an NBD export: no descriptor of it; the client
+            # outlives the engine's I/O (its owner closes it after close()).
+            if size > nbd.size:
+                raise ValueError("NBD export of %d bytes is smaller than %d" % (nbd.size, size))
+            self.nbd_client = nbd
+            self.nbd = nbd.c
+            dst_fd = dst_tail_fd = -1
+        else:
+            self.dst_fd = _dup_fd(dst_fd)
+        if dst_fd < 0:
+            pass
+        elif dst_tail_fd == dst_fd:
             self.dst_tail_fd = self.dst_fd
         elif dst_tail_fd >= 0:
             self.dst_tail_fd = _dup_fd(dst_tail_fd)
@@ -573,7 +596,17 @@ cdef class CopyEngine:
                 self.unflushed.c_reset(0, self.nchunks)
                 pthread_mutex_unlock(&self.mu)
 
-                r = flush_fd(self.dst_fd)
+                # With a state file, a chunk this flush covers is recorded
+                # clean: the source data its copy read (possibly from the
+                # page cache, after a write through the tracked path) must be
+                # durable too, or a power cut could take it from the source
+                # and leave the target ahead of it.  Every copy in `flushing`
+                # read before this sync starts.
+                r = flush_fd(self.src_fd) if self.sync_source else 0
+                if r == 0 and self.nbd != NULL:
+                    r = fm_nbd_flush(self.nbd)
+                elif r == 0:
+                    r = flush_fd(self.dst_fd)
                 if r == 0 and self.dst_tail_fd >= 0 and self.dst_tail_fd != self.dst_fd:
                     r = flush_fd(self.dst_tail_fd)
 
@@ -623,6 +656,50 @@ cdef class CopyEngine:
         # applied its error policy (release()).
         self.held = True
 
+    def reconnect_target(self):
+        """An NBD target whose connection failed: connect again (OSError if
+        the server is still away).  Writes it acknowledged but had not
+        flushed may have died with it, so, as after a failed flush, every
+        chunk written since the last successful flush is dirty again first,
+        and the workers are held until release().  Returns how many
+        connections were made again; nothing for a file target."""
+        cdef int lost
+        if self.nbd == NULL:
+            return 0
+        with nogil:
+            lost = fm_nbd_take_lost(self.nbd)
+            if lost:
+                pthread_mutex_lock(&self.mu)
+                self._redirty()
+                pthread_mutex_unlock(&self.mu)
+        return self.nbd_client.reconnect()
+
+    def persistable(self, HBitmap out not None):
+        """Set in `out` (same size and granularity) every chunk that a state
+        file must keep dirty: dirty now, written to the target but not yet
+        covered by a successful flush (unflushed, flushing), or being copied
+        or written to both sides (copies and claims in flight).  Its
+        complement is what a crash cannot make wrong on the target.  Taken
+        under mu, so a chunk moving between these sets is seen in one."""
+        cdef int i
+        cdef fm_claim *k
+        if out.size != self.size or out.granularity != self.bitmap.granularity:
+            raise ValueError("the bitmap does not match the engine")
+        with nogil:
+            pthread_mutex_lock(&self.mu)
+            self._or_into(self.bitmap, out)
+            self._or_into(self.unflushed, out)
+            self._or_into(self.flushing, out)
+            for i in range(MAX_WORKERS):
+                if self.inflight_first[i] >= 0:
+                    out.c_set(self.inflight_first[i],
+                              self.inflight_end[i] - self.inflight_first[i])
+            k = self.claims
+            while k != NULL:
+                out.c_set(k.first, k.end - k.first)
+                k = k.next
+            pthread_mutex_unlock(&self.mu)
+
     @property
     def unflushed_bytes(self):
         """Bytes written to the target since the last successful flush (an
@@ -653,7 +730,7 @@ cdef class CopyEngine:
                 pthread_mutex_lock(&self.mu)
                 self.unflushed.c_set(first, end - first)
                 pthread_mutex_unlock(&self.mu)
-                r = zero_range(self.dst_fd, offset, length, self.dst_is_block, self.unmap)
+                r = self._zero(offset, length)
                 pthread_mutex_lock(&self.mu)
                 self.unflushed.c_set(first, end - first)
                 self._unuse()
@@ -829,12 +906,26 @@ cdef class CopyEngine:
         self.held = True
         pthread_cond_broadcast(&self.event_cv)
 
+    cdef int _zero(self, int64_t off, int64_t length) noexcept nogil:
+        """Make a target range read as zeros without writing them; 0 or
+        -errno, -EOPNOTSUPP where the target cannot (then write zeros).
+        On an NBD target: WRITE_ZEROES, which may leave a hole when unmap
+        is on (NO_HOLE otherwise), never TRIM, which guarantees nothing
+        about what reads back."""
+        if self.nbd != NULL:
+            return fm_nbd_zero(self.nbd, off, length, self.unmap, 0)
+        return zero_range(self.dst_fd, off, length, self.dst_is_block, self.unmap)
+
     cdef int _write_target(self, const char *buf, int64_t off, int64_t length) noexcept nogil:
         """Write a range of the target: the aligned part with O_DIRECT, the
-        unaligned tail at the source's end through the buffered descriptor."""
+        unaligned tail at the source's end through the buffered descriptor.
+        An NBD target takes the whole range (the client splits it to the
+        server's maximum and patches an unaligned end)."""
         cdef int64_t r
         cdef int64_t alen = length & ~(self.align - 1)
         cdef iovec v
+        if self.nbd != NULL:
+            return fm_nbd_write(self.nbd, buf, off, length)
         if alen:
             v.iov_base = <void *>buf
             v.iov_len = <size_t>alen
@@ -855,7 +946,7 @@ cdef class CopyEngine:
         end of the source), data is written."""
         cdef int r
         if zero and ((length & (self.align - 1)) == 0 or off + length == self.size):
-            r = zero_range(self.dst_fd, off, length, self.dst_is_block, self.unmap)
+            r = self._zero(off, length)
             if r == 0:
                 fm_atomic_add(&self.bytes_zero_detected, length)
                 return 0
@@ -894,13 +985,14 @@ cdef class CopyEngine:
     cdef int _store(self, const char *p, int64_t off, int64_t length) noexcept nogil:
         """Write data read from the source to the target, its zero runs as
         zeroed ranges; 0 or -errno."""
-        cdef int64_t pos, end, n, blk = ZERO_BLOCK
+        cdef int64_t pos, end, n, blk = ZERO_BLOCK, min_run
         cdef bint z
         cdef int w
         if not self.detect_zeroes:
             return self._write_target(p, off, length)
         if blk < self.align:
             blk = self.align
+        min_run = MIN_ZERO_RUN if self.nbd == NULL else NBD_MIN_ZERO_RUN
         # Split the extent into runs of zero blocks and data runs, so that the
         # zeros of a partly sparse chunk stay holes on the target.  Zero runs
         # shorter than MIN_ZERO_RUN inside data are written with it: splitting
@@ -908,10 +1000,10 @@ cdef class CopyEngine:
         pos = 0
         while pos < length:
             end = self._run_end(p, pos, length, blk, &z)
-            if not z or (end - pos < MIN_ZERO_RUN and not (pos == 0 and end == length)):
+            if not z or (end - pos < min_run and not (pos == 0 and end == length)):
                 while end < length:
                     n = self._run_end(p, end, length, blk, &z)
-                    if z and n - end >= MIN_ZERO_RUN:
+                    if z and n - end >= min_run:
                         break
                     end = n
                 z = False
@@ -1050,6 +1142,10 @@ cdef class CopyEngine:
         cdef bint taken = False
         if count < 1 or first < 0 or first + count > self.nworkers:
             raise ValueError("slots out of range")
+        if self.nbd != NULL:
+            # The ring drives descriptors; an NBD target is written by the
+            # client's blocking calls, so its slots run in threads.
+            raise OSError(EOPNOTSUPP, "io_uring: the target is an NBD export")
         with nogil:
             r = fm_ring_init(&ring, <unsigned>count)
         if r < 0:

@@ -30,6 +30,7 @@ cdef struct fm_route:
     int mirror_fd           # write-blocking: the target as well; -1 otherwise
     bint mirror_is_block
     void *engine            # claims and marks go here; NULL: untracked
+    void *al                # the activity log (actlog.pxd); NULL: none
 
 cdef class TrackedDisk:
     cdef readonly int64_t size
@@ -51,6 +52,10 @@ cdef class TrackedDisk:
     cdef readonly bint pivoted
     cdef bint trace_on
     cdef object on_event            # test hook: (event, offset, length)
+    cdef object al_ref              # keeps the ActivityLog alive
+    cdef void *al                   # NULL: no activity log
+    cdef int64_t al_window          # with a log: bytes per piece of a large request
+    cdef int64_t untracked          # writes that went through with no engine
 
     cdef int c_enter(self, fm_route *r) noexcept nogil
     cdef void c_leave(self, fm_route *r) noexcept nogil
@@ -70,6 +75,8 @@ cdef class TrackedDisk:
     cdef int _swap_dfd(self, int dfd) except -1
     cdef int64_t _request(self, int op, const iovec *iov, int iovcnt, int64_t offset,
                           int64_t length) noexcept nogil
+    cdef int64_t _request_one(self, int op, const iovec *iov, int iovcnt, int64_t offset,
+                              int64_t length) noexcept nogil
     cdef void _trace(self, int event, int64_t offset, int64_t length) noexcept with gil
     cdef int _check(self, int64_t offset, int64_t length) except -1
     cdef int _check_engine(self, engine) except -1

@@ -9,6 +9,7 @@ from typing import Final
 
 from typing_extensions import Buffer, Self, disjoint_base
 
+from fastmirror._core.actlog import ActivityLog
 from fastmirror._core.engine import CopyEngine
 
 # Events of TrackedDisk.set_trace().
@@ -51,6 +52,14 @@ class TrackedDisk:
         """Serve aligned requests with O_DIRECT (a twin descriptor), the
         target too after a pivot; True when O_DIRECT is in effect."""
     def track(self, engine: CopyEngine) -> None: ...
+    def set_activity_log(self, al: ActivityLog | None) -> None:
+        """Record each write's extent in ``al`` before it lands; waits until
+        no request is inside."""
+    @property
+    def activity_log(self) -> ActivityLog | None: ...
+    @property
+    def untracked_writes(self) -> int:
+        """Writes that went through while no job tracked the disk."""
     def stop_tracking(self) -> None: ...
     def start_mirroring(self, fd: int, is_block: bool) -> None: ...
     def stop_mirroring(self) -> None: ...

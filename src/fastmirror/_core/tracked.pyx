@@ -17,11 +17,12 @@ cimport cython
 
 from libc.errno cimport EBADF, EINVAL, EOPNOTSUPP
 from libc.stdint cimport int64_t
-from libc.stdlib cimport calloc, free
+from libc.stdlib cimport calloc, malloc, free
 from posix.uio cimport iovec
 from posix.unistd cimport close as c_close
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 from fastmirror._core.engine cimport fm_claim, fm_engine_claim, fm_engine_unclaim, fm_engine_mark
+from fastmirror._core.actlog cimport fm_al_begin, fm_al_end
 from fastmirror._core.blockio cimport pread_full, pwrite_full, pwritev_full, flush_fd, zero_range
 from fastmirror._core.sync cimport (pthread_mutex_init, pthread_mutex_destroy,
                                pthread_mutex_lock, pthread_mutex_unlock,
@@ -36,6 +37,39 @@ cdef enum:
 
 cdef enum:
     ZERO_BUF = 1 << 20  # zeros written per call where no zeroing call exists
+    AL_SPAN = 8         # with an activity log: extents per piece of a large request
+
+cdef extern from *:
+    """
+    static inline void fm_tracked_count(int64_t *p) {
+        __atomic_fetch_add(p, 1, __ATOMIC_RELAXED);
+    }
+    """
+    void fm_tracked_count(int64_t *p) nogil
+
+
+cdef int _iov_slice(const iovec *iov, int iovcnt, int64_t skip, int64_t length,
+                    iovec *out) noexcept nogil:
+    """The iovecs of bytes [skip, skip+length) of iov into out (room for
+    iovcnt entries); their count."""
+    cdef int i, n = 0
+    cdef int64_t vlen, take
+    for i in range(iovcnt):
+        if length <= 0:
+            break
+        vlen = <int64_t>iov[i].iov_len
+        if skip >= vlen:
+            skip -= vlen
+            continue
+        take = vlen - skip
+        if take > length:
+            take = length
+        out[n].iov_base = <char *>iov[i].iov_base + skip
+        out[n].iov_len = <size_t>take
+        n += 1
+        length -= take
+        skip = 0
+    return n
 
 # Trace events (the hook tests use to see claims and marks as they happen).
 cdef enum:
@@ -192,6 +226,7 @@ cdef class TrackedDisk:
         r.mirror_fd = self.mirror_fd
         r.mirror_is_block = self.mirror_is_block
         r.engine = self.engine
+        r.al = self.al
         self.writers += 1
         if r.mirror_fd >= 0:
             self.mirror_users += 1
@@ -209,16 +244,59 @@ cdef class TrackedDisk:
 
     cdef int64_t _request(self, int op, const iovec *iov, int iovcnt, int64_t offset,
                           int64_t length) noexcept nogil:
-        """gate -> claim -> write -> mark, for every kind of write."""
+        """One write of any kind; with an activity log, a request over
+        more than AL_SPAN extents goes in pieces, so that no request needs
+        more of the log's slots than a few (a write is not atomic anyway)."""
+        cdef int64_t window = self.al_window      # a hint: any split is correct
+        cdef int64_t done = 0, piece, n
+        cdef iovec *sub
+        cdef int subcnt
+        if offset < 0 or length < 0 or offset > self.size - length:
+            return -EINVAL
+        if window <= 0 or length <= window:
+            return self._request_one(op, iov, iovcnt, offset, length)
+        sub = NULL
+        if op == OP_WRITE:
+            sub = <iovec *>malloc(<size_t>iovcnt * sizeof(iovec))
+            if sub == NULL:
+                return -12     # ENOMEM
+        while done < length:
+            # Pieces end on window boundaries of the disk.
+            piece = window - (offset + done) % window
+            if piece > length - done:
+                piece = length - done
+            subcnt = 0
+            if op == OP_WRITE:
+                subcnt = _iov_slice(iov, iovcnt, done, piece, sub)
+            n = self._request_one(op, sub, subcnt, offset + done, piece)
+            if n < 0:
+                free(sub)
+                return n
+            done += piece
+        free(sub)
+        return length
+
+    cdef int64_t _request_one(self, int op, const iovec *iov, int iovcnt, int64_t offset,
+                              int64_t length) noexcept nogil:
+        """gate -> activity log -> claim -> write -> mark, for every kind
+        of write."""
         cdef fm_route route
         cdef fm_claim claim
         cdef bint both
         cdef int64_t n, w
-        if offset < 0 or length < 0 or offset > self.size - length:
-            return -EINVAL
+        cdef int logged = 0
         n = self.c_enter(&route)
         if n < 0:
             return n
+        if route.al != NULL:
+            # The extent is on disk as active before the write can land
+            # (docs/design.md, the crash model); usually it is already.
+            logged = fm_al_begin(route.al, offset, length)
+            if logged < 0:
+                self.c_leave(&route)
+                return logged
+        if route.engine == NULL:
+            fm_tracked_count(&self.untracked)
         # Write-blocking: no copy of these chunks may be in flight while both
         # sides are written, or an older read could land after this write;
         # nor another such write, or the sides could see them in two orders.
@@ -247,6 +325,8 @@ cdef class TrackedDisk:
             if self.trace_on:
                 self._trace(C_CLAIM_RELEASE, offset, length)
             fm_engine_unclaim(route.engine, &claim)
+        if logged == 1:
+            fm_al_end(route.al, offset, length)     # marked: it may leave the log
         self.c_leave(&route)
         return n
 
@@ -325,6 +405,10 @@ cdef class TrackedDisk:
         self.is_block = is_block
         self.mirror_fd = -1
         self.engine = NULL
+        # The target is the disk now: nothing to record (the job dropped
+        # its reference to the log's object; al_ref keeps it alive here).
+        self.al = NULL
+        self.al_window = 0
         self.pivoted = True
         pthread_mutex_unlock(&self.mu)
         if old >= 0:
@@ -492,6 +576,45 @@ cdef class TrackedDisk:
             pthread_mutex_unlock(&self.mu)
         self.engine_ref = engine
         del old
+
+    def set_activity_log(self, al):
+        """Record every write's extent in `al` (an ActivityLog of the same
+        size) before it lands, from now on; None to stop.  Waits until no
+        request is inside, as track() does: one that passed without the log
+        could land after a state file said its chunks were clean."""
+        cdef void *p = NULL
+        cdef int64_t window = 0
+        from fastmirror._core.actlog import ActivityLog
+        if al is not None:
+            if not isinstance(al, ActivityLog):
+                raise TypeError("al must be an ActivityLog, not %r" % type(al).__name__)
+            if al.size != self.size:
+                raise ValueError("the log covers %d bytes, the disk %d" % (al.size, self.size))
+            p = <void *>al
+            window = AL_SPAN * al.extent_size
+        old = self.al_ref
+        with nogil:
+            pthread_mutex_lock(&self.mu)
+            self.gate_closed = True
+            while self.writers:
+                pthread_cond_wait(&self.cv, &self.mu)
+            self.al = p
+            self.al_window = window
+            self.gate_closed = False
+            pthread_cond_broadcast(&self.cv)
+            pthread_mutex_unlock(&self.mu)
+        self.al_ref = al
+        del old
+
+    @property
+    def untracked_writes(self):
+        """Writes (of any kind) that went through while no job tracked the
+        disk, since it was made."""
+        return self.untracked
+
+    @property
+    def activity_log(self):
+        return self.al_ref if self.al != NULL else None
 
     def stop_tracking(self):
         """Writes are no longer marked nor sent to the target."""

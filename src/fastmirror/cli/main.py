@@ -275,7 +275,8 @@ def cmd_mirror(args) -> int:
             direct=not args.no_direct, target_is_zero=args.target_is_zero,
             on_source_error=args.on_source_error, on_target_error=args.on_target_error,
             copy_mode=args.copy_mode, io_engine=args.io_engine,
-            force_share=args.force_share, allow_image_target=args.overwrite_image)
+            force_share=args.force_share, allow_image_target=args.overwrite_image,
+            connections=args.connections, state=args.state)
     except (ValueError, OSError) as e:
         code = _refuse(args, _describe(e, args.source, args.target), e)
         if isinstance(e, InUseError) and e.side == "source" and e.lock:
@@ -291,6 +292,8 @@ def cmd_mirror(args) -> int:
         say(job.io_mode)
     if job.io_engine.startswith("threads ("):
         say("copying with %s" % job.io_engine)
+    if args.state is not None:
+        say("%s %s" % ("resuming from" if job.resumed else "state in", args.state))
     data_at_start = _data_bytes(args.source) if args.sync == "full" else None
 
     final = None
@@ -425,10 +428,31 @@ def cmd_verify(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from fastmirror.nbd.export import Export
+    from fastmirror.nbd.export import Export, parse_listen
+    if args.socket is None and args.listen is None:
+        print("fastmirror: serve needs --socket PATH, --listen HOST:PORT or both",
+              file=sys.stderr)
+        return EXIT_USAGE
+    listen = None
+    if args.listen is not None:
+        try:
+            listen = parse_listen(args.listen)
+        except ValueError as e:
+            print("fastmirror: --listen: %s" % e, file=sys.stderr)
+            return EXIT_USAGE
+    limit = {}
+    if args.max_connections is not None:
+        if args.max_connections < 1:
+            print("fastmirror: --max-connections must be at least 1", file=sys.stderr)
+            return EXIT_USAGE
+        limit["max_connections"] = args.max_connections
+    # The export's warnings: TCP without authentication, refused and
+    # dropped clients.
+    _log_to_stderr()
     try:
-        export = Export(args.source, socket=args.socket, name=args.name,
-                        read_only=args.read_only, direct=args.direct)
+        export = Export(args.source, socket=args.socket, listen=listen, name=args.name,
+                        read_only=args.read_only, state=args.state, direct=args.direct,
+                        **limit)
     except (OSError, ValueError) as e:
         print("fastmirror: cannot serve %s: %s" % (args.source, e), file=sys.stderr)
         return EXIT_USAGE if isinstance(e, ValueError) or \
@@ -445,9 +469,12 @@ def cmd_serve(args) -> int:
                       file=sys.stderr)
                 return EXIT_FAIL
         print("serving %s (%s) at %s%s" % (
-            args.source, _size_words(export.size), export.url,
+            export.path, _size_words(export.size), " and ".join(export.urls),
             "" if not args.direct else ", O_DIRECT" if export.direct else
             ", through the page cache (the filesystem refuses O_DIRECT)"), flush=True)
+        if export.job is not None:
+            print("resumed the mirror onto %s from %s" % (export.job.target_path, args.state),
+                  flush=True)
         if qmp is not None:
             print("QMP at %s" % args.qmp, flush=True)
         stop.event.wait()
@@ -503,7 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Ctrl-C or SIGTERM before READY cancels and leaves DST partial (exit "
             "130); after READY the job completes (exit 0).") + "\n\n" + SIZE_HELP)
     m.add_argument("source", metavar="SRC")
-    m.add_argument("target", metavar="DST", help="created sparse if missing")
+    m.add_argument("target", metavar="DST", help="created sparse if missing; or an NBD URI: "
+                   "nbd://host[:port]/name, nbd+unix:///name?socket=PATH")
     m.add_argument("--granularity", type=parse_size, default=65536,
                    help="bytes per dirty-bitmap chunk (power of two, default 64K)")
     m.add_argument("--buf-size", type=parse_size, default=16 << 20,
@@ -532,6 +560,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="overwrite a target that starts with a qcow2, vmdk, vhdx, vdi, "
                         "vpc, qed or LUKS header (refused by default: fastmirror writes "
                         "raw bytes)")
+    m.add_argument("--connections", type=int, default=None, metavar="N",
+                   help="DST an NBD URI (nbd://host[:port]/name or nbd+unix:///name"
+                        "?socket=PATH): connections to open when the server allows "
+                        "multi-conn (default 2; one otherwise)")
     m.add_argument("--trace", metavar="PATTERN",
                    help="print tracepoints matching PATTERN (e.g. 'mirror_*') on stderr")
     m.add_argument("--json", action="store_true",
@@ -539,6 +571,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "VERIFY, and a final SUMMARY with the run's figures; a refusal "
                         "before the start is a REFUSED line")
     m.add_argument("--verify", action="store_true", help="compare after COMPLETED")
+    m.add_argument("--state", metavar="PATH",
+                   help="keep the job's state in PATH (and PATH.al): after a crash or a "
+                        "kill, the same command resumes from it instead of copying it all")
     m.add_argument("--no-progress", action="store_true")
     m.add_argument("-q", "--quiet", action="store_true")
     m.set_defaults(func=cmd_mirror)
@@ -563,19 +598,33 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     b.set_defaults(func=cmd_bench)
 
-    sv = sub.add_parser("serve", help="serve SRC over NBD on a unix socket",
+    sv = sub.add_parser("serve", help="serve SRC over NBD on a unix socket (or TCP)",
                         description=textwrap.fill(
                             "Serve the image file or block device SRC over NBD at the "
                             "unix socket PATH (mode 0600), as nbd+unix:///NAME?socket=PATH, "
+                            "and/or over TCP at HOST:PORT, as nbd://HOST:PORT/NAME, "
                             "until SIGTERM or SIGINT (exit 0 after a clean shutdown)."))
     sv.add_argument("source", metavar="SRC")
-    sv.add_argument("--socket", required=True, metavar="PATH")
+    sv.add_argument("--socket", metavar="PATH",
+                    help="the unix socket to serve on (mode 0600)")
+    sv.add_argument("--listen", metavar="HOST:PORT",
+                    help="also (or only) serve over TCP; an IPv6 host in brackets "
+                         "([::1]:10809); port 0 picks a free port.  NBD without TLS has "
+                         "no authentication: anyone who can reach the port can read and "
+                         "write the disk")
+    sv.add_argument("--max-connections", type=int, metavar="N",
+                    help="clients served at once, unix and TCP together (default 64); "
+                         "one more is closed before the handshake")
     sv.add_argument("--name", default="", help='the export name (default "")')
     sv.add_argument("--read-only", action="store_true")
     sv.add_argument("--direct", action="store_true",
                     help="serve requests aligned to 4 KiB with O_DIRECT, bypassing the "
                          "host's page cache (QEMU's cache.direct=on); others, and a "
                          "filesystem that refuses O_DIRECT, through the page cache")
+    sv.add_argument("--state", metavar="PATH",
+                    help="mirrors of this export (drive-mirror) keep their state in PATH; "
+                         "restarted with it, the export resumes an unfinished mirror, or "
+                         "serves its target after a pivot")
     sv.add_argument("--qmp", metavar="PATH",
                     help="QMP (QEMU's monitor protocol: drive-mirror, query-block-jobs, "
                          "block-job-complete...) at the unix socket PATH (mode 0600); "

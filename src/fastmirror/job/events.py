@@ -132,6 +132,8 @@ class JobEvent:
     action: Optional[str] = None      # ERROR: "report", "ignore" or "stop"
     copy_mode: Optional[str] = None   # the copy mode in effect: "background" or "write-blocking"
     retry_delay: Optional[float] = None   # ERROR, action "ignore": seconds before the retry
+    bytes_copied: Optional[int] = None    # final events: bytes this run copied (a resumed
+                                          # job counts from its restart)
     time: float = field(default_factory=time.time)
 
     def to_dict(self) -> dict[str, object]:
@@ -150,6 +152,8 @@ class JobEvent:
             d["copy_mode"] = self.copy_mode
         if self.retry_delay is not None:
             d["retry_delay"] = self.retry_delay
+        if self.bytes_copied is not None:
+            d["bytes_copied"] = self.bytes_copied
         return d
 
 

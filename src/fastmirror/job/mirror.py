@@ -36,10 +36,13 @@ from fastmirror import trace
 from fastmirror._core import blockio as _io
 from fastmirror._core.engine import (CopyEngine, EV_CLEAN, EV_ERROR, EV_STOPPED,
                                 OP_READ)
+from fastmirror._core.actlog import ActivityLog, RECORD_SIZE as _AL_RECORD
 from fastmirror._core.hbitmap import HBitmap
 from fastmirror.job.events import (EventType, JobError, JobEvent, JobState,
                                JobStateError, JobStatus, as_job_error, io_error)
 from fastmirror.job.endpoints import validate_pair
+from fastmirror.job import nbdtarget
+from fastmirror.job import state as _state
 from fastmirror.job.source import TrackedSource
 from fastmirror.job.states import PAUSED_STATES, TRANSITIONS, VERBS, WORKING_STATES
 
@@ -73,6 +76,7 @@ MAX_GRANULARITY = 64 << 20  # as QEMU's mirror: 512 bytes to 64 MiB
 MAX_SPEED = 1 << 50         # 1 PB/s: anything above is a typo
 TICK = 0.1                  # seconds between coordinator wake-ups
 RETRY_BACKOFF = (0.01, 1.0)  # "ignore": first and longest wait before retrying
+NBD_ZERO_THREADS = 8        # an NBD target's holes: WRITE_ZEROES in flight at once
 
 
 def copy_shape(buf_size: int, granularity: int,
@@ -143,6 +147,16 @@ class MirrorJob:
     Bad input raises ValueError or the OSError subclass of its errno, naming
     the path.
 
+    `target` may be an NBD URI, nbd://host[:port]/name or
+    nbd+unix:///name?socket=PATH (job/nbdtarget.py): the export is checked
+    before any write (it answers the handshake, exists, is writable and
+    large enough), written through the C NBD client over `connections`
+    connections (default 2) when the server allows multi-conn, else one.
+    With an NBD target copy_mode="write-blocking" is refused, there is no
+    pivot (after complete(), job.source writes the source again, untracked),
+    and a lost connection is connected again by the "ignore" retry or by
+    resume().
+
     The job runs in two phases, as QEMU's mirror job: start() begins phase 1,
     the bulk copy; the first moment the target equals the source (flushed)
     is the READY event and phase 2, where the job keeps the target in sync;
@@ -185,7 +199,7 @@ class MirrorJob:
                  verify: bool = False, copy_mode: str = "auto",
                  io_size: Optional[int] = None, io_engine: str = "auto",
                  force_share: bool = False, allow_image_target: bool = False,
-                 _disk=None):
+                 connections: Optional[int] = None, state=None, _disk=None):
         granularity = _positive_int("granularity", granularity, 512, MAX_GRANULARITY)
         if granularity & (granularity - 1):
             raise ValueError("granularity %d is not a power of two" % granularity)
@@ -205,15 +219,48 @@ class MirrorJob:
             if pol not in POLICIES:
                 raise ValueError("%s must be one of %s, not %r" % (name, POLICIES, pol))
 
-        self._src, self._dst = validate_pair(os.fspath(source), os.fspath(target), direct,
-                                             force_share=force_share,
-                                             allow_image_target=allow_image_target)
+        # A damaged state file is refused before anything is opened; one of
+        # another pair, or of a finished mirror, right after (below).
+        state_path = os.fspath(state) if state is not None else None
+        existing = _state.load(state_path) if state_path is not None else None
+
+        # A target may be an NBD URI (job/nbdtarget.py): no file, no
+        # descriptor; the engine writes through the NBD client.
+        self._nbd = nbdtarget.is_nbd_uri(target)
+        if self._nbd:
+            if copy_mode == "write-blocking":
+                raise ValueError("copy_mode='write-blocking' needs a file or block device "
+                                 "target; an NBD target is mirrored in the background")
+            self._src, self._dst = nbdtarget.validate_pair(
+                os.fspath(source), target, direct, force_share=force_share,
+                allow_image_target=allow_image_target, connections=connections)
+        else:
+            if connections is not None:
+                raise ValueError("connections is for an NBD target (nbd://...)")
+            self._src, self._dst = validate_pair(os.fspath(source), os.fspath(target), direct,
+                                                 force_share=force_share,
+                                                 allow_image_target=allow_image_target)
         try:
             align = max(self._src.info.alignment, self._dst.info.alignment)
             if granularity < align:
                 raise ValueError("granularity %d is below the I/O alignment %d of %s"
                                  % (granularity, align, self._dst.path
                                     if self._dst.info.alignment == align else self._src.path))
+            if state_path is not None:
+                ids = (_state.identity(self._src.path, self._src.fd, self._src.info.size),
+                       _state.identity(self._dst.path, None if self._nbd else self._dst.fd,
+                                       self._dst.info.size))
+                if existing is not None and existing.phase == "pivoted":
+                    # Finished: its target is the disk now.  Mirroring that
+                    # disk onward starts a new state; anything else is refused.
+                    if not _state._same(existing.target, ids[0]):
+                        raise _state.StateError(
+                            state_path, "the mirror it records has completed: its target "
+                            "%s is the disk now" % _state._describe(existing.target))
+                    existing = None
+                if existing is not None:
+                    existing.check_pair(state_path, ids[0], ids[1], self._src.info.size,
+                                        granularity)
         except BaseException:
             self._close_endpoints(remove_created=True)
             raise
@@ -231,6 +278,10 @@ class MirrorJob:
         self.copy_mode = copy_mode
         if io_engine == "threads":
             self.io_engine = "threads"
+        elif self._nbd:
+            # The NBD client's calls block: one thread per copy, every copy
+            # a request in flight.
+            self.io_engine = "threads (NBD target)"
         elif uring_error is None:
             self.io_engine = "io_uring"
         else:
@@ -247,11 +298,33 @@ class MirrorJob:
             self._engine = CopyEngine(
                 self._bitmap, self._src.fd, self._dst.fd, self._dst.tail_fd,
                 self.size, align, max_io, nworkers, dst_is_block=self._dst.info.is_block,
-                detect_zeroes=detect_zeroes, unmap=unmap)
+                detect_zeroes=detect_zeroes, unmap=unmap,
+                nbd=self._dst.client if self._nbd else None)
         except BaseException:      # e.g. MemoryError: leave nothing behind
             self._close_endpoints(remove_created=True)
             raise
         self._engine.set_speed(speed)
+        self._al = None             # the activity log, with a state file
+        self._state_path = state_path
+        self._resume_bits: Optional[HBitmap] = None   # a resumed job's first dirty chunks
+        self._floor: Optional[HBitmap] = None     # dirty in every state file until marked
+        self._persisted_at = 0.0
+        self._persisted_news: tuple = ()
+        self.resumed = existing is not None
+        if state_path is not None:
+            self._engine.sync_source = True     # see CopyEngine.flush
+            try:
+                self._open_state(existing, ids, _disk, dict(
+                    granularity=granularity, buf_size=self.buf_size, speed=speed, sync=sync,
+                    direct=direct, on_source_error=on_source_error,
+                    on_target_error=on_target_error, detect_zeroes=detect_zeroes,
+                    unmap=unmap, verify=verify, copy_mode=copy_mode, io_size=io_size,
+                    io_engine=io_engine, force_share=force_share,
+                    allow_image_target=allow_image_target))
+            except BaseException:
+                self._engine.close()
+                self._close_endpoints(remove_created=True)
+                raise
         # The handle reopens the checked source through its own duplicate
         # of our descriptor, not by path (a path may name another file now).
         # _disk: a TrackedDisk already serving the source (fastmirror.Export);
@@ -259,7 +332,8 @@ class MirrorJob:
         # of the export goes through the job and sees the pivot.
         try:
             self.source = TrackedSource(self._src.path, self.size, self._src.info.is_block,
-                                        self._engine, fd=os.dup(self._src.fd), disk=_disk)
+                                        self._engine, fd=os.dup(self._src.fd), disk=_disk,
+                                        al=self._al)
         except BaseException:
             self._engine.close()
             self._close_endpoints(remove_created=True)
@@ -276,6 +350,7 @@ class MirrorJob:
         self._error: Optional[JobError] = None
         self._io_status = "ok"
         self._listeners: list[Callable[[JobEvent], object]] = []
+        self._pivot_hooks: list[Callable[[str], object]] = []
         self._threads: list[threading.Thread] = []
         self._coordinator: Optional[threading.Thread] = None
         self._copy_rate = _Rate()
@@ -289,6 +364,11 @@ class MirrorJob:
         self._retries = 0           # "ignore": failures in a row, for the backoff
         self._last_failure: Optional[tuple[str, int]] = None   # (kind, engine.copies then)
         self._flush_failed = False
+        self._persister: Optional[threading.Thread] = None
+        if self._al is not None:
+            self._persister = threading.Thread(target=self._persist_loop,
+                                               name="fastmirror-state", daemon=True)
+            self._persister.start()
 
     # ------------------------------------------------------------------
     # State machine
@@ -358,6 +438,8 @@ class MirrorJob:
         """Copy again after pause(), also after an error policy's pause
         (stop, enospc), which it acknowledges (status().io_status is "ok"
         again).  A paused drain drains again."""
+        if self._nbd and self._state in VERBS["resume"]:
+            self._reconnect_target()
         with self._lock:
             self._verb("resume")
             self._io_status = "ok"
@@ -443,6 +525,28 @@ class MirrorJob:
         with self._lock:
             self._listeners.append(callback)
 
+    def on_pivot(self, callback: Callable[[str], object]) -> None:
+        """callback(target_path) at the pivot, before COMPLETED: from the
+        job's thread, with no lock of the job held, while writers are still
+        held at the gate, so that no write reaches the target before it
+        returns.  For whoever serves the disk and must know what it serves
+        from then on (fastmirror.Export).  It must not write through
+        job.source (the gate is closed).  Add it before complete(); one that
+        raises is logged and the pivot stands."""
+        if not callable(callback):
+            raise TypeError("on_pivot's callback must be callable")
+        with self._lock:
+            self._pivot_hooks.append(callback)
+
+    def _run_pivot_hooks(self) -> None:
+        with self._lock:
+            hooks = list(self._pivot_hooks)
+        for cb in hooks:
+            try:
+                cb(self._dst.path)
+            except Exception:
+                _log.exception("on_pivot callback %r raised", cb)
+
     def remove_listener(self, callback: Callable[[JobEvent], object]) -> None:
         """Stop calling a callback given to add_listener (ValueError if it
         was not)."""
@@ -505,9 +609,16 @@ class MirrorJob:
     def _io_calls(self) -> str:
         """What the copies issue: the rings' calls (registered buffers or
         not, and why) once the drivers run, else the blocking calls."""
+        if self._nbd:
+            return "preadv, NBD WRITE/WRITE_ZEROES/FLUSH over %s" % self._dst.describe()
         if self.io_engine == "io_uring":
             return self._engine.ring_io or "io_uring"
         return "preadv/pwritev"
+
+    @property
+    def target_path(self) -> str:
+        """The target as given (after validation)."""
+        return self._dst.path
 
     @property
     def io_mode(self) -> str:
@@ -549,6 +660,7 @@ class MirrorJob:
         self.cancel(force=True)
         if self._coordinator is not None:
             self.wait()
+        self._stop_persister()
         self._engine.close()        # the workers have returned
         self._close_endpoints()
 
@@ -635,7 +747,7 @@ class MirrorJob:
         or an error policy) the copy is stopped on purpose, so writes piling
         up then say nothing about convergence.  A pause drops the window, and
         measuring starts afresh once the job runs again."""
-        if self.copy_mode != "auto" or self._write_blocking:
+        if self.copy_mode != "auto" or self._write_blocking or self._nbd:
             return
         if self._state in PAUSED_STATES:
             self._progress.clear()
@@ -662,7 +774,7 @@ class MirrorJob:
         """Under the lock: record the final event (emitted by the caller)."""
         if self._final is not None:
             return
-        self._final = self._event(type_, error=error)
+        self._final = self._event(type_, error=error, bytes_copied=self._engine.bytes_copied)
         if error is not None:
             self._error = error
         self._transition(S.CONCLUDED)
@@ -671,9 +783,19 @@ class MirrorJob:
             self._emit(self._final)
 
     def _finish_handle(self) -> None:
+        if self._al is not None:
+            # Before writes go untracked: from now on the first one records
+            # ALL_DIRTY in the log (a resumed job then copies everything).
+            if self.source.pivoted:
+                self._al.stop()
+            else:
+                self._al.poison()
         if not self.source.pivoted:
             self.source.stop_tracking()
         self.source.open_gate()
+        if self._al is not None:
+            self._persist_quietly("pivoted" if self.source.pivoted else "stopped")
+            self._stop_persister(join=False)
 
     # -- the coordinator thread ------------------------------------------
 
@@ -681,8 +803,15 @@ class MirrorJob:
         final_type, error = EventType.FAILED, None
         try:
             trace.emit("mirror_start", self.source, self, threading.current_thread(), self.opaque)
-            self._initial_marking()
+            if self._resume_bits is not None:
+                # Resuming: what the state file and the activity log say, not
+                # the whole disk; the rest of the target is the source's.
+                self._bitmap.merge(self._resume_bits)
+                self._initial_chunks = self._bitmap.dirty_count
+            else:
+                self._initial_marking()
             self._marking = False
+            self._floor = None      # the engine's bitmap holds it all now
             if self.copy_mode == "write-blocking":
                 # Only now: the initial marking zeroes target ranges that are
                 # clean, and a write that went to both sides leaves its chunks
@@ -755,7 +884,7 @@ class MirrorJob:
         for off, length in extents:
             self._bitmap.set(off, length)
         self._initial_chunks = self._bitmap.dirty_count
-        if not self._dst.info.is_block:
+        if not self._dst.info.is_block and self._dst.fd >= 0:
             # Allocate the file target where data will go, so that the
             # parallel direct writes do not serialize on allocation.
             for off, length in extents:
@@ -763,6 +892,7 @@ class MirrorJob:
                     break
         if self.target_is_zero:
             return
+        holes = []
         pos = 0
         while pos < self.size:
             clean = self._bitmap.next_clean(pos)
@@ -770,12 +900,23 @@ class MirrorJob:
                 break
             dirty = self._bitmap.next_dirty(clean)
             end = self.size if dirty < 0 else dirty
-            if self._engine.zero_target(clean, end - clean) < 0:
+            holes.append((clean, end - clean))
+            pos = end
+        if self._nbd and len(holes) > 1:
+            # Each WRITE_ZEROES is a round trip to the server: keep several
+            # in flight (zero_target releases the GIL; no copy runs yet).
+            from concurrent.futures import ThreadPoolExecutor
+            with ThreadPoolExecutor(min(NBD_ZERO_THREADS, len(holes)),
+                                    thread_name_prefix="fastmirror-zero") as pool:
+                results = list(pool.map(lambda h: self._engine.zero_target(*h), holes))
+        else:
+            results = [self._engine.zero_target(off, n) for off, n in holes]
+        for (off, n), r in zip(holes, results):
+            if r < 0:
                 # No zeroing call (or it failed): copy the zeros instead; the
                 # copy reports real errors under the target's policy.
-                self._bitmap.set(clean, end - clean)
-                self._initial_chunks += (end - clean + self.granularity - 1) // self.granularity
-            pos = end
+                self._bitmap.set(off, n)
+                self._initial_chunks += (n + self.granularity - 1) // self.granularity
 
     def _loop(self) -> tuple[EventType, Optional[JobError]]:
         eng = self._engine
@@ -808,6 +949,19 @@ class MirrorJob:
                 err = self._check_source_size()
                 if err is not None:
                     return EventType.FAILED, err
+            if (self._al is not None and state in (S.RUNNING, S.READY)
+                    and now - self._persisted_at >= _state.PERSIST_INTERVAL):
+                news = self._persist_news()     # before the flush: see _persist
+                if news == self._persisted_news:
+                    # Nothing copied, marked, zeroed or added to the log since:
+                    # the last file still holds (an idle READY job costs no I/O).
+                    self._persisted_at = now
+                else:
+                    # A chunk is recorded clean only once a flush covers its copy.
+                    if self._flush_target() == "report":
+                        return EventType.FAILED, self._error
+                    if not self._flush_failed:
+                        self._persist_quietly(news=news)
             if ev == EV_CLEAN and state == S.RUNNING:
                 with self._lock:
                     if self._state != S.RUNNING:
@@ -823,6 +977,8 @@ class MirrorJob:
                     self._ready = True
                     self._ready_at = time.monotonic()
                     self._transition(S.READY)
+                if self._al is not None:
+                    self._persist_quietly("ready")
                 self._emit(self._event(EventType.READY))
             elif trace.is_active("mirror_before_sleep"):
                 trace.emit("mirror_before_sleep", self, self._bitmap.dirty_count,
@@ -862,15 +1018,40 @@ class MirrorJob:
                     err = self._verify_target()
                     if err is not None:
                         return EventType.FAILED, err
+                said_pivoted = False
+                if self._al is not None and self._ending == "complete" and not self._nbd:
+                    # The state says "pivoted" before any write can reach the
+                    # target (the gate is closed): a restarted serve --state
+                    # must serve the target, never the stale source.
+                    try:
+                        self._persist("pivoted")
+                    except OSError as e:
+                        return EventType.FAILED, as_job_error(e)
+                    said_pivoted = True
                 with self._lock:
                     # The last word is the state's: a pause or a cancel that
                     # came during the flush is obeyed (back to the loop's top).
-                    if self._state != S.DRAINING:
-                        continue
-                    if self._ending == "complete":
-                        self.source.pivot(self._dst.path, self._dst.open_buffered(),
-                                          self._dst.info.is_block)
-                    self._conclude(EventType.COMPLETED)
+                    undo = self._state != S.DRAINING or (said_pivoted
+                                                         and self._ending != "complete")
+                    if not undo:
+                        if self._ending == "complete" and self._nbd:
+                            # Nothing to pivot to: job.source writes to the
+                            # source again, untracked (see the class docs).
+                            _log.info("target %s is complete; job.source is not switched to "
+                                      "an NBD target", self._dst.path)
+                        elif self._ending == "complete":
+                            self.source.pivot(self._dst.path, self._dst.open_buffered(),
+                                              self._dst.info.is_block)
+                        self._conclude(EventType.COMPLETED)
+                if undo:
+                    if said_pivoted:
+                        try:        # the gate is still closed: no write went anywhere
+                            self._persist("ready")
+                        except OSError as e:
+                            return EventType.FAILED, as_job_error(e)
+                    continue
+                if self._ending == "complete" and not self._nbd:
+                    self._run_pivot_hooks()     # writers still held at the gate
                 return EventType.COMPLETED, None
         finally:
             self.source.open_gate()
@@ -878,10 +1059,14 @@ class MirrorJob:
     def _verify_target(self) -> Optional[JobError]:
         """verify=True: with writers still held at the gate, compare the
         source and the flushed target byte for byte (GIL released)."""
-        from fastmirror.job.verify import first_difference
+        from fastmirror.job.verify import first_difference, first_difference_nbd
         try:
-            diff = first_difference(self._src.path, self._dst.path, self.size,
-                                    fds=(self._src.fd, self._dst.fd))
+            if self._nbd:
+                diff = first_difference_nbd(self._src.path, self._dst.client, self.size,
+                                            fd=self._src.fd)
+            else:
+                diff = first_difference(self._src.path, self._dst.path, self.size,
+                                        fds=(self._src.fd, self._dst.fd))
         except OSError as e:
             return as_job_error(e)
         if diff < 0:
@@ -949,8 +1134,24 @@ class MirrorJob:
                     self._transition(S.PAUSED if self._state == S.RUNNING else S.STANDBY)
         elif delay is not None:
             self._engine.wait_event(delay, want_clean=False)   # sleeps unless kicked
+            if self._nbd:
+                self._reconnect_target()
             self._engine.release()
         return worst
+
+    def _reconnect_target(self) -> None:
+        """NBD target: connect again what failed (the retry of "ignore",
+        resume() after "stop").  What the server acknowledged since the last
+        flush is copied again (engine.reconnect_target).  A server still away
+        is only logged: the next copy fails under the policy again."""
+        try:
+            n = self._engine.reconnect_target()
+        except OSError as e:
+            _log.warning("cannot reconnect to %s: %s", self._dst.path, e.strerror or e)
+            return
+        if n:
+            _log.info("reconnected %d connection%s to %s", n, "" if n == 1 else "s",
+                      self._dst.path)
 
     def _backoff(self, kind: str) -> float:
         """"ignore": seconds to wait before retrying after a failure of
@@ -979,3 +1180,130 @@ class MirrorJob:
             e.args = (_errno.EIO, e.strerror)
             return e
         return None
+
+    # ------------------------------------------------------------------
+    # The state file and the activity log (job/state.py, _core/actlog.pyx;
+    # docs/design.md, "The crash model")
+    # ------------------------------------------------------------------
+
+    def _open_state(self, existing, ids, disk, options: dict) -> None:
+        """Decide what to copy (all of it, or what a state file and its
+        activity log say), write the first state file of this run, then
+        start a fresh activity log tied to it."""
+        path = self._state_path
+        assert path is not None
+        self._state_ids = ids
+        self._state_options = options
+        self._phase = "mirroring"
+        self._persist_lock = threading.Lock()
+        self._persist_stop = threading.Event()
+        seq = 0
+        if existing is not None:
+            bits = existing.bitmap
+            if bits is None:
+                bits = HBitmap(self.size, self.granularity)
+                bits.set(0, self.size)
+            _state.set_extents(bits, existing.al_extents, existing.al_extent)
+            rec = _state.read_activity_log(_state.al_path(path), existing.run_id)
+            full = disk is not None and disk.untracked_writes > 0
+            seq = existing.al_seq
+            if rec is not None:
+                seq = max(seq, rec.seq)
+                full = full or rec.all_dirty
+                _state.set_extents(bits, rec.extents, 1 << rec.shift)
+            # Written untracked since (after a cancel, or on an export before
+            # this job): nothing says where, so everything is copied again.
+            self._resume_bits = None if full else bits
+        # Until the coordinator has the first marking in the engine's bitmap,
+        # every state file keeps all of it dirty.
+        self._floor = HBitmap(self.size, self.granularity)
+        if self._resume_bits is not None:
+            self._floor.merge(self._resume_bits)
+        else:
+            self._floor.set(0, self.size)
+        self._run_id = _state.new_run_id()
+        self._persist()
+        # Only now (the state file names the new run id) the sidecar is
+        # reset: until then its records, of the old run, still counted.
+        alp = _state.al_path(path)
+        fd = os.open(alp, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, 2 * _AL_RECORD)
+            self._al = ActivityLog(fd, self.size, _state.AL_EXTENT, _state.AL_SLOTS,
+                                   bytes.fromhex(self._run_id), seq)
+        finally:
+            os.close(fd)
+        _state.sync_folder(alp)
+
+    def _persist(self, phase: Optional[str] = None, news: Optional[tuple] = None) -> None:
+        """Write the state file now: what a crash could leave different on
+        the target (engine.persistable) plus every extent of the activity
+        log, captured before the bitmap; then those extents may leave the
+        log (covered)."""
+        with self._persist_lock:
+            if phase is not None:
+                self._phase = phase
+            if news is None or phase is not None:
+                news = self._persist_news()
+            al = self._al
+            mark, extents = al.capture() if al is not None else (0, [])
+            bits = HBitmap(self.size, self.granularity)
+            floor = self._floor
+            if floor is not None:
+                bits.merge(floor)
+            self._engine.persistable(bits)
+            _state.set_extents(bits, extents, _state.AL_EXTENT)
+            _state.save(self._state_path, _state.State(
+                phase=self._phase, size=self.size, granularity=self.granularity,
+                source=self._state_ids[0], target=self._state_ids[1],
+                options=self._state_options, run_id=self._run_id, bitmap=bits,
+                al_extent=_state.AL_EXTENT, al_extents=extents,
+                al_seq=al.seq if al is not None else 0))
+            if al is not None:
+                al.covered(mark)
+            self._persisted_at = time.monotonic()
+            self._persisted_news = news
+
+    def _persist_news(self) -> tuple:
+        """What changes whenever a new state file could say something new.
+        Read before the flush that precedes a state file (or before its
+        capture): a copy that ends after it shows as news next time, so a
+        chunk left dirty as unflushed is written clean once flushed."""
+        eng = self._engine
+        return (eng.bytes_copied, eng.bytes_marked, eng.bytes_zeroed, eng.copies,
+                self._al.misses if self._al is not None else 0, self._floor is None,
+                self._phase)
+
+    def _persist_quietly(self, phase: Optional[str] = None,
+                         news: Optional[tuple] = None) -> None:
+        """_persist() where a failure only delays: the previous file stays
+        valid (it is replaced atomically), and the next attempt comes soon."""
+        try:
+            self._persist(phase, news)
+        except OSError as e:
+            if phase is not None:
+                self._phase = phase
+            _log.warning("cannot write the state file %s: %s", self._state_path, e)
+
+    def _persist_loop(self) -> None:
+        """The state writer: a state file when a write waits for a slot of
+        the activity log, and every other second when nobody else wrote one
+        (before start, while paused)."""
+        al = self._al
+        assert al is not None
+        while not self._persist_stop.is_set():
+            asked = al.wait_request(_state.PERSIST_INTERVAL)
+            if self._persist_stop.is_set():
+                return
+            if asked or time.monotonic() - self._persisted_at >= 2 * _state.PERSIST_INTERVAL:
+                self._persist_quietly()
+
+    def _stop_persister(self, join: bool = True) -> None:
+        t = self._persister
+        if t is None:
+            return
+        self._persist_stop.set()
+        assert self._al is not None
+        self._al.wake()
+        if join and t is not threading.current_thread():
+            t.join()

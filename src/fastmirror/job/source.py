@@ -59,17 +59,27 @@ class TrackedSource(BlockHandle):
     another file by then.  Without it the handle opens `path`."""
 
     def __init__(self, path: str, size: int, is_block: bool, engine,
-                 fd: Optional[int] = None, disk: Optional[TrackedDisk] = None):
+                 fd: Optional[int] = None, disk: Optional[TrackedDisk] = None, al=None):
         self.size = size
         self._path = path
         self._origin = fd            # closed once the read-write side is open
         self._is_block = is_block
         self._target_path: Optional[str] = None
+        # A borrowed disk is the NBD export's: close() ends I/O through this
+        # handle only, the export's clients keep it (and the job still gates
+        # and marks their writes).
+        self._borrowed = disk is not None
+        self._closed = False
         if disk is None:
             self._disk = TrackedDisk(size, engine)
+            if al is not None:
+                self._disk.set_activity_log(al)
         else:
             # A disk already served (the NBD export): its writers from now on
-            # go through the job's engine; it has its own descriptor.
+            # go through the job's engine; it has its own descriptor.  The
+            # activity log first: no write may be tracked without it.
+            if al is not None:
+                disk.set_activity_log(al)
             disk.track(engine)
             self._disk = disk
             self._drop_origin()
@@ -151,6 +161,8 @@ class TrackedSource(BlockHandle):
     def _call(self, operation: str, offset: int, call, *args):
         """One request through the C path: open the source on first use,
         and raise for -errno (pread returns bytes, the others a count)."""
+        if self._closed:
+            raise ValueError("I/O on a closed handle")
         if not self._disk.attached:
             self._attach()
         r = call(*args)
@@ -178,7 +190,12 @@ class TrackedSource(BlockHandle):
         self._call("flush", 0, self._disk.flush)
 
     def close(self) -> None:
-        self._disk.close()
+        """End I/O through this handle (ValueError from then on).  The disk
+        is closed with it, unless it is an NBD export's (Export.mirror):
+        that one the export closes."""
+        self._closed = True
+        if not self._borrowed:
+            self._disk.close()
         with self._open_lock:
             self._drop_origin()
 

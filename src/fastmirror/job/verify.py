@@ -11,6 +11,7 @@ Block devices have no hole information and are read whole.
 
 from __future__ import annotations
 
+import mmap
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, Optional
@@ -99,6 +100,18 @@ def first_difference(source, target, length: Optional[int] = None,
     offset and the operation ("open" or "read").  fds, descriptors of
     source and target (a job's checked ones), are reopened instead of the
     paths."""
+    from fastmirror.job import nbdtarget
+    if nbdtarget.is_nbd_uri(target):
+        # A target given as an NBD URI is read over NBD (job/nbdtarget.py).
+        try:
+            client = nbdtarget.connect(target)
+        except OSError as e:
+            raise io_error(e.errno or 5, target, None, "open") from None
+        try:
+            return first_difference_nbd(source, client, length, chunk, threads,
+                                        fd=fds[0] if fds else None)
+        finally:
+            client.close()
     source, target = os.fspath(source), os.fspath(target)
     sfd, sinfo = _open(source, fds[0] if fds else None)
     try:
@@ -115,6 +128,72 @@ def first_difference(source, target, length: Optional[int] = None,
             return first
         finally:
             os.close(tfd)
+    finally:
+        os.close(sfd)
+
+
+def first_difference_nbd(source, client, length: Optional[int] = None,
+                         chunk: int = CHUNK, threads: int = THREADS,
+                         fd: Optional[int] = None) -> int:
+    """first_difference() for a target that is an NBD export, read through
+    `client` (an NbdClient): the whole of [0, length) is read on both sides,
+    since the export's holes are not known here; structured replies let
+    the server send a hole as a length, not as zeros, so a sparse export
+    costs little on the wire.  Several threads compare segments with the
+    GIL released; the first difference in order wins."""
+    source = os.fspath(source)
+    sfd, sinfo = _open(source, fd)
+    try:
+        n = sinfo.size if length is None else length
+        common = min(n, client.size)
+        bs = client.block_sizes[0]
+        chunk = max(bs, chunk - chunk % bs)
+
+        align = max(sinfo.alignment, 4096)
+
+        def compare(start: int, end: int) -> int:
+            # An aligned buffer: the source is read with O_DIRECT where allowed.
+            with mmap.mmap(-1, -(-chunk // align) * align) as buf:
+                pos = start
+                while pos < end:
+                    want = min(chunk, end - pos)
+                    try:
+                        got = _io.preadv_into(sfd, [memoryview(buf)[:-(-want // align) * align]],
+                                              pos)
+                    except OSError as e:
+                        raise io_error(e.errno or 5, source, pos, "read") from None
+                    s = buf[:min(want, got)]
+                    # The export's last block may be partial for the source:
+                    # read whole minimum blocks, compare the source's bytes.
+                    span = min(-(-want // bs) * bs, client.size - pos)
+                    try:
+                        t = client.pread(span, pos)[:want]
+                    except OSError as e:
+                        raise io_error(e.errno or 5, client.where, pos, "read") from None
+                    if s != t:
+                        for i in range(min(len(s), len(t))):
+                            if s[i] != t[i]:
+                                return pos + i
+                        return pos + min(len(s), len(t))
+                    pos += want
+            return -1
+
+        segments = list(_segments([(0, common)]))
+        first = -1
+        if len(segments) <= 1 or threads == 1:
+            for a, b in segments:
+                first = compare(a, b)
+                if first >= 0:
+                    break
+        else:
+            with ThreadPoolExecutor(threads, thread_name_prefix="fastmirror-verify") as pool:
+                for r in pool.map(lambda ab: compare(*ab), segments):
+                    if r >= 0:
+                        first = r
+                        break
+        if first < 0 and common < n:
+            return common
+        return first
     finally:
         os.close(sfd)
 

@@ -239,6 +239,7 @@ cdef struct req_t:
     int64_t offset              # -1: out of range
     uint32_t length
     bint bad                    # the range is outside the disk
+    bint bad_flags              # a flag this command does not take: NBD_EINVAL
     char *buf                   # payload or reply data, page-aligned, grown on demand
     int64_t buf_len
     int64_t charged             # its share of INFLIGHT_BYTES
@@ -885,7 +886,7 @@ cdef int serve_request(conn_t *c, TrackedDisk disk, req_t *q) noexcept nogil:
     if cmd == CMD_WRITE:
         if c.read_only:
             r = -EPERM
-        elif q.bad:
+        elif q.bad or q.bad_flags:
             r = -EINVAL
         else:
             r = disk.c_write(q.buf, q.length, q.offset)
@@ -893,15 +894,15 @@ cdef int serve_request(conn_t *c, TrackedDisk disk, req_t *q) noexcept nogil:
                 r = disk.c_flush()
         return locked_simple(c, q.cookie, r)
     if cmd == CMD_READ:
-        if q.bad or q.length > MAX_REQUEST:
+        if q.bad or q.bad_flags or q.length > MAX_REQUEST:
             return locked_error(c, q.cookie, NBD_EINVAL, c.structured)
         return do_read(c, disk, q)
     if cmd == CMD_FLUSH:
-        return locked_simple(c, q.cookie, disk.c_flush())
+        return locked_simple(c, q.cookie, -EINVAL if q.bad_flags else disk.c_flush())
     if cmd == CMD_TRIM or cmd == CMD_WRITE_ZEROES:
         if c.read_only:
             r = -EPERM
-        elif q.bad:
+        elif q.bad or q.bad_flags:
             r = -EINVAL
         elif cmd == CMD_TRIM:
             r = disk.c_discard(q.offset, q.length)
@@ -913,7 +914,7 @@ cdef int serve_request(conn_t *c, TrackedDisk disk, req_t *q) noexcept nogil:
             r = disk.c_flush()
         return locked_simple(c, q.cookie, r)
     if cmd == CMD_BLOCK_STATUS:
-        if q.bad or q.length == 0:
+        if q.bad or q.bad_flags or q.length == 0:
             return locked_error(c, q.cookie, NBD_EINVAL, c.structured)
         if not c.structured:
             return locked_simple(c, q.cookie, -EINVAL)
@@ -1042,7 +1043,7 @@ cdef bint ring_submit(conn_t *c, TrackedDisk disk, req_t *q) noexcept nogil:
     cdef int64_t nxt
     cdef uint64_t index = <uint64_t>(q - &c.slots[0])
     cdef uint64_t unused
-    if not c.ring_ok or disk.trace_on or q.bad or q.length == 0:
+    if not c.ring_ok or disk.trace_on or q.bad or q.bad_flags or q.length == 0:
         return False
     if write:
         if c.read_only or q.flags & CMDF_FUA:
@@ -1051,8 +1052,10 @@ cdef bint ring_submit(conn_t *c, TrackedDisk disk, req_t *q) noexcept nogil:
         return False
     if disk.c_enter(&q.route) < 0:
         return False            # the pool answers the error
-    if q.route.mirror_fd >= 0:
-        disk.c_leave(&q.route)  # write-blocking: claims, both sides
+    if q.route.mirror_fd >= 0 or (write and q.route.al != NULL):
+        # Write-blocking: claims, both sides.  An activity log: its extent
+        # must be on disk before the write lands (tracked.pyx's path).
+        disk.c_leave(&q.route)
         return False
     if not write and c.structured and not (q.flags & CMDF_DF) and not q.route.is_block:
         # All data when the first hole at or after the offset starts past
@@ -1157,6 +1160,19 @@ cdef void drain(conn_t *c) noexcept nogil:
         c.ring_ok = False
 
 
+cdef uint16_t allowed_flags(conn_t *c, uint16_t cmd) noexcept nogil:
+    """The flags a request of `cmd` may carry; any other is NBD_EINVAL and
+    nothing is done (a flag not understood must not be ignored).  FUA on
+    any command, as QEMU's server allows."""
+    if cmd == CMD_READ:
+        return CMDF_FUA | (CMDF_DF if c.structured else 0)
+    if cmd == CMD_WRITE_ZEROES:
+        return CMDF_FUA | CMDF_NO_HOLE | CMDF_FAST_ZERO
+    if cmd == CMD_BLOCK_STATUS:
+        return CMDF_FUA | CMDF_REQ_ONE
+    return CMDF_FUA
+
+
 cdef int transmission(conn_t *c, TrackedDisk disk) noexcept nogil:
     """END_DISCONNECT, END_MALFORMED or END_IO, once every request read
     before the end was served and answered (NBD_CMD_DISC asks for that)."""
@@ -1200,6 +1216,7 @@ cdef int transmission(conn_t *c, TrackedDisk disk) noexcept nogil:
         q.offset = offset
         q.length = length
         q.bad = offset < 0 or <int64_t>length > c.size - offset
+        q.bad_flags = (flags & ~allowed_flags(c, cmd)) != 0
         if cmd == CMD_WRITE:
             if grow(q, length) < 0 or recv_all(c.sock, q.buf, length) < 0:
                 finish(c, q, 0)

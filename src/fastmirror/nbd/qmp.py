@@ -123,6 +123,7 @@ class _Job:
         self.job = job
         self.status = "created"
         self.cancelled = False      # block-job-cancel was asked: no pivot
+        self.ready_sent = False
 
 
 class _Client:
@@ -158,6 +159,7 @@ class QMPServer:
         self._jobs: dict[str, _Job] = {}
         self._events: queue.Queue = queue.Queue()
         self._closed = False
+        self._adopt(getattr(export, "job", None))
         self._listener = self._listen()
         self._acceptor = threading.Thread(target=self._accept, name="fastmirror-qmp-accept",
                                           daemon=True)
@@ -168,6 +170,19 @@ class QMPServer:
 
     def _listen(self) -> _socket.socket:
         return listen_private(self.socket_path, 8)
+
+    def _adopt(self, job) -> None:
+        """A job the export resumed from its state file (serve --state after
+        a crash): listed in query-block-jobs under the export's name, as
+        drive-mirror would have named it, and its events follow.  A READY
+        that came before the listener is reported once here."""
+        if job is None or job.state == JobState.CONCLUDED:
+            return
+        entry = _Job(self.export.name, job)
+        self._jobs[entry.id] = entry
+        job.add_listener(lambda ev, e=entry: self._events.put((e, ev)))
+        if job.status().ready:
+            self._events.put((entry, JobEvent(EventType.READY, job.size, job.size)))
 
     # -- connections -------------------------------------------------------------
 
@@ -442,6 +457,9 @@ class QMPServer:
         base = {"type": "mirror", "device": e.id, "len": ev.len, "offset": ev.offset,
                 "speed": st.speed}
         if ev.type == EventType.READY:
+            if e.ready_sent:
+                return              # an adopted job's READY, seen twice
+            e.ready_sent = True
             self._status_to(e, "ready")
             self._broadcast("BLOCK_JOB_READY", base)
         elif ev.type == EventType.ERROR:

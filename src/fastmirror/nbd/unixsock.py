@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import socket as _socket
 import stat
@@ -9,12 +10,15 @@ import stat
 
 def listen_private(path: str, backlog: int) -> _socket.socket:
     """A listening unix socket at path, mode 0600 from its creation on.  A
-    stale socket file at path is replaced; any other file is left alone
-    (bind() then fails with EADDRINUSE)."""
+    stale socket file at path (nobody listens) is replaced; a live one, or
+    any other file, is left alone: OSError EADDRINUSE."""
     s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         try:
             if stat.S_ISSOCK(os.lstat(path).st_mode):
+                if _listened_on(path):
+                    raise OSError(errno.EADDRINUSE, "another server listens at this socket",
+                                  path)
                 os.unlink(path)
         except FileNotFoundError:
             pass
@@ -31,3 +35,17 @@ def listen_private(path: str, backlog: int) -> _socket.socket:
         s.close()
         raise
     return s
+
+
+def _listened_on(path: str) -> bool:
+    """Whether a server accepts connections at the socket file path (a
+    running export or QMP, which must not lose its socket to a second one)."""
+    probe = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    probe.settimeout(1)
+    try:
+        probe.connect(path)
+        return True
+    except OSError:             # ECONNREFUSED: a file left by a server gone
+        return False
+    finally:
+        probe.close()
