@@ -411,11 +411,16 @@ def _run_fio_copy(tmp_path, capsys, rounds=2, tools="fastmirror,fio-rw,fio-copy"
     return json.loads(out.read_text()), capsys.readouterr().out
 
 
-def test_bench_fio_copy_ceiling_in_huge_pages(tmp_path, capsys):
+def test_bench_fio_copy_ceiling_in_huge_pages(tmp_path, capsys, monkeypatch):
     """fio-copy reads and writes at once in fastmirror's request size with
     huge-page buffers; its CPU is fio's own; the report gives fastmirror
     against it round by round; the huge pages and the mount are undone."""
     _need_fio_as_root()
+    # The mount point goes in a folder of this test's own, so that another
+    # run of the suite on the machine cannot be taken for a leftover.
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(__import__("tempfile"), "tempdir", str(scratch))
     pages, mounts = _nr_hugepages(), _hugetlbfs_mounts()
     doc, table = _run_fio_copy(tmp_path, capsys)
     shape = baselines.copy_shape(16 * MiB, 65536)
@@ -447,8 +452,7 @@ def test_bench_fio_copy_ceiling_in_huge_pages(tmp_path, capsys):
     # Undone: the pages given back, nothing left mounted.
     assert _nr_hugepages() == pages
     assert _hugetlbfs_mounts() == mounts
-    assert not list(__import__("pathlib").Path(__import__("tempfile").gettempdir())
-                    .glob("fastmirror-bench-hugetlbfs-*"))
+    assert not list(scratch.glob("fastmirror-bench-hugetlbfs-*"))
 
 
 def test_bench_fio_copy_without_huge_pages_says_so(tmp_path, capsys, monkeypatch):
