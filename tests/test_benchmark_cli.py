@@ -647,3 +647,175 @@ def test_exports_summary_ratios_and_goals():
     assert m["mirror_ratio"] == 0.5 and m["goal_met"] and m["rounds_won"] == [2, 3]
     assert exports._percentile([float(i) for i in range(1, 101)], 0.99) == 99.0
     assert exports._percentile([7.0], 0.99) == 7.0
+
+
+# -- --nbd-target: mirroring into an NBD export, against nbdcopy and QEMU --------
+
+NBD_PEERS = ("qemu-nbd", "nbdkit", "nbdcopy", "qemu-storage-daemon")
+
+
+def _nbd_source(path, size=24 * MiB) -> bytes:
+    images.make_image(path, size, data_fraction=0.5, seed=3)
+    return _read(path)
+
+
+def test_bench_nbd_target_runs_every_tool_on_both_targets(tmp_path, capsys):
+    from helpers.require import require
+    from fastmirror.bench import nbdtarget
+
+    for tool in NBD_PEERS:
+        require(tool)
+    src, dst, out = tmp_path / "src.img", tmp_path / "dst.img", tmp_path / "nbd.json"
+    data = _nbd_source(src)
+    args = _parse(["--nbd-target", "--rounds", "1", "--seed", "5", src, dst, "--json", out])
+    assert benchmark.run(args) == 0, capsys.readouterr()
+    text = capsys.readouterr().out
+
+    doc = json.loads(out.read_text())
+    assert doc["kind"] == "nbd-target" and doc["size"] == 24 * MiB
+    assert doc["settings"]["seed"] == 5 and doc["settings"]["rounds"] == 1
+    want = {"qemu-nbd": ["fastmirror", "nbdcopy", "nbdcopy-flush", "qemu-mirror"],
+            "delay": ["fastmirror", "nbdcopy"]}
+    assert doc["settings"]["tools"] == want
+    got = sorted((r["target"], r["tool"]) for r in doc["runs"])
+    assert got == sorted((k, t) for k, tools in want.items() for t in tools)
+    for r in doc["runs"]:
+        assert r["ok"] and r["verified"], r
+        assert r["round"] == 1 and r["s"] > 0 and r["cpu"] >= 0 and r["bytes_per_s"] > 0, r
+    assert doc["skipped"] == {"nbdcopy-flush on delay": "runs on the qemu-nbd target only",
+                              "qemu-mirror on delay": "runs on the qemu-nbd target only"}
+    for kind, tools in want.items():
+        s = doc["summary"][kind]
+        assert list(s) == tools
+        for name in tools[1:]:
+            assert s[name]["speedup"] > 0 and s[name]["rounds_paired"] == 1
+    assert doc["summary"]["qemu-nbd"]["nbdcopy"]["goal_met"] in (True, False)
+    assert "goal" not in doc["summary"]["qemu-nbd"]["nbdcopy-flush"]
+    assert set(doc["goals"]) == {"qemu-nbd nbdcopy", "qemu-nbd qemu-mirror", "delay nbdcopy"}
+
+    assert "machine: %d CPUs, load average" % os.cpu_count() in text
+    assert "qemu-nbd target" in text and "delay target" in text
+    for name in nbdtarget.TOOLS:
+        assert name in text
+    assert text.count("time >= 1.0x") == 3
+    # Every run copied the source into DST (the last one on qemu-nbd
+    # included); the source was only read.
+    assert _read(dst) == data
+    assert _read(src) == data
+
+
+def test_bench_nbd_target_one_target_and_tools(tmp_path, capsys):
+    from helpers.require import require
+
+    for tool in ("qemu-nbd", "nbdcopy"):
+        require(tool)
+    src, dst, out = tmp_path / "src.img", tmp_path / "dst.img", tmp_path / "nbd.json"
+    data = _nbd_source(src, 16 * MiB)
+    dst.write_bytes(b"\x5a" * MiB)
+    args = _parse(["--nbd-target", "--rounds", "1", "--nbd-targets", "qemu-nbd",
+                   "--nbd-tools", "nbdcopy", "--connections", "1", "--destroy-target",
+                   src, dst, "--json", out])
+    assert benchmark.run(args) == 0, capsys.readouterr()
+    doc = json.loads(out.read_text())
+    assert [(r["target"], r["tool"]) for r in sorted(doc["runs"], key=lambda r: r["tool"])] \
+        == [("qemu-nbd", "fastmirror"), ("qemu-nbd", "nbdcopy")]
+    assert doc["settings"]["connections"] == 1
+    assert "connections=1" in doc["commands"]["fastmirror"]
+    assert all(r["ok"] and r["verified"] for r in doc["runs"])
+    assert _read(dst) == data
+
+
+def test_bench_nbd_target_refuses_bad_arguments(tmp_path, capsys):
+    from helpers.require import fm
+
+    src, dst = tmp_path / "src.img", tmp_path / "dst.img"
+    data = _nbd_source(src, MiB)
+
+    # DST is SRC: refused, SRC untouched.
+    assert benchmark.run(_parse(["--nbd-target", "--rounds", "1", src, src])) == 2
+    assert "same" in capsys.readouterr().err
+    assert _read(src) == data
+    link = tmp_path / "link.img"
+    link.symlink_to(src)
+    assert benchmark.run(_parse(["--nbd-target", "--rounds", "1", src, link])) == 2
+    assert "same" in capsys.readouterr().err
+    assert _read(src) == data
+
+    # An unknown tool or target: argparse refuses, nothing is made.
+    for bad in (["--nbd-tools", "fastmirror,bogus"], ["--nbd-targets", "nbd-ish"]):
+        p = fm("bench", "--nbd-target", *bad, str(src), str(dst))
+        assert p.returncode == 2, p
+        assert "bogus" in p.stderr or "nbd-ish" in p.stderr
+        assert not dst.exists()
+
+    # A missing source without --create.
+    assert benchmark.run(_parse(["--nbd-target", tmp_path / "nope.img", dst])) == 2
+    assert "--create" in capsys.readouterr().err
+    assert not dst.exists() and not (tmp_path / "nope.img").exists()
+
+    # An existing DST that is not empty, without --destroy-target.
+    dst.write_bytes(b"\x5a" * 4096)
+    assert benchmark.run(_parse(["--nbd-target", src, dst])) == 2
+    assert "--destroy-target" in capsys.readouterr().err
+    assert _read(dst) == b"\x5a" * 4096
+
+    # --exports and --nbd-target at once.
+    assert benchmark.run(_parse(["--nbd-target", "--exports", src, tmp_path / "d2"])) == 2
+    assert "choose one" in capsys.readouterr().err
+
+
+def test_bench_nbd_target_without_peer_tools(tmp_path, capsys, monkeypatch):
+    src, dst = tmp_path / "src.img", tmp_path / "dst.img"
+    _nbd_source(src, MiB)
+    monkeypatch.setattr(shutil, "which", lambda name, *a, **k: None)
+    assert benchmark.run(_parse(["--nbd-target", "--rounds", "1", src, dst])) == 2
+    err = capsys.readouterr().err
+    assert "nothing to run" in err
+    assert "qemu-nbd: qemu-nbd is not installed" in err
+    assert "delay: nbdkit is not installed" in err
+    assert not dst.exists()
+
+
+def test_nbd_target_plan_skips_what_is_missing():
+    from fastmirror.bench import nbdtarget
+
+    def which(missing):
+        return lambda name: None if name in missing else "/usr/bin/" + name
+    every = list(nbdtarget.TARGETS), list(nbdtarget.TOOLS)
+    runs, skipped = nbdtarget.plan(*every, which=which({"qemu-storage-daemon"}))
+    assert runs == {"qemu-nbd": ["fastmirror", "nbdcopy", "nbdcopy-flush"],
+                    "delay": ["fastmirror", "nbdcopy"]}
+    assert skipped["qemu-mirror on qemu-nbd"] == "qemu-storage-daemon is not installed"
+    runs, skipped = nbdtarget.plan(*every, which=which({"nbdkit"}))
+    assert list(runs) == ["qemu-nbd"] and skipped["delay"] == "nbdkit is not installed"
+    # Without nbdcopy the delay target has nothing to compare with (and
+    # nothing to read it back).
+    runs, skipped = nbdtarget.plan(*every, which=which({"nbdcopy"}))
+    assert runs == {"qemu-nbd": ["fastmirror", "qemu-mirror"]}
+    assert "nbdcopy" in skipped["delay"]
+    runs, skipped = nbdtarget.plan(["delay"], ["fastmirror"], which=which(set()))
+    assert runs == {} and skipped == {"delay": "no other tool to compare with"}
+
+
+def test_nbd_target_summary_ratios_and_goals():
+    from fastmirror.bench import nbdtarget
+
+    def run(target, tool, rnd, s, cpu, ok=True):
+        return dict(target=target, tool=tool, round=rnd, s=s, cpu=cpu, ok=ok,
+                    error=None if ok else "boom")
+    runs = []
+    for rnd, (fm_s, nc_s, qm_s) in enumerate([(1.0, 2.0, 0.9), (2.0, 1.0, 1.0),
+                                              (1.0, 3.0, 1.5)], 1):
+        runs += [run("qemu-nbd", "fastmirror", rnd, fm_s, 0.1),
+                 run("qemu-nbd", "nbdcopy", rnd, nc_s, 0.2),
+                 run("qemu-nbd", "qemu-mirror", rnd, qm_s, 0.05)]
+    runs.append(run("qemu-nbd", "nbdcopy", 4, 0, 0, ok=False))
+    s = nbdtarget.summarize_runs(runs, 1 << 30)["qemu-nbd"]
+    assert list(s) == ["fastmirror", "nbdcopy", "qemu-mirror"]
+    nc, qm = s["nbdcopy"], s["qemu-mirror"]
+    assert nc["s"] == 2.0 and nc["runs"] == 3 and nc["failed"] == 1
+    assert nc["speedup"] == 2.0 and nc["cpu_ratio"] == 0.5 and nc["rounds_won"] == 2
+    assert nc["goal_met"]            # 2.0x, CPU 0.1 s/GiB against 0.2
+    assert qm["speedup"] == pytest.approx(0.9) and not qm["goal_met"]
+    text = nbdtarget.format_report({"qemu-nbd": s}, 3)
+    assert "NOT met" in text and ": met" in text and "nbdcopy: 1 failed (boom)" in text

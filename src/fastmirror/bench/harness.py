@@ -85,6 +85,11 @@ Export rounds (--exports): instead of the above, fastmirror's NBD export
 fio --ioengine=nbd, and a writer's latency while each server mirrors SRC to
 DST; see fastmirror.bench.exports.
 
+NBD target rounds (--nbd-target): instead of the above, fastmirror mirroring
+SRC into an NBD export (qemu-nbd serving DST; nbdkit's memory plugin behind
+a 2 ms delay filter) against nbdcopy and QEMU's mirror job writing to an nbd
+node; see fastmirror.bench.nbdtarget.  SRC is only read.
+
 Before each run (untimed): sync, drop the page cache when running as root
 (echo 3 > /proc/sys/vm/drop_caches), wait --settle seconds (default 1), and
 overwrite three 4 KiB blocks of the
@@ -124,7 +129,7 @@ import textwrap
 import time
 from typing import Optional, Sequence
 
-from fastmirror.bench import exports, mirrors
+from fastmirror.bench import exports, mirrors, nbdtarget
 from fastmirror.bench.baselines import (CopyShape, HugePages, copy_shape, find_tool,
                                         fio_engine, run_command, run_fio, tool_command)
 from fastmirror.bench.chart import chart_from_json, draw_chart
@@ -186,6 +191,8 @@ def _choices_list(what: str, allowed: Sequence[str]):
 
 _tools_list = _choices_list("tools", TOOLS + FIO_PARTS)
 _export_rows_list = _choices_list("export rows", exports.ROWS)
+_nbd_targets_list = _choices_list("NBD targets", nbdtarget.TARGETS)
+_nbd_tools_list = _choices_list("NBD tools", nbdtarget.TOOLS)
 _modes_list = _choices_list("copy modes", COPY_MODES)
 _io_engines_list = _choices_list("I/O engines", IO_ENGINES)
 
@@ -355,9 +362,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="row (d): the writer's pace in writes per second (default 2000)")
     x.add_argument("--export-writer-depth", type=_positive, default=4, metavar="N",
                    help="row (d): the writer's iodepth (default 4)")
+    n = parser.add_argument_group(
+        "NBD target rounds (--nbd-target)",
+        "fastmirror mirroring SRC into an NBD export, against nbdcopy (with and without "
+        "--flush) and QEMU's mirror job (qemu-storage-daemon, blockdev-mirror to an nbd "
+        "node), in interleaved rounds shuffled with --seed.  Targets: qemu-nbd serving "
+        "DST (a file, truncated before every run), and delay: nbdkit's memory plugin "
+        "behind its delay filter, %s per write (no file).  SRC is only read; an existing "
+        "DST that is not empty needs --destroy-target.  --rounds, --seed, --settle and "
+        "--json apply; the other rounds do not run" % nbdtarget.nbd.DELAY)
+    n.add_argument("--nbd-target", action="store_true",
+                   help="run the NBD target rounds instead of the mirror rounds")
+    n.add_argument("--nbd-targets", type=_nbd_targets_list, default=list(nbdtarget.TARGETS),
+                   metavar="LIST", help="comma-separated subset of %s (default: all)"
+                   % ",".join(nbdtarget.TARGETS))
+    n.add_argument("--nbd-tools", type=_nbd_tools_list, default=list(nbdtarget.TOOLS),
+                   metavar="LIST", help="comma-separated subset of %s (default: all; "
+                   "fastmirror always runs, the base of the ratios; nbdcopy-flush and "
+                   "qemu-mirror run on the qemu-nbd target only)" % ",".join(nbdtarget.TOOLS))
+    n.add_argument("--connections", type=_positive, default=None, metavar="N",
+                   help="fastmirror's NBD connections (default: MirrorJob's, 2 where the "
+                        "server allows multi-conn)")
     parser.add_argument("--destroy-target", action="store_true",
-                        help="allow writing to a block device DST: ITS DATA WILL BE "
-                             "DESTROYED")
+                        help="allow writing to a block device DST (--nbd-target: truncating "
+                             "a DST that is not empty): ITS DATA WILL BE DESTROYED")
     parser.add_argument("--destroy-source", action="store_true",
                         help="allow writer rounds to write random data into an existing "
                              "SRC (file or block device): ITS DATA WILL BE DESTROYED")
@@ -506,8 +534,13 @@ def run(args) -> int:
     # is undone however it ends, Ctrl-C included.
     with contextlib.ExitStack() as undo:
         try:
+            if getattr(args, "exports", False) and getattr(args, "nbd_target", False):
+                raise BenchError("--exports and --nbd-target are different modes: "
+                                 "choose one")
             if getattr(args, "exports", False):
                 return _exports(args)
+            if getattr(args, "nbd_target", False):
+                return _nbd_target(args)
             return _bench(args, undo)
         except BenchError as e:
             print("fastmirror bench: %s" % e, file=sys.stderr)
@@ -538,6 +571,73 @@ def _exports(args) -> int:
         doc, text = exports.run_exports(args, src, dst, size, notes)
     except FileNotFoundError as e:
         raise BenchError(str(e)) from None
+    print()
+    print(text)
+    if args.json:
+        write_json(args.json, doc)
+    return EXIT_FAIL if any(not r["ok"] for r in doc["runs"]) else EXIT_OK
+
+
+def _nbd_target(args) -> int:
+    """`fastmirror bench --nbd-target SRC DST`: the NBD target rounds.  Every
+    refusal comes before anything is written."""
+    from fastmirror.job.endpoints import check_not_same
+
+    src, dst = os.path.abspath(args.source), os.path.abspath(args.target)
+    if src == dst:
+        raise BenchError("source %s and target %s are the same file" % (src, dst))
+    src_exists = os.path.exists(src)
+    if not src_exists and args.create is None:
+        raise BenchError("source %s does not exist (use --create SIZE to make one)" % src)
+    if not src_exists and (args.create <= 0 or not os.path.isdir(os.path.dirname(src))):
+        raise BenchError("cannot create source %s: %s" % (src, "--create needs a positive "
+                         "size" if args.create <= 0 else "its folder does not exist"))
+    if src_exists:
+        sst = os.stat(src)
+        if not (stat.S_ISREG(sst.st_mode) or stat.S_ISBLK(sst.st_mode)):
+            raise BenchError("source %s is not a regular file or a block device" % src)
+        if device_size(src) == 0:
+            raise BenchError("source %s is empty" % src)
+    uses_dst = "qemu-nbd" in args.nbd_targets
+    try:
+        dst_st: Optional[os.stat_result] = os.stat(dst)
+    except FileNotFoundError:
+        dst_st = None
+    if dst_st is None:
+        if uses_dst and not os.path.isdir(os.path.dirname(dst)):
+            raise BenchError("folder of target %s does not exist" % dst)
+    else:
+        if src_exists:
+            try:
+                check_not_same(src, os.stat(src), dst, dst_st)
+            except ValueError as e:
+                raise BenchError(str(e)) from None
+        if not stat.S_ISREG(dst_st.st_mode):
+            raise BenchError("target %s is not a regular file: qemu-nbd's target is a file "
+                             "truncated before every run" % dst)
+        if dst_st.st_size > 0 and uses_dst and not args.destroy_target:
+            raise BenchError("target %s exists and is not empty: refusing to truncate it "
+                             "without --destroy-target" % dst)
+    runs_plan, skipped = nbdtarget.plan(args.nbd_targets, args.nbd_tools)
+    if not runs_plan:
+        raise BenchError("nothing to run: %s" % ("; ".join(
+            "%s: %s" % kv for kv in skipped.items()) or "no target selected"))
+    uses_dst = "qemu-nbd" in runs_plan
+    notes: list[str] = []
+    if not src_exists:
+        t0 = time.monotonic()
+        # Like fastmirror.bench.nbd's source: about half of it holes.
+        make_image(src, args.create, data_fraction=0.5, seed=1, exclusive=True)
+        notes.append("created source %s: %s, about half of it holes, in %.1f s"
+                     % (src, human(args.create), time.monotonic() - t0))
+    elif args.create is not None:
+        notes.append("source exists: --create ignored, using it as it is")
+    size = device_size(src)
+    if uses_dst and dst_st is None:
+        fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        os.close(fd)
+        notes.append("created target %s" % dst)
+    doc, text = nbdtarget.run_nbd_target(args, src, dst, size, runs_plan, skipped, notes)
     print()
     print(text)
     if args.json:

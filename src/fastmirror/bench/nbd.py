@@ -42,6 +42,7 @@ import os
 import random
 import resource
 import shutil
+import stat
 import statistics
 import subprocess
 import sys
@@ -50,16 +51,17 @@ import time
 from typing import Callable, Optional
 
 import fastmirror
-from fastmirror.bench import harness as fmbench
+from fastmirror.bench.disk import drop_caches
 from fastmirror.bench.images import make_image
 from fastmirror.job.events import EventType
+from fastmirror.units import parse_size
 
 GiB = 1 << 30
 # The size of the issue's measurement, or FASTMIRROR_BENCH_SIZE when that
 # is smaller (the CI smoke run).
-SIZE = fmbench.parse_size(os.environ.get("FASTMIRROR_BENCH_NBD_SIZE") or "256M")
+SIZE = parse_size(os.environ.get("FASTMIRROR_BENCH_NBD_SIZE") or "256M")
 if "FASTMIRROR_BENCH_NBD_SIZE" not in os.environ and "FASTMIRROR_BENCH_SIZE" in os.environ:
-    SIZE = min(SIZE, fmbench.parse_size(os.environ["FASTMIRROR_BENCH_SIZE"]))
+    SIZE = min(SIZE, parse_size(os.environ["FASTMIRROR_BENCH_SIZE"]))
 ROUNDS = int(os.environ.get("FASTMIRROR_BENCH_NBD_ROUNDS", "5"))
 DELAY = "2ms"
 
@@ -78,12 +80,14 @@ def _self_cpu() -> float:
 class Server:
     """The target: a server process on a unix socket in `folder`."""
 
-    def __init__(self, kind: str, folder: str, size: int, connections: int = 1):
+    def __init__(self, kind: str, folder: str, size: int, file: Optional[str] = None):
+        """`file`: what qemu-nbd serves (default FOLDER/target.img), emptied
+        before every run; the delay target has none."""
         self.kind = kind
         self.folder = folder
         self.size = size
         self.sock = os.path.join(folder, "%s.sock" % kind)
-        self.file = os.path.join(folder, "target.img") if kind == "qemu-nbd" else None
+        self.file = (file or os.path.join(folder, "target.img")) if kind == "qemu-nbd" else None
         self.proc: Optional[subprocess.Popen] = None
 
     @property
@@ -128,6 +132,8 @@ def run_fastmirror(src: str, server: Server, **options) -> dict:
             raise RuntimeError("no READY: %s" % job.status().error)
         job.complete()
         ev = job.wait(600)
+        if ev is None:
+            raise RuntimeError("not COMPLETED within 600 s of complete()")
         if ev.type != EventType.COMPLETED:
             raise RuntimeError("job ended %s: %s" % (ev.type.value, ev.error))
         calls = job.status().io_calls
@@ -140,13 +146,15 @@ def run_fastmirror(src: str, server: Server, **options) -> dict:
 def run_nbdcopy(src: str, server: Server, flush: bool = False) -> dict:
     t0 = time.perf_counter()
     argv = ["nbdcopy"] + (["--flush"] if flush else []) + [src, server.uri]
-    p = subprocess.Popen(argv, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE)
-    _, status, ru = os.wait4(p.pid, 0)
-    t1 = time.perf_counter()
-    p.returncode = os.waitstatus_to_exitcode(status)
-    if p.returncode != 0:
-        raise RuntimeError("nbdcopy failed: %s" % p.stderr.read().decode(errors="replace"))
+    with tempfile.TemporaryFile() as err:
+        p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, ru = os.wait4(p.pid, 0)
+        t1 = time.perf_counter()
+        p.returncode = os.waitstatus_to_exitcode(status)
+        if p.returncode != 0:
+            err.seek(0)
+            raise RuntimeError("nbdcopy failed (status %d): %s" % (
+                p.returncode, err.read().decode(errors="replace").strip()[-500:]))
     return {"s": t1 - t0, "cpu": ru.ru_utime + ru.ru_stime}
 
 
@@ -157,8 +165,10 @@ def run_qemu_mirror(src: str, server: Server) -> dict:
     argv = ["qemu-storage-daemon",
             "--chardev", "socket,id=qmp,path=%s,server=on,wait=off" % qmp_path,
             "--monitor", "chardev=qmp",
-            "--blockdev", "driver=file,node-name=src-file,filename=%s,cache.direct=on,"
-                          "aio=native,read-only=on" % src,
+            "--blockdev", "driver=%s,node-name=src-file,filename=%s,cache.direct=on,"
+                          "aio=native,read-only=on"
+                          % ("host_device" if stat.S_ISBLK(os.stat(src).st_mode) else "file",
+                             src),
             "--blockdev", "driver=raw,node-name=src,file=src-file",
             "--blockdev", "driver=nbd,node-name=dst,server.type=unix,server.path=%s"
                           % server.sock]
@@ -167,8 +177,9 @@ def run_qemu_mirror(src: str, server: Server) -> dict:
         deadline = time.monotonic() + 10
         while not os.path.exists(qmp_path):
             if proc.poll() is not None or time.monotonic() > deadline:
+                err = proc.stderr.read() if proc.stderr is not None else b""
                 raise RuntimeError("qemu-storage-daemon did not start: %s"
-                                   % proc.stderr.read().decode(errors="replace"))
+                                   % err.decode(errors="replace"))
             time.sleep(0.01)
         q = qemu.QMP(qmp_path)
         try:
@@ -192,6 +203,8 @@ def run_qemu_mirror(src: str, server: Server) -> dict:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
         shutil.rmtree(folder, ignore_errors=True)
     return {"s": t1 - t0, "cpu": c1 - c0}
 
@@ -203,18 +216,34 @@ def _same(src: str, server: Server) -> bool:
     else:
         path = os.path.join(server.folder, "back.img")
         subprocess.run(["nbdcopy", server.uri, path], check=True)
-    with open(src, "rb") as a, open(path, "rb") as b:
-        while True:
-            x, y = a.read(8 << 20), b.read(8 << 20)
-            if x != y:
-                return False
-            if not x:
-                return True
+    try:
+        with open(src, "rb") as a, open(path, "rb") as b:
+            left = server.size
+            while left > 0:
+                x, y = a.read(min(8 << 20, left)), b.read(min(8 << 20, left))
+                if x != y or not x:
+                    return False
+                left -= len(x)
+            return True
+    finally:
+        if server.file is None:
+            os.unlink(path)
 
 
-def scenario_tools(kind: str) -> dict[str, Callable]:
+TARGETS = ("qemu-nbd", "delay")
+TOOLS = ("fastmirror", "nbdcopy", "nbdcopy-flush", "qemu-mirror")
+# The programs each target and tool needs.
+BINARIES = {"qemu-nbd": "qemu-nbd", "delay": "nbdkit", "fastmirror": None,
+            "nbdcopy": "nbdcopy", "nbdcopy-flush": "nbdcopy",
+            "qemu-mirror": "qemu-storage-daemon"}
+
+
+def scenario_tools(kind: str, connections: Optional[int] = None) -> dict[str, Callable]:
+    """The tools run on target `kind`; `connections`: fastmirror's NBD
+    connections (None: MirrorJob's default)."""
+    options = {} if connections is None else {"connections": connections}
     tools: dict[str, Callable] = {
-        "fastmirror": run_fastmirror,
+        "fastmirror": lambda src, server: run_fastmirror(src, server, **options),
         "nbdcopy": run_nbdcopy,
     }
     if kind == "qemu-nbd":
@@ -234,30 +263,62 @@ def needs(kind: str) -> Optional[str]:
     return None
 
 
+def run_rounds(plan: dict[str, list[str]], src: str, folder: str, rounds: int, size: int, *,
+               seed: int = 7, target_file: Optional[str] = None,
+               connections: Optional[int] = None, keep_going: bool = False,
+               before_run: Optional[Callable[[], None]] = None,
+               log: Callable[[dict], None] = lambda r: None) -> list[dict]:
+    """Interleaved rounds: each round runs, on every target of `plan` (kind
+    -> tools) in turn, each of its tools once in an order shuffled with
+    `seed`, into a fresh target (restarted, emptied; untimed), then checks
+    that the target equals the source.  One record per run: target, round,
+    tool, ok, error, s, cpu (and the tool's own figures), verified.  A run
+    that fails raises, or with keep_going is recorded as not ok."""
+    rng = random.Random(seed)
+    servers = {kind: Server(kind, folder, size, target_file) for kind in plan}
+    runs: list[dict] = []
+    try:
+        for i in range(rounds):
+            for kind, names in plan.items():
+                tools = scenario_tools(kind, connections)
+                order = list(names)
+                rng.shuffle(order)
+                for name in order:
+                    rec: dict = {"target": kind, "round": i + 1, "tool": name, "ok": False,
+                                 "error": None, "verified": False}
+                    try:
+                        servers[kind].reset()
+                        (before_run or drop_caches)()
+                        rec["loadavg_1m"] = os.getloadavg()[0]
+                        rec.update(tools[name](src, servers[kind]))
+                        if not _same(src, servers[kind]):
+                            raise AssertionError("%s left the target different from the "
+                                                 "source" % name)
+                        rec["verified"] = rec["ok"] = True
+                    except Exception as e:
+                        if not keep_going:
+                            raise
+                        rec["error"] = str(e) or type(e).__name__
+                    finally:
+                        servers[kind].stop()
+                    runs.append(rec)
+                    log(rec)
+    finally:
+        for server in servers.values():
+            server.stop()
+    return runs
+
+
 def measure(kind: str, src: str, folder: str, rounds: int,
             log: Callable[[str], None] = lambda s: None) -> dict:
     """Interleaved rounds of every tool into a fresh target of `kind`."""
-    rng = random.Random(7)
-    tools = scenario_tools(kind)
-    server = Server(kind, folder, SIZE)
-    got: list[dict[str, dict]] = []
-    try:
-        for i in range(rounds):
-            order = list(tools)
-            rng.shuffle(order)
-            row = {}
-            for name in order:
-                server.reset()
-                fmbench.drop_caches()
-                r = tools[name](src, server)
-                if not _same(src, server):
-                    raise AssertionError("%s left the target different from the source" % name)
-                row[name] = r
-                log("%s round %d %-13s %.3f s  cpu %.3f s" % (kind, i + 1, name, r["s"],
-                                                           r["cpu"]))
-            got.append(row)
-    finally:
-        server.stop()
+    def line(r: dict) -> None:
+        log("%s round %d %-13s %.3f s  cpu %.3f s" % (kind, r["round"], r["tool"], r["s"],
+                                                   r["cpu"]))
+    runs = run_rounds({kind: list(scenario_tools(kind))}, src, folder, rounds, SIZE, log=line)
+    got: list[dict[str, dict]] = [{} for _ in range(rounds)]
+    for r in runs:
+        got[r["round"] - 1][r["tool"]] = {k: r[k] for k in ("s", "cpu", "calls") if k in r}
     return summarize(got, SIZE)
 
 
@@ -274,8 +335,9 @@ def summarize(rounds: list[dict[str, dict]], size: int) -> dict:
             continue
         out["tools"][name]["speedup"] = statistics.median(
             r[name]["s"] / r["fastmirror"]["s"] for r in rounds)
-        out["tools"][name]["cpu_ratio"] = statistics.median(
-            r["fastmirror"]["cpu"] / r[name]["cpu"] for r in rounds if r[name]["cpu"] > 0)
+        # A short run of a child can count 0 clock ticks: no ratio then.
+        cpu = [r["fastmirror"]["cpu"] / r[name]["cpu"] for r in rounds if r[name]["cpu"] > 0]
+        out["tools"][name]["cpu_ratio"] = statistics.median(cpu) if cpu else None
     out["calls"] = rounds[-1]["fastmirror"].get("calls")
     return out
 
@@ -289,8 +351,9 @@ def report(kind: str, res: dict) -> str:
     for name, t in res["tools"].items():
         line = "  %-13s %7.3f s  %6.2f CPU s/GiB" % (name, t["s"], t["cpu_per_gib"])
         if "speedup" in t:
-            line += ("   fastmirror %.2fx as fast, %.2fx its CPU (per-round medians)"
-                     % (t["speedup"], t["cpu_ratio"]))
+            line += ("   fastmirror %.2fx as fast, %s its CPU (per-round medians)"
+                     % (t["speedup"], "?" if t["cpu_ratio"] is None
+                        else "%.2fx" % t["cpu_ratio"]))
         lines.append(line)
     return "\n".join(lines)
 
