@@ -388,3 +388,37 @@ def test_an_idle_ready_job_leaves_its_state_file_alone_until_a_write(tmp_path):
     job.wait()
     job.source.close()
     job.close()
+
+
+def test_an_untracked_write_while_a_resumed_export_mirror_starts_copies_all(tmp_path, monkeypatch):
+    """A mirror of an export that resumes a "stopped" state file decides
+    from the disk's untracked writes whether to trust the file's bitmap; a
+    client's write that lands after that look but before the disk is
+    tracked went through untracked all the same, and must not be lost: the
+    job copies everything."""
+    size = 8 * MiB
+    src = make_image(tmp_path / "src", size)
+    dst, st = str(tmp_path / "dst"), str(tmp_path / "state")
+    with fastmirror.Export(src, socket=str(tmp_path / "s"), state=st) as e:
+        job = e.mirror(dst)
+        assert job.wait_ready(30)
+        job.cancel(force=True)
+        assert job.wait().type == EventType.CANCELLED
+    assert _state.load(st).phase == "stopped"
+    data = b"\xa5" * (64 * KiB)
+    with fastmirror.Export(src, socket=str(tmp_path / "s"), state=st) as e:
+        assert e.job is None and e.disk.untracked_writes == 0
+        new_run_id = _state.new_run_id
+
+        def write_then_new_run_id():
+            # Between the look at untracked_writes and track(): a client's write.
+            assert e.disk.pwrite(data, 2 * MiB) == len(data)
+            return new_run_id()
+
+        monkeypatch.setattr(_state, "new_run_id", write_then_new_run_id)
+        job = e.mirror(dst)
+        monkeypatch.setattr(_state, "new_run_id", new_run_id)
+        assert job.wait_ready(30)
+        job.complete()
+        assert job.wait().type == EventType.COMPLETED
+    assert same(src, dst)
