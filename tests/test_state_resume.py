@@ -422,3 +422,44 @@ def test_an_untracked_write_while_a_resumed_export_mirror_starts_copies_all(tmp_
         job.complete()
         assert job.wait().type == EventType.COMPLETED
     assert same(src, dst)
+
+
+def test_sync_none_resume_after_untracked_writes_still_copies_what_was_dirty(tmp_path):
+    """sync="none" copies what is written after the start.  A resume that
+    cannot trust its state file (a write went through untracked after the
+    cancel: ALL_DIRTY in the log) must copy more than the file says, never
+    less: here it copied nothing, not even the writes of the first run."""
+    size = 8 * MiB
+    src = make_image(tmp_path / "src", size)
+    dst, st = str(tmp_path / "dst"), str(tmp_path / "state")
+    with open(dst, "wb") as f:
+        f.truncate(size)
+    job = fastmirror.MirrorJob(src, dst, state=st, sync="none", speed=1 * KiB)
+    job.start()
+    # The first copy spends the speed limit's budget for a minute: the
+    # next write stays dirty.
+    assert job.source.pwrite(b"\x33" * (64 * KiB), 0) == 64 * KiB
+    time.sleep(0.5)
+    first = b"\x11" * (64 * KiB)
+    assert job.source.pwrite(first, 1 * MiB) == len(first)     # tracked, not copied yet
+    job.cancel(force=True)
+    assert job.wait().type == EventType.CANCELLED
+    assert _state.load(st).phase == "stopped"
+    later = b"\x22" * (64 * KiB)
+    assert job.source.pwrite(later, 5 * MiB) == len(later)     # untracked: ALL_DIRTY
+    job.source.close()
+    job.close()
+    rec = _state.read_activity_log(_state.al_path(st), _state.load(st).run_id)
+    assert rec is not None and rec.all_dirty
+    job = fastmirror.MirrorJob(src, dst, state=st, sync="none")
+    job.start()
+    assert job.wait_ready(30)
+    job.complete()
+    assert job.wait().type == EventType.COMPLETED
+    job.source.close()
+    job.close()
+    with open(dst, "rb") as f:
+        f.seek(1 * MiB)
+        assert f.read(len(first)) == first
+        f.seek(5 * MiB)
+        assert f.read(len(later)) == later

@@ -344,7 +344,10 @@ class MirrorJob:
             # Written untracked after _open_state looked, before track():
             # nothing says where, so everything is copied again, and the
             # state file says so before the job starts.
-            self._resume_bits = None
+            if self.sync == "full":
+                self._resume_bits = None
+            else:
+                self._resume_bits.set(0, self.size)     # as in _open_state
             assert self._floor is not None
             self._floor.set(0, self.size)
             self._persist_quietly()
@@ -1224,6 +1227,11 @@ class MirrorJob:
                 _state.set_extents(bits, rec.extents, 1 << rec.shift)
             # Written untracked since (after a cancel, or on an export before
             # this job): nothing says where, so everything is copied again.
+            if full and self.sync != "full":
+                # The initial marking of sync="none" marks nothing: dirty it
+                # all here, or even the chunks the state file has would go.
+                bits.set(0, self.size)
+                full = False
             self._resume_bits = None if full else bits
         # Until the coordinator has the first marking in the engine's bitmap,
         # every state file keeps all of it dirty.
