@@ -463,3 +463,30 @@ def test_sync_none_resume_after_untracked_writes_still_copies_what_was_dirty(tmp
         assert f.read(len(first)) == first
         f.seek(5 * MiB)
         assert f.read(len(later)) == later
+
+
+def test_writes_served_after_a_stop_by_an_earlier_export_make_the_resume_copy_all(tmp_path):
+    """serve --state with a "stopped" state serves the disk untracked until
+    a new mirror resumes the file.  Writes served that way by an export
+    that then went away (a restart, kill -9) must still make the resume
+    copy everything: the process that counted them is gone, so the disk
+    must say so before the first such write lands."""
+    size = 8 * MiB
+    src = make_image(tmp_path / "src", size)
+    dst, st = str(tmp_path / "dst"), str(tmp_path / "state")
+    with fastmirror.Export(src, socket=str(tmp_path / "s"), state=st) as e:
+        job = e.mirror(dst)
+        assert job.wait_ready(30)
+        job.cancel(force=True)
+        assert job.wait().type == EventType.CANCELLED
+    assert _state.load(st).phase == "stopped"
+    data = b"\x5a" * (64 * KiB)
+    with fastmirror.Export(src, socket=str(tmp_path / "s"), state=st) as e:
+        assert e.job is None
+        assert e.disk.pwrite(data, 3 * MiB) == len(data)
+    with fastmirror.Export(src, socket=str(tmp_path / "s"), state=st) as e:
+        job = e.mirror(dst)
+        assert job.wait_ready(30)
+        job.complete()
+        assert job.wait().type == EventType.COMPLETED
+    assert same(src, dst)
