@@ -295,3 +295,32 @@ def test_pipelined_writes_with_a_state_file_are_in_the_activity_log(tmp_path):
         for x, d in zip(extents, data):
             f.seek(x * 4 * MiB + 4 * KiB)
             assert f.read(4 * KiB) == d
+
+
+def test_a_write_on_the_ring_to_an_untracked_export_counts_as_untracked(tmp_path):
+    """An export whose last mirror was cancelled (state "stopped") serves
+    untracked until the next mirror, which resumes the state file: it must
+    copy everything if anything was written meanwhile, since nothing says
+    where.  A plain write takes the io_uring path: it must count as an
+    untracked write as the pool's path does, or the resumed job trusts the
+    old bitmap and leaves that write's chunk stale on the target."""
+    src = make_image(tmp_path / "src.img", 8 * MiB)
+    dst, st = str(tmp_path / "dst.img"), str(tmp_path / "state")
+    with fastmirror.Export(src, socket=str(tmp_path / "nbd.sock"), state=st) as e:
+        job = e.mirror(dst)
+        assert job.wait_ready(30)
+        job.cancel(force=True)
+        assert job.wait().type == EventType.CANCELLED
+    data = os.urandom(64 * KiB)
+    with fastmirror.Export(src, socket=str(tmp_path / "nbd.sock"), state=st) as e:
+        assert e.job is None            # "stopped": served untracked
+        with connect(e.socket_path) as s:
+            s.sendall(req(WRITE, 1, 2 * MiB, len(data), data))
+            assert replies(s, {1: 0})[1][0] == 0
+        assert e.disk.untracked_writes > 0
+        job = e.mirror(dst)
+        assert job.wait_ready(30)
+        job.complete()
+        assert job.wait().type == EventType.COMPLETED
+    with open(src, "rb") as a, open(dst, "rb") as b:
+        assert a.read() == b.read()

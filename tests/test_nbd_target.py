@@ -693,3 +693,30 @@ def test_requests_seen_by_the_server(tmp_path, servers, src, unmap):
     flushes = [i for i, line in enumerate(lines) if re.search(r" Flush id=\d+ ", line)]
     writes = [i for i, line in enumerate(lines) if re.search(r" Write id=\d+ ", line)]
     assert len(flushes) >= 2 and flushes[0] > writes[-1]
+
+
+def test_reconnect_refuses_a_server_that_no_longer_shares_its_flush(tmp_path, servers):
+    """Several connections rely on multi-conn: one FLUSH covers the writes of
+    them all.  A server that comes back without multi-conn (or that now
+    takes a FLUSH it did not before) would leave writes on the other
+    connections unflushed while the job records their chunks clean: the
+    reconnect is refused, as for an export that changed size."""
+    img = tmp_path / "t.img"
+    blank(img, SIZE)
+    k = nbdkit(servers, tmp_path, "file", str(img))
+    c = nbdtarget.connect(k.uri(), connections=4)
+    try:
+        assert c.multi_conn and c.connections == 4
+        k.stop()
+        k.argv[4:4] = ["--filter=multi-conn"]
+        k.argv.append("multi-conn-mode=disable")
+        k.start()
+        for i in range(c.connections):      # every connection sees the old server gone
+            with pytest.raises(OSError):
+                c.pwrite(b"\x01" * 4096, 4096 * i)
+        assert c.dead_connections == c.connections
+        with pytest.raises(OSError) as e:
+            c.reconnect()
+        assert e.value.errno == errno.ESTALE
+    finally:
+        c.close()

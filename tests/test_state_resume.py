@@ -388,3 +388,105 @@ def test_an_idle_ready_job_leaves_its_state_file_alone_until_a_write(tmp_path):
     job.wait()
     job.source.close()
     job.close()
+
+
+def test_an_untracked_write_while_a_resumed_export_mirror_starts_copies_all(tmp_path, monkeypatch):
+    """A mirror of an export that resumes a "stopped" state file decides
+    from the disk's untracked writes whether to trust the file's bitmap; a
+    client's write that lands after that look but before the disk is
+    tracked went through untracked all the same, and must not be lost: the
+    job copies everything."""
+    size = 8 * MiB
+    src = make_image(tmp_path / "src", size)
+    dst, st = str(tmp_path / "dst"), str(tmp_path / "state")
+    with fastmirror.Export(src, socket=str(tmp_path / "s"), state=st) as e:
+        job = e.mirror(dst)
+        assert job.wait_ready(30)
+        job.cancel(force=True)
+        assert job.wait().type == EventType.CANCELLED
+    assert _state.load(st).phase == "stopped"
+    data = b"\xa5" * (64 * KiB)
+    with fastmirror.Export(src, socket=str(tmp_path / "s"), state=st) as e:
+        assert e.job is None and e.disk.untracked_writes == 0
+        new_run_id = _state.new_run_id
+
+        def write_then_new_run_id():
+            # Between the look at untracked_writes and track(): a client's write.
+            assert e.disk.pwrite(data, 2 * MiB) == len(data)
+            return new_run_id()
+
+        monkeypatch.setattr(_state, "new_run_id", write_then_new_run_id)
+        job = e.mirror(dst)
+        monkeypatch.setattr(_state, "new_run_id", new_run_id)
+        assert job.wait_ready(30)
+        job.complete()
+        assert job.wait().type == EventType.COMPLETED
+    assert same(src, dst)
+
+
+def test_sync_none_resume_after_untracked_writes_still_copies_what_was_dirty(tmp_path):
+    """sync="none" copies what is written after the start.  A resume that
+    cannot trust its state file (a write went through untracked after the
+    cancel: ALL_DIRTY in the log) must copy more than the file says, never
+    less: here it copied nothing, not even the writes of the first run."""
+    size = 8 * MiB
+    src = make_image(tmp_path / "src", size)
+    dst, st = str(tmp_path / "dst"), str(tmp_path / "state")
+    with open(dst, "wb") as f:
+        f.truncate(size)
+    job = fastmirror.MirrorJob(src, dst, state=st, sync="none", speed=1 * KiB)
+    job.start()
+    # The first copy spends the speed limit's budget for a minute: the
+    # next write stays dirty.
+    assert job.source.pwrite(b"\x33" * (64 * KiB), 0) == 64 * KiB
+    time.sleep(0.5)
+    first = b"\x11" * (64 * KiB)
+    assert job.source.pwrite(first, 1 * MiB) == len(first)     # tracked, not copied yet
+    job.cancel(force=True)
+    assert job.wait().type == EventType.CANCELLED
+    assert _state.load(st).phase == "stopped"
+    later = b"\x22" * (64 * KiB)
+    assert job.source.pwrite(later, 5 * MiB) == len(later)     # untracked: ALL_DIRTY
+    job.source.close()
+    job.close()
+    rec = _state.read_activity_log(_state.al_path(st), _state.load(st).run_id)
+    assert rec is not None and rec.all_dirty
+    job = fastmirror.MirrorJob(src, dst, state=st, sync="none")
+    job.start()
+    assert job.wait_ready(30)
+    job.complete()
+    assert job.wait().type == EventType.COMPLETED
+    job.source.close()
+    job.close()
+    with open(dst, "rb") as f:
+        f.seek(1 * MiB)
+        assert f.read(len(first)) == first
+        f.seek(5 * MiB)
+        assert f.read(len(later)) == later
+
+
+def test_writes_served_after_a_stop_by_an_earlier_export_make_the_resume_copy_all(tmp_path):
+    """serve --state with a "stopped" state serves the disk untracked until
+    a new mirror resumes the file.  Writes served that way by an export
+    that then went away (a restart, kill -9) must still make the resume
+    copy everything: the process that counted them is gone, so the disk
+    must say so before the first such write lands."""
+    size = 8 * MiB
+    src = make_image(tmp_path / "src", size)
+    dst, st = str(tmp_path / "dst"), str(tmp_path / "state")
+    with fastmirror.Export(src, socket=str(tmp_path / "s"), state=st) as e:
+        job = e.mirror(dst)
+        assert job.wait_ready(30)
+        job.cancel(force=True)
+        assert job.wait().type == EventType.CANCELLED
+    assert _state.load(st).phase == "stopped"
+    data = b"\x5a" * (64 * KiB)
+    with fastmirror.Export(src, socket=str(tmp_path / "s"), state=st) as e:
+        assert e.job is None
+        assert e.disk.pwrite(data, 3 * MiB) == len(data)
+    with fastmirror.Export(src, socket=str(tmp_path / "s"), state=st) as e:
+        job = e.mirror(dst)
+        assert job.wait_ready(30)
+        job.complete()
+        assert job.wait().type == EventType.COMPLETED
+    assert same(src, dst)

@@ -483,6 +483,13 @@ static int fm_nbd_handshake(struct fm_nbd *n, int s, int first, char *err, size_
                    (unsigned long long)n->size,
                    n->flags & FM_TF_READ_ONLY ? " read-only" : "");
         return -ESTALE;
+    } else if ((flags ^ n->flags) & (FM_TF_CAN_MULTI_CONN | FM_TF_SEND_FLUSH)) {
+        /* fm_nbd_flush relies on both: one FLUSH for every connection, or
+         * none at all.  Otherwise a flush could miss acknowledged writes. */
+        fm_nbd_msg(err, errlen, "export '%s' changed: it %s multi-conn and %s FLUSH now",
+                   n->name, flags & FM_TF_CAN_MULTI_CONN ? "allows" : "does not allow",
+                   flags & FM_TF_SEND_FLUSH ? "takes" : "does not take");
+        return -ESTALE;
     }
     return 0;
 io:

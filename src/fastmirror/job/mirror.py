@@ -307,6 +307,7 @@ class MirrorJob:
         self._al = None             # the activity log, with a state file
         self._state_path = state_path
         self._resume_bits: Optional[HBitmap] = None   # a resumed job's first dirty chunks
+        self._untracked_seen = 0    # the disk's untracked writes when _open_state looked
         self._floor: Optional[HBitmap] = None     # dirty in every state file until marked
         self._persisted_at = 0.0
         self._persisted_news: tuple = ()
@@ -338,6 +339,18 @@ class MirrorJob:
             self._engine.close()
             self._close_endpoints(remove_created=True)
             raise
+        if (self._resume_bits is not None and _disk is not None
+                and _disk.untracked_writes != self._untracked_seen):
+            # Written untracked after _open_state looked, before track():
+            # nothing says where, so everything is copied again, and the
+            # state file says so before the job starts.
+            if self.sync == "full":
+                self._resume_bits = None
+            else:
+                self._resume_bits.set(0, self.size)     # as in _open_state
+            assert self._floor is not None
+            self._floor.set(0, self.size)
+            self._persist_quietly()
 
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
@@ -1205,7 +1218,8 @@ class MirrorJob:
                 bits.set(0, self.size)
             _state.set_extents(bits, existing.al_extents, existing.al_extent)
             rec = _state.read_activity_log(_state.al_path(path), existing.run_id)
-            full = disk is not None and disk.untracked_writes > 0
+            self._untracked_seen = disk.untracked_writes if disk is not None else 0
+            full = self._untracked_seen > 0
             seq = existing.al_seq
             if rec is not None:
                 seq = max(seq, rec.seq)
@@ -1213,6 +1227,11 @@ class MirrorJob:
                 _state.set_extents(bits, rec.extents, 1 << rec.shift)
             # Written untracked since (after a cancel, or on an export before
             # this job): nothing says where, so everything is copied again.
+            if full and self.sync != "full":
+                # The initial marking of sync="none" marks nothing: dirty it
+                # all here, or even the chunks the state file has would go.
+                bits.set(0, self.size)
+                full = False
             self._resume_bits = None if full else bits
         # Until the coordinator has the first marking in the engine's bitmap,
         # every state file keeps all of it dirty.

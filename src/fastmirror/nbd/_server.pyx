@@ -116,11 +116,15 @@ cdef extern from *:
     }
     static int fm_nbd_ring_nop(fm_ring *r, uint64_t u) { (void)r; (void)u; return -ENOSYS; }
     #endif
+    static inline void fm_nbd_count(int64_t *p) {
+        __atomic_fetch_add(p, 1, __ATOMIC_RELAXED);
+    }
     """
     int fm_nbd_ring_enter(fm_ring *r) nogil
     int fm_nbd_ring_wait(fm_ring *r) nogil
     int fm_nbd_ring_reap(fm_ring *r, uint64_t *user_data, int *res) nogil
     int fm_nbd_ring_nop(fm_ring *r, uint64_t user_data) nogil
+    void fm_nbd_count(int64_t *p) nogil
 
 cdef extern from "<pthread.h>" nogil:
     ctypedef unsigned long pthread_t
@@ -1065,6 +1069,10 @@ cdef bint ring_submit(conn_t *c, TrackedDisk disk, req_t *q) noexcept nogil:
         if 0 <= nxt < q.offset + q.length:
             disk.c_leave(&q.route)  # holes: OFFSET_HOLE chunks from the pool
             return False
+    if write and q.route.engine == NULL:
+        # As tracked.pyx counts it: a job that resumes a state file on this
+        # disk later must know that a write went through untracked.
+        fm_nbd_count(&disk.untracked)
     q.fd = q.route.dfd if q.route.dfd >= 0 and fm_dio_ok(q.buf, q.length, q.offset) \
         else q.route.fd
     if fm_ring_prep(&c.ring, FM_RING_WRITE if write else FM_RING_READ, q.fd, q.buf,

@@ -117,6 +117,7 @@ class Export:
                 raise ValueError("listen must be (host, port), not %r" % (listen,))
         self._path = os.fspath(path)
         self._state_path = os.fspath(state) if state is not None else None
+        self._stopped = None        # a "stopped" state: served untracked until a mirror
         resume = self._resume_plan()
         self.socket_path = os.fspath(socket) if socket is not None else None
         self.address: Optional[tuple[str, int]] = None
@@ -159,6 +160,8 @@ class Export:
                 self._closed = False
                 self.mirror(resume.target.get("path") or resume.target["uri"],
                             **resume.options)
+            elif self._stopped is not None and not read_only:
+                self._log_untracked(self._stopped)
             if self.socket_path is not None:
                 self._listeners.append(listen_private(self.socket_path, 16))
             if listen is not None:
@@ -224,8 +227,45 @@ class Export:
             raise _state.StateError(self._state_path, "it is the state of a mirror of %s, "
                                     "not of %s" % (_state._describe(st.source), self._path))
         if st.phase == "stopped":
+            self._stopped = st
             return None         # cancelled or failed: a new drive-mirror resumes it
         return st
+
+    def _log_untracked(self, st) -> None:
+        """A "stopped" state, served untracked until a mirror resumes it:
+        as after the cancel, a poisoned activity log on the disk records
+        ALL_DIRTY before the first write lands, so that a mirror resumed
+        after this process is gone still copies everything.  The state file
+        is first written again under a new run id, with the extents of the
+        old run's log folded into its bitmap (the new log replaces them)."""
+        from fastmirror._core.actlog import RECORD_SIZE, ActivityLog
+        from fastmirror._core.hbitmap import HBitmap
+        from fastmirror.job import state as _state
+        assert self._state_path is not None and self._disk is not None
+        alp = _state.al_path(self._state_path)
+        rec = _state.read_activity_log(alp, st.run_id)
+        bits = st.bitmap
+        if bits is None or (rec is not None and rec.all_dirty):
+            bits = HBitmap(st.size, st.granularity)
+            bits.set(0, st.size)
+        else:
+            _state.set_extents(bits, st.al_extents, st.al_extent)
+            if rec is not None:
+                _state.set_extents(bits, rec.extents, 1 << rec.shift)
+        seq = max(st.al_seq, rec.seq if rec is not None else 0)
+        st.bitmap, st.al_extents, st.al_seq = bits, [], seq
+        st.run_id = _state.new_run_id()
+        _state.save(self._state_path, st)
+        fd = os.open(alp, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.ftruncate(fd, 2 * RECORD_SIZE)
+            al = ActivityLog(fd, self.size, _state.AL_EXTENT, _state.AL_SLOTS,
+                             bytes.fromhex(st.run_id), seq)
+        finally:
+            os.close(fd)
+        _state.sync_folder(alp)
+        al.poison()
+        self._disk.set_activity_log(al)
 
     @property
     def job(self):
