@@ -819,3 +819,28 @@ def test_nbd_target_summary_ratios_and_goals():
     assert qm["speedup"] == pytest.approx(0.9) and not qm["goal_met"]
     text = nbdtarget.format_report({"qemu-nbd": s}, 3)
     assert "NOT met" in text and ": met" in text and "nbdcopy: 1 failed (boom)" in text
+
+
+def test_nbd_bench_drops_the_source_pages_only(tmp_path):
+    """Before each NBD-target run the source's pages leave the page cache
+    (each tool reads it from the disk) while other files' pages stay."""
+    from fastmirror.bench import nbd
+    from helpers.require import require
+    fincore = require("fincore")
+
+    def cached(path) -> int:
+        out = subprocess.run([fincore, "--bytes", "--noheadings", "--output", "RES",
+                              str(path)], capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        return int(out.stdout.strip())
+
+    src, other = tmp_path / "src.img", tmp_path / "other.img"
+    for p in (src, other):
+        images.make_image(p, 8 * MiB, seed=3)
+        with open(p, "rb") as f:
+            while f.read(1 << 20):
+                pass
+    assert cached(src) > 4 * MiB and cached(other) > 4 * MiB
+    nbd.drop_source(str(src))
+    assert cached(src) == 0
+    assert cached(other) > 4 * MiB

@@ -6,8 +6,9 @@ tool and target is): the qemu-nbd target serves DST (a file, emptied before
 every run), the delay target is nbdkit's memory plugin behind the delay
 filter (2 ms per WRITE and WRITE_ZEROES; no file).  Every round runs, on
 each target in turn, every tool once in an order shuffled with --seed; the
-server is restarted empty before each run (untimed), the page cache dropped
-when root, and after each run the target is compared with the source
+server is restarted empty before each run (untimed), the source's pages
+dropped from the page cache (nbd.drop_source: not the whole cache), and
+after each run the target is compared with the source
 (untimed; the delay target read back with nbdcopy).
 
 The report gives, per target and tool, the median time, throughput and CPU
@@ -33,7 +34,6 @@ import time
 from typing import Optional, Sequence
 
 from fastmirror.bench import nbd
-from fastmirror.bench.disk import drop_caches
 from fastmirror.units import human
 
 __all__ = ["TARGETS", "TOOLS", "plan", "summarize_runs", "format_report", "run_nbd_target"]
@@ -219,16 +219,15 @@ def run_nbd_target(args, src: str, dst: str, size: int, runs_plan: dict[str, lis
                    skipped: dict[str, str], notes: list[str]) -> tuple[dict, str]:
     """The rounds; returns (the JSON document, the text report).  The header
     and a line per run go to stdout as they happen."""
-    dropping = args.drop_caches and os.geteuid() == 0 and os.access(
-        "/proc/sys/vm/drop_caches", os.W_OK)
+    dropping = args.drop_caches
     conns = args.connections
     header = [
         "fastmirror bench --nbd-target: %s (%s, %d bytes) into NBD targets, %d round%s, "
         "order shuffled each round (seed %d)" % (src, human(size), size, args.rounds,
                                                  "s" if args.rounds != 1 else "", args.seed),
-        "page cache: %s" % ("dropped before every run" if dropping else
-                            "not dropped (%s), sync before every run"
-                            % ("--no-drop-caches" if not args.drop_caches else "not root")),
+        "page cache: %s" % ("sync, then the source's pages dropped (posix_fadvise) before "
+                            "every run" if dropping else
+                            "not dropped (--no-drop-caches), sync before every run"),
         "machine: %d CPUs, load average %.2f %.2f %.2f" % ((os.cpu_count() or 0,)
                                                           + os.getloadavg()),
     ]
@@ -247,7 +246,7 @@ def run_nbd_target(args, src: str, dst: str, size: int, runs_plan: dict[str, lis
 
     def before_run() -> None:
         if dropping:
-            drop_caches()
+            nbd.drop_source(src)
         else:
             os.sync()
         if args.settle:
