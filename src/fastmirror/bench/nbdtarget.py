@@ -54,13 +54,14 @@ DESCRIBE = {
              % (nbd.DELAY, nbd.DELAY),
 }
 COMMANDS = {
-    "fastmirror": "MirrorJob(SRC, URI%s): start, READY, complete, COMPLETED (flushed); "
-                  "CPU: this process",
+    "fastmirror": "MirrorJob(SRC, URI%s) built untimed (opens, connects), then timed: "
+                  "start, READY, complete, COMPLETED (flushed); CPU: this process",
     "nbdcopy": "nbdcopy SRC URI (its defaults; flushes nothing)",
     "nbdcopy-flush": "nbdcopy --flush SRC URI",
     "qemu-mirror": "qemu-storage-daemon: SRC as a file node (cache.direct=on, aio=native), "
                    "the target as an nbd node; QMP blockdev-mirror sync=full (QEMU's "
-                   "defaults), block-job-complete at READY; CPU: the daemon's",
+                   "defaults), block-job-complete at READY (the nodes opened and connected "
+                   "before the clock); CPU: the daemon's",
 }
 
 

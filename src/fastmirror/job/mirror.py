@@ -77,6 +77,11 @@ MAX_SPEED = 1 << 50         # 1 PB/s: anything above is a typo
 TICK = 0.1                  # seconds between coordinator wake-ups
 RETRY_BACKOFF = (0.01, 1.0)  # "ignore": first and longest wait before retrying
 NBD_ZERO_THREADS = 8        # an NBD target's holes: WRITE_ZEROES in flight at once
+# A copy into an NBD target is at most 1 MiB unless io_size says otherwise,
+# as QEMU's mirror (its MAX_IO_BYTES): with 2 MiB writes into qemu-nbd about
+# half the runs took twice as long (0.42 s against 0.21 s for 256 MiB, half
+# holes); 1 MiB took 0.17 to 0.25 s, as QEMU's 0.19 to 0.25 s.
+NBD_IO = 1 << 20
 
 
 def copy_shape(buf_size: int, granularity: int,
@@ -292,6 +297,8 @@ class MirrorJob:
 
         if io_size is not None:
             io_size = _positive_int("io_size", io_size, 1, MAX_BUF_SIZE)
+        elif self._nbd:
+            io_size = NBD_IO
         max_io, nworkers = copy_shape(self.buf_size, granularity, io_size)
         try:
             self._bitmap = HBitmap(self.size, granularity)
