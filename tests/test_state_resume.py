@@ -490,3 +490,53 @@ def test_writes_served_after_a_stop_by_an_earlier_export_make_the_resume_copy_al
         job.complete()
         assert job.wait().type == EventType.COMPLETED
     assert same(src, dst)
+
+
+def test_a_large_write_waiting_at_the_gate_while_a_log_is_attached_goes_in_pieces(tmp_path):
+    """A write that chose its pieces before an activity log was attached
+    (it waited at the closed gate meanwhile) is split again once it passes:
+    over more extents than the log holds in one piece it would wait for
+    room forever."""
+    import threading
+    from fastmirror._core.tracked import TrackedDisk
+    size = 64 * MiB
+    path = str(tmp_path / "disk")
+    with open(path, "wb") as f:
+        f.truncate(size)
+    disk = TrackedDisk(size, None)
+    disk.attach(os.open(path, os.O_RDWR), False)
+    alpath = str(tmp_path / "al")
+    fd = os.open(alpath, os.O_RDWR | os.O_CREAT, 0o600)
+    run = _state.new_run_id()
+    al = ActivityLog(fd, size, 4 * MiB, 8, bytes.fromhex(run), 0)
+    os.close(fd)
+    stop = threading.Event()
+
+    def state_writer():
+        while not stop.is_set():
+            if al.wait_request(0.05):
+                mark, _ = al.capture()
+                al.covered(mark)
+
+    data = os.urandom(40 * MiB)     # ten extents: more than the log's 8 slots
+    result = []
+    disk.close_gate()
+    writer = threading.Thread(target=lambda: result.append(disk.pwrite(data, 2 * MiB)),
+                              daemon=True)
+    sw = threading.Thread(target=state_writer)
+    sw.start()
+    try:
+        writer.start()
+        time.sleep(0.2)     # it read the (absent) log's window, and waits at the gate
+        assert writer.is_alive() and not result
+        disk.set_activity_log(al)       # opens the gate
+        writer.join(20)
+        assert not writer.is_alive(), "the write waits for room in the log forever"
+        assert result == [len(data)]
+    finally:
+        stop.set()
+        sw.join(10)
+    with open(path, "rb") as f:
+        f.seek(2 * MiB)
+        assert f.read(len(data)) == data
+    disk.close()

@@ -38,6 +38,7 @@ cdef enum:
 cdef enum:
     ZERO_BUF = 1 << 20  # zeros written per call where no zeroing call exists
     AL_SPAN = 8         # with an activity log: extents per piece of a large request
+    RESPLIT = -1000000  # _request_one: a log came since the split, split again
 
 cdef extern from *:
     """
@@ -254,7 +255,10 @@ cdef class TrackedDisk:
         if offset < 0 or length < 0 or offset > self.size - length:
             return -EINVAL
         if window <= 0 or length <= window:
-            return self._request_one(op, iov, iovcnt, offset, length)
+            n = self._request_one(op, iov, iovcnt, offset, length)
+            if n == RESPLIT:
+                return self._request(op, iov, iovcnt, offset, length)
+            return n
         sub = NULL
         if op == OP_WRITE:
             sub = <iovec *>malloc(<size_t>iovcnt * sizeof(iovec))
@@ -269,6 +273,8 @@ cdef class TrackedDisk:
             if op == OP_WRITE:
                 subcnt = _iov_slice(iov, iovcnt, done, piece, sub)
             n = self._request_one(op, sub, subcnt, offset + done, piece)
+            if n == RESPLIT:
+                n = self._request(op, sub, subcnt, offset + done, piece)
             if n < 0:
                 free(sub)
                 return n
@@ -288,6 +294,13 @@ cdef class TrackedDisk:
         n = self.c_enter(&route)
         if n < 0:
             return n
+        if route.al != NULL and length > self.al_window:
+            # A log came while this request waited at the gate, after
+            # _request had read no window: in one piece over more extents
+            # than the log has slots it would wait for room forever.
+            # (al_window is set with al, under mu, gate closed.)
+            self.c_leave(&route)
+            return RESPLIT
         if route.al != NULL:
             # The extent is on disk as active before the write can land
             # (docs/design.md, the crash model); usually it is already.
