@@ -319,6 +319,15 @@ def test_after_a_pivot_the_export_mirrors_onward_with_the_same_state(tmp_path):
     assert same(src, dst2)
 
 
+def _answer_log(al, stop):
+    """A state writer for a bare ActivityLog: answers its requests for
+    room (a state file holding the bitmap would be on disk) until `stop`."""
+    while not stop.is_set():
+        if al.wait_request(0.05):
+            mark, _ = al.capture()
+            al.covered(mark)
+
+
 def test_activity_log_many_writers_two_slots_never_deadlock(tmp_path):
     """16 threads over 8 extents with 2 slots, requests over 1 or 2 extents,
     and a state writer answering requests: every thread ends (a deadlock
@@ -331,12 +340,6 @@ def test_activity_log_many_writers_two_slots_never_deadlock(tmp_path):
     os.close(fd)
     stop = threading.Event()
     bad = []
-
-    def state_writer():
-        while not stop.is_set():
-            if al.wait_request(0.05):
-                mark, _ = al.capture()
-                al.covered(mark)
 
     def writer(i):
         import random
@@ -353,7 +356,7 @@ def test_activity_log_many_writers_two_slots_never_deadlock(tmp_path):
                     bad.append((e, on_disk))
             al.end(off, length)
 
-    sw = threading.Thread(target=state_writer)
+    sw = threading.Thread(target=_answer_log, args=(al, stop))
     sw.start()
     threads = [threading.Thread(target=writer, args=(i,)) for i in range(16)]
     for t in threads:
@@ -512,18 +515,12 @@ def test_a_large_write_waiting_at_the_gate_while_a_log_is_attached_goes_in_piece
     os.close(fd)
     stop = threading.Event()
 
-    def state_writer():
-        while not stop.is_set():
-            if al.wait_request(0.05):
-                mark, _ = al.capture()
-                al.covered(mark)
-
     data = os.urandom(40 * MiB)     # ten extents: more than the log's 8 slots
     result = []
     disk.close_gate()
     writer = threading.Thread(target=lambda: result.append(disk.pwrite(data, 2 * MiB)),
                               daemon=True)
-    sw = threading.Thread(target=state_writer)
+    sw = threading.Thread(target=_answer_log, args=(al, stop))
     sw.start()
     try:
         writer.start()
