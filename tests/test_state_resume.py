@@ -393,13 +393,9 @@ def test_an_idle_ready_job_leaves_its_state_file_alone_until_a_write(tmp_path):
     job.close()
 
 
-def test_an_untracked_write_while_a_resumed_export_mirror_starts_copies_all(tmp_path, monkeypatch):
-    """A mirror of an export that resumes a "stopped" state file decides
-    from the disk's untracked writes whether to trust the file's bitmap; a
-    client's write that lands after that look but before the disk is
-    tracked went through untracked all the same, and must not be lost: the
-    job copies everything."""
-    size = 8 * MiB
+def _stopped_export_state(tmp_path, size):
+    """An export's mirror cancelled at READY: (source, target, state file),
+    the file in phase "stopped"."""
     src = make_image(tmp_path / "src", size)
     dst, st = str(tmp_path / "dst"), str(tmp_path / "state")
     with fastmirror.Export(src, socket=str(tmp_path / "s"), state=st) as e:
@@ -408,6 +404,17 @@ def test_an_untracked_write_while_a_resumed_export_mirror_starts_copies_all(tmp_
         job.cancel(force=True)
         assert job.wait().type == EventType.CANCELLED
     assert _state.load(st).phase == "stopped"
+    return src, dst, st
+
+
+def test_an_untracked_write_while_a_resumed_export_mirror_starts_copies_all(tmp_path, monkeypatch):
+    """A mirror of an export that resumes a "stopped" state file decides
+    from the disk's untracked writes whether to trust the file's bitmap; a
+    client's write that lands after that look but before the disk is
+    tracked went through untracked all the same, and must not be lost: the
+    job copies everything."""
+    size = 8 * MiB
+    src, dst, st = _stopped_export_state(tmp_path, size)
     data = b"\xa5" * (64 * KiB)
     with fastmirror.Export(src, socket=str(tmp_path / "s"), state=st) as e:
         assert e.job is None and e.disk.untracked_writes == 0
@@ -475,14 +482,7 @@ def test_writes_served_after_a_stop_by_an_earlier_export_make_the_resume_copy_al
     copy everything: the process that counted them is gone, so the disk
     must say so before the first such write lands."""
     size = 8 * MiB
-    src = make_image(tmp_path / "src", size)
-    dst, st = str(tmp_path / "dst"), str(tmp_path / "state")
-    with fastmirror.Export(src, socket=str(tmp_path / "s"), state=st) as e:
-        job = e.mirror(dst)
-        assert job.wait_ready(30)
-        job.cancel(force=True)
-        assert job.wait().type == EventType.CANCELLED
-    assert _state.load(st).phase == "stopped"
+    src, dst, st = _stopped_export_state(tmp_path, size)
     data = b"\x5a" * (64 * KiB)
     with fastmirror.Export(src, socket=str(tmp_path / "s"), state=st) as e:
         assert e.job is None
