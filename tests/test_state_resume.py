@@ -537,3 +537,36 @@ def test_a_large_write_waiting_at_the_gate_while_a_log_is_attached_goes_in_piece
         f.seek(2 * MiB)
         assert f.read(len(data)) == data
     disk.close()
+
+
+def test_an_undone_pivot_whose_state_cannot_be_rewritten_leaves_no_pivoted_file(tmp_path):
+    """complete(), the state file says "pivoted", then a cancel comes before
+    the pivot and the file cannot be written again (ENOSPC: neither "ready"
+    nor, after the failure, "stopped"): the job fails, and no file may say
+    "pivoted" once writers reach the source again (a restarted serve
+    --state would serve the stale target)."""
+    import errno
+    src = make_image(tmp_path / "src", 4 * MiB)
+    dst, st = str(tmp_path / "dst"), str(tmp_path / "state")
+    job = fastmirror.MirrorJob(src, dst, state=st)
+    job.start()
+    assert job.wait_ready(30)
+    real = job._persist
+    seen = []
+
+    def persist(phase=None, news=None):
+        seen.append(phase)
+        if "pivoted" in seen[:-1]:
+            raise OSError(errno.ENOSPC, "No space left on device", st)
+        real(phase, news)
+        if phase == "pivoted":
+            job.cancel()            # comes while the gate is still closed
+
+    job._persist = persist
+    job.complete()
+    final = job.wait(30)
+    job.source.close()
+    job.close()
+    assert "pivoted" in seen and final.type == EventType.FAILED
+    assert final.error.errno == errno.ENOSPC
+    assert not os.path.exists(st) or _state.load(st).phase != "pivoted"

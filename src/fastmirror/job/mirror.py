@@ -1068,6 +1068,9 @@ class MirrorJob:
                         try:        # the gate is still closed: no write went anywhere
                             self._persist("ready")
                         except OSError as e:
+                            # Writers reach the source again when the gate
+                            # opens: no file may say "pivoted" then.
+                            self._unsay_pivoted()
                             return EventType.FAILED, as_job_error(e)
                     continue
                 if self._ending == "complete" and not self._nbd:
@@ -1289,6 +1292,24 @@ class MirrorJob:
                 al.covered(mark)
             self._persisted_at = time.monotonic()
             self._persisted_news = news
+
+    def _unsay_pivoted(self) -> None:
+        """A state file that says "pivoted" for a pivot that did not happen
+        goes (unlinking works where writing failed, e.g. ENOSPC): without it
+        a restarted serve --state serves the source, and a new mirror starts
+        over; a later "stopped" file of this run (the job's end) is right
+        too."""
+        with self._persist_lock:
+            try:
+                os.unlink(self._state_path)
+                _state.sync_folder(self._state_path)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                _log.error("state file %s says the job pivoted, but it did not, and it cannot "
+                           "be removed: %s; remove it before serving %s with it",
+                           self._state_path, e, self._src.path)
+            self._phase = "stopped"
 
     def _persist_news(self) -> tuple:
         """What changes whenever a new state file could say something new.
