@@ -144,7 +144,7 @@ struct fm_nbd {
     struct fm_nbd_conn conns[FM_NBD_MAX_CONNS];
 };
 
-static void fm_nbd_msg(char *err, size_t errlen, const char *fmt, ...)
+static inline void fm_nbd_msg(char *err, size_t errlen, const char *fmt, ...)
 {
     va_list ap;
     if (err == NULL || errlen == 0)
@@ -156,7 +156,7 @@ static void fm_nbd_msg(char *err, size_t errlen, const char *fmt, ...)
 
 /* The protocol's error numbers are Linux's own for the names it has; the
  * mapping is spelled out so that the meaning does not depend on the host. */
-static int fm_nbd_errno(uint32_t e)
+static inline int fm_nbd_errno(uint32_t e)
 {
     switch (e) {
     case 1: return EPERM;
@@ -171,7 +171,7 @@ static int fm_nbd_errno(uint32_t e)
     }
 }
 
-static int fm_nbd_send_all(int sock, struct iovec *iov, int n)
+static inline int fm_nbd_send_all(int sock, struct iovec *iov, int n)
 {
     struct msghdr m;
     ssize_t r;
@@ -198,14 +198,14 @@ static int fm_nbd_send_all(int sock, struct iovec *iov, int n)
     return 0;
 }
 
-static int fm_nbd_send(int sock, const void *p, size_t len)
+static inline int fm_nbd_send(int sock, const void *p, size_t len)
 {
     struct iovec v = { (void *)p, len };
     return fm_nbd_send_all(sock, &v, 1);
 }
 
 /* 0, or -errno; the server closing the stream is -ESHUTDOWN. */
-static int fm_nbd_recv(int sock, void *p, size_t len)
+static inline int fm_nbd_recv(int sock, void *p, size_t len)
 {
     ssize_t r;
     char *b = (char *)p;
@@ -224,7 +224,7 @@ static int fm_nbd_recv(int sock, void *p, size_t len)
     return 0;
 }
 
-static int fm_nbd_skip(int sock, uint64_t len)
+static inline int fm_nbd_skip(int sock, uint64_t len)
 {
     char scratch[4096];
     int r;
@@ -238,7 +238,7 @@ static int fm_nbd_skip(int sock, uint64_t len)
     return 0;
 }
 
-static void fm_nbd_timeouts(int sock, int ms)
+static inline void fm_nbd_timeouts(int sock, int ms)
 {
     struct timeval tv;
     tv.tv_sec = ms / 1000;
@@ -253,7 +253,7 @@ static void fm_nbd_timeouts(int sock, int ms)
  * unacknowledged data fails after FM_NBD_TCP_USER_TIMEOUT ms, an idle
  * connection is probed from 30 s on. */
 #define FM_NBD_TCP_USER_TIMEOUT 60000
-static void fm_nbd_keepalive(int s)
+static inline void fm_nbd_keepalive(int s)
 {
     int one = 1, idle = 30, intvl = 10, cnt = 3;
     unsigned int user = FM_NBD_TCP_USER_TIMEOUT;
@@ -265,7 +265,7 @@ static void fm_nbd_keepalive(int s)
 }
 
 /* A connected socket, or -errno with a message. */
-static int fm_nbd_dial(struct fm_nbd *n, char *err, size_t errlen)
+static inline int fm_nbd_dial(struct fm_nbd *n, char *err, size_t errlen)
 {
     int s, r, one = 1, e = ECONNREFUSED;
     if (n->is_unix) {
@@ -320,7 +320,7 @@ static int fm_nbd_dial(struct fm_nbd *n, char *err, size_t errlen)
 }
 
 /* Send one option with its data; read replies with fm_nbd_opt_reply. */
-static int fm_nbd_opt(int s, uint32_t opt, const void *data, uint32_t len)
+static inline int fm_nbd_opt(int s, uint32_t opt, const void *data, uint32_t len)
 {
     struct { uint64_t magic; uint32_t opt; uint32_t len; } __attribute__((packed)) h;
     struct iovec v[2];
@@ -336,7 +336,7 @@ static int fm_nbd_opt(int s, uint32_t opt, const void *data, uint32_t len)
 
 /* One option reply: its type, and up to cap bytes of its data in buf
  * (*len: the data's whole length; the rest is skipped). */
-static int fm_nbd_opt_reply(int s, uint32_t opt, uint32_t *type, void *buf, uint32_t cap,
+static inline int fm_nbd_opt_reply(int s, uint32_t opt, uint32_t *type, void *buf, uint32_t cap,
                             uint32_t *len)
 {
     struct { uint64_t magic; uint32_t opt; uint32_t type; uint32_t len; }
@@ -361,7 +361,7 @@ static int fm_nbd_opt_reply(int s, uint32_t opt, uint32_t *type, void *buf, uint
 /* The fixed newstyle handshake on a connected socket, up to transmission:
  * fills size, flags, block sizes and structured (of `n` when first is set,
  * else checks that they match).  0 or -errno with a message. */
-static int fm_nbd_handshake(struct fm_nbd *n, int s, int first, char *err, size_t errlen)
+static inline int fm_nbd_handshake(struct fm_nbd *n, int s, int first, char *err, size_t errlen)
 {
     struct { uint64_t magic; uint64_t opt; uint16_t flags; } __attribute__((packed)) g;
     uint32_t cflags, type, len, namelen = (uint32_t)strlen(n->name);
@@ -504,7 +504,7 @@ io:
 }
 
 /* Under c->mu: the request leaves the table with result r; its owner wakes. */
-static void fm_nbd_complete(struct fm_nbd_conn *c, struct fm_nbd_req *q, int r)
+static inline void fm_nbd_complete(struct fm_nbd_conn *c, struct fm_nbd_req *q, int r)
 {
     c->table[q->cookie % FM_NBD_SLOTS] = NULL;
     c->nused--;
@@ -518,7 +518,7 @@ static void fm_nbd_complete(struct fm_nbd_conn *c, struct fm_nbd_req *q, int r)
 /* The connection failed: fail every request on it (except the one the
  * reader is filling: the reader ends it) and make its socket useless, so
  * that the reader returns.  Idempotent. */
-static void fm_nbd_kill(struct fm_nbd_conn *c, int err)
+static inline void fm_nbd_kill(struct fm_nbd_conn *c, int err)
 {
     int i;
     pthread_mutex_lock(&c->mu);
@@ -536,13 +536,13 @@ static void fm_nbd_kill(struct fm_nbd_conn *c, int err)
 }
 
 /* Under c->mu: the request a reply names, or NULL. */
-static struct fm_nbd_req *fm_nbd_lookup(struct fm_nbd_conn *c, uint64_t cookie)
+static inline struct fm_nbd_req *fm_nbd_lookup(struct fm_nbd_conn *c, uint64_t cookie)
 {
     struct fm_nbd_req *q = c->table[cookie % FM_NBD_SLOTS];
     return q != NULL && q->cookie == cookie ? q : NULL;
 }
 
-static void *fm_nbd_reader(void *arg)
+static inline void *fm_nbd_reader(void *arg)
 {
     struct fm_nbd_conn *c = (struct fm_nbd_conn *)arg;
     struct fm_nbd_req *q;
@@ -656,7 +656,7 @@ static void *fm_nbd_reader(void *arg)
 
 /* Register q, send its request; the reply ends it (fm_nbd_wait).  0, or
  * -errno when the connection is dead (q is then not registered). */
-static int fm_nbd_submit(struct fm_nbd_conn *c, struct fm_nbd_req *q, uint16_t type,
+static inline int fm_nbd_submit(struct fm_nbd_conn *c, struct fm_nbd_req *q, uint16_t type,
                          uint16_t flags, const void *payload)
 {
     struct { uint32_t magic; uint16_t flags; uint16_t type; uint64_t cookie;
@@ -700,7 +700,7 @@ static int fm_nbd_submit(struct fm_nbd_conn *c, struct fm_nbd_req *q, uint16_t t
     return 0;
 }
 
-static int fm_nbd_wait(struct fm_nbd_conn *c, struct fm_nbd_req *q)
+static inline int fm_nbd_wait(struct fm_nbd_conn *c, struct fm_nbd_req *q)
 {
     pthread_mutex_lock(&c->mu);
     while (!q->done)
@@ -709,7 +709,7 @@ static int fm_nbd_wait(struct fm_nbd_conn *c, struct fm_nbd_req *q)
     return q->err;
 }
 
-static struct fm_nbd_conn *fm_nbd_pick(struct fm_nbd *n)
+static inline struct fm_nbd_conn *fm_nbd_pick(struct fm_nbd *n)
 {
     unsigned k = __atomic_fetch_add(&n->next, 1, __ATOMIC_RELAXED);
     return &n->conns[k % (unsigned)n->nconns];
@@ -717,7 +717,7 @@ static struct fm_nbd_conn *fm_nbd_pick(struct fm_nbd *n)
 
 /* [off, off+len) as requests of at most `piece` bytes, FM_NBD_BATCH of
  * them in flight, on one connection; the first error wins. */
-static int fm_nbd_cmd(struct fm_nbd_conn *c, uint16_t type, uint16_t flags, char *buf,
+static inline int fm_nbd_cmd(struct fm_nbd_conn *c, uint16_t type, uint16_t flags, char *buf,
                       uint64_t off, uint64_t len, uint64_t piece)
 {
     struct fm_nbd_req reqs[FM_NBD_BATCH];
@@ -755,7 +755,7 @@ static int fm_nbd_cmd(struct fm_nbd_conn *c, uint16_t type, uint16_t flags, char
 
 /* The largest READ/WRITE payload: the server's maximum, a multiple of the
  * preferred block where it can be (else of the minimum). */
-static uint64_t fm_nbd_piece(struct fm_nbd *n)
+static inline uint64_t fm_nbd_piece(struct fm_nbd *n)
 {
     uint64_t p = n->max_payload;
     if (p >= n->pref_block)
@@ -763,14 +763,14 @@ static uint64_t fm_nbd_piece(struct fm_nbd *n)
     return p - p % n->min_block;
 }
 
-static int fm_nbd_check(struct fm_nbd *n, uint64_t off, uint64_t len)
+static inline int fm_nbd_check(struct fm_nbd *n, uint64_t off, uint64_t len)
 {
     if (off > n->size || len > n->size - off)
         return -EINVAL;
     return 0;
 }
 
-static int fm_nbd_read(struct fm_nbd *n, char *buf, uint64_t off, uint64_t len)
+static inline int fm_nbd_read(struct fm_nbd *n, char *buf, uint64_t off, uint64_t len)
 {
     int r = fm_nbd_check(n, off, len);
     if (r < 0)
@@ -786,7 +786,7 @@ static int fm_nbd_read(struct fm_nbd *n, char *buf, uint64_t off, uint64_t len)
  * of a source whose size is not a multiple of the export's minimum block)
  * is read, patched and written as one whole block, which must lie inside
  * the export. */
-static int fm_nbd_write(struct fm_nbd *n, const char *buf, uint64_t off, uint64_t len)
+static inline int fm_nbd_write(struct fm_nbd *n, const char *buf, uint64_t off, uint64_t len)
 {
     uint64_t bs = n->min_block, alen = len & ~(bs - 1);
     char *blk;
@@ -826,7 +826,7 @@ static int fm_nbd_write(struct fm_nbd *n, const char *buf, uint64_t off, uint64_
  * either way, and the only other way, sending zeros as WRITE, is never
  * cheaper for the server than zeroing them itself, and costs the wire.  -EOPNOTSUPP when the server has no WRITE_ZEROES or the range
  * is not aligned: the caller writes zeros as data. */
-static int fm_nbd_zero(struct fm_nbd *n, uint64_t off, uint64_t len, int unmap, int fast)
+static inline int fm_nbd_zero(struct fm_nbd *n, uint64_t off, uint64_t len, int unmap, int fast)
 {
     uint16_t f = (unmap ? 0 : FM_CMDF_NO_HOLE) | (fast ? FM_CMDF_FAST_ZERO : 0);
     uint64_t piece = FM_NBD_ZERO_MAX - FM_NBD_ZERO_MAX % n->pref_block;
@@ -851,7 +851,7 @@ static int fm_nbd_zero(struct fm_nbd *n, uint64_t off, uint64_t len, int unmap, 
  * FLUSH covers the writes completed on every connection; without it there
  * is one connection.  No FLUSH at all when the server does not take it
  * (its writes are durable when acknowledged). */
-static int fm_nbd_flush(struct fm_nbd *n)
+static inline int fm_nbd_flush(struct fm_nbd *n)
 {
     struct fm_nbd_req reqs[FM_NBD_MAX_CONNS];
     int i, k = 0, r, err = 0;
@@ -882,7 +882,7 @@ static int fm_nbd_flush(struct fm_nbd *n)
 
 /* Where to connect: a unix socket path, or host and port; the export's
  * name.  -ENAMETOOLONG when a string does not fit. */
-static int fm_nbd_where(struct fm_nbd *n, const char *path, const char *host,
+static inline int fm_nbd_where(struct fm_nbd *n, const char *path, const char *host,
                         const char *port, const char *name, int timeout_ms)
 {
     if (strlen(name) > FM_NBD_MAX_NAME)
@@ -904,7 +904,7 @@ static int fm_nbd_where(struct fm_nbd *n, const char *path, const char *host,
     return 0;
 }
 
-static uint64_t fm_nbd_requests(struct fm_nbd *n)
+static inline uint64_t fm_nbd_requests(struct fm_nbd *n)
 {
     uint64_t t = 0;
     int i;
@@ -916,7 +916,7 @@ static uint64_t fm_nbd_requests(struct fm_nbd *n)
     return t;
 }
 
-static void fm_nbd_init(struct fm_nbd *n)
+static inline void fm_nbd_init(struct fm_nbd *n)
 {
     int i;
     memset(n, 0, sizeof(*n));
@@ -932,7 +932,7 @@ static void fm_nbd_init(struct fm_nbd *n)
 }
 
 /* A new socket for connection c, through the handshake, with its reader. */
-static int fm_nbd_connect_one(struct fm_nbd *n, struct fm_nbd_conn *c, int first, char *err,
+static inline int fm_nbd_connect_one(struct fm_nbd *n, struct fm_nbd_conn *c, int first, char *err,
                               size_t errlen)
 {
     int s = fm_nbd_dial(n, err, errlen), r;
@@ -966,7 +966,7 @@ static int fm_nbd_connect_one(struct fm_nbd *n, struct fm_nbd_conn *c, int first
 }
 
 /* Wait for a dead connection's reader and close its socket. */
-static void fm_nbd_reap(struct fm_nbd_conn *c)
+static inline void fm_nbd_reap(struct fm_nbd_conn *c)
 {
     if (c->reader_running) {
         pthread_join(c->reader, NULL);
@@ -980,7 +980,7 @@ static void fm_nbd_reap(struct fm_nbd_conn *c)
 
 /* Connect: the first connection learns the export; `want` connections in
  * all when the server allows multi-conn, else one. */
-static int fm_nbd_open(struct fm_nbd *n, int want, char *err, size_t errlen)
+static inline int fm_nbd_open(struct fm_nbd *n, int want, char *err, size_t errlen)
 {
     int i, r;
     r = fm_nbd_connect_one(n, &n->conns[0], 1, err, errlen);
@@ -1003,7 +1003,7 @@ static int fm_nbd_open(struct fm_nbd *n, int want, char *err, size_t errlen)
 /* Connect again every connection that died; 0 or -errno.  No request may
  * be in flight on a dead connection: it has none (all failed), and new
  * ones fail at once until it is back. */
-static int fm_nbd_reconnect(struct fm_nbd *n, char *err, size_t errlen)
+static inline int fm_nbd_reconnect(struct fm_nbd *n, char *err, size_t errlen)
 {
     int i, r, dead;
     for (i = 0; i < n->nconns; i++) {
@@ -1040,7 +1040,7 @@ static int fm_nbd_reconnect(struct fm_nbd *n, char *err, size_t errlen)
 }
 
 /* Which connections are dead: a bit each. */
-static unsigned fm_nbd_dead_mask(struct fm_nbd *n)
+static inline unsigned fm_nbd_dead_mask(struct fm_nbd *n)
 {
     unsigned m = 0;
     int i;
@@ -1055,14 +1055,14 @@ static unsigned fm_nbd_dead_mask(struct fm_nbd *n)
 
 /* Did a connection fail since the last call?  (Then writes the server
  * acknowledged but did not flush may be lost.) */
-static int fm_nbd_take_lost(struct fm_nbd *n)
+static inline int fm_nbd_take_lost(struct fm_nbd *n)
 {
     return __atomic_exchange_n(&n->lost, 0, __ATOMIC_RELAXED);
 }
 
 /* Say goodbye (NBD_CMD_DISC) on live connections and close all.  No
  * request may be in progress. */
-static void fm_nbd_close(struct fm_nbd *n)
+static inline void fm_nbd_close(struct fm_nbd *n)
 {
     int i;
     for (i = 0; i < n->nconns; i++) {
@@ -1089,7 +1089,7 @@ static void fm_nbd_close(struct fm_nbd *n)
     n->lost = 0;
 }
 
-static void fm_nbd_destroy(struct fm_nbd *n)
+static inline void fm_nbd_destroy(struct fm_nbd *n)
 {
     int i;
     fm_nbd_close(n);

@@ -70,9 +70,9 @@ cdef class NbdClient:
         for b in (bname, bpath, bhost):
             if b is not None and b"\0" in b:
                 raise ValueError("NUL in an NBD name, host or socket path")
-        r = fm_nbd_where(self.c, NULL if bpath is None else <const char *>bpath,
-                         NULL if bhost is None else <const char *>bhost,
-                         NULL if bport is None else <const char *>bport,
+        r = fm_nbd_where(self.c, <const char *>NULL if bpath is None else <const char *>bpath,
+                         <const char *>NULL if bhost is None else <const char *>bhost,
+                         <const char *>NULL if bport is None else <const char *>bport,
                          <const char *>bname, max(1, <int>(timeout * 1000)))
         if r < 0:
             raise ValueError("NBD export name, host or socket path too long")
