@@ -17,8 +17,10 @@ through "waiting", "pending", "concluded", "null" (or "aborting",
 query-block-jobs, as with QEMU's auto-finalize and auto-dismiss.
 
 Final events: fastmirror's COMPLETED after block-job-cancel in READY (a
-drain without pivot) is BLOCK_JOB_CANCELLED, as QEMU emits; CANCELLED is
-BLOCK_JOB_CANCELLED; FAILED is BLOCK_JOB_COMPLETED with "error".
+drain without pivot) is BLOCK_JOB_COMPLETED, as QEMU emits (its
+block-job-cancel documentation, iotest 218: the target is a consistent
+copy); CANCELLED is BLOCK_JOB_CANCELLED; FAILED is BLOCK_JOB_COMPLETED with
+"error".
 """
 
 from __future__ import annotations
@@ -470,7 +472,9 @@ class QMPServer:
             if ev.type == EventType.COMPLETED:
                 self._status_to(e, "waiting")
                 self._status_to(e, "pending")
-                name = "BLOCK_JOB_CANCELLED" if e.cancelled else "BLOCK_JOB_COMPLETED"
+                # Also after a cancel without force in READY: QEMU reports
+                # the consistent copy it left as completed.
+                name = "BLOCK_JOB_COMPLETED"
             else:
                 self._status_to(e, "aborting")
                 if ev.type == EventType.FAILED:
