@@ -252,6 +252,10 @@ def test_cancel_before_ready_two_clients_and_bad_arguments(served, tmp_path):
             await b.execute("drive-mirror", {"device": "vm1", "target": str(dst),
                                              "sync": "full", "job-id": "other"})
         assert e.value.error_class == "GenericError"
+        for verb in ("block-job-cancel", "block-job-complete", "block-job-pause"):
+            with pytest.raises(ExecuteError) as e:  # QEMU's class: libvirt checks it
+                await b.execute(verb, {"device": "no-such-job"})
+            assert e.value.error_class == "DeviceNotActive", verb
         await b.execute("block-job-cancel", {"device": "vm1"})
         for c in (a, b):                            # every client sees the events
             ev, seen = await until(c, "BLOCK_JOB_CANCELLED")

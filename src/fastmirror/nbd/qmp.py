@@ -365,7 +365,7 @@ class QMPServer:
         with self._lock:
             entry = self._jobs.get(device)
         if entry is None:
-            raise QMPError("Block job '%s' not found" % device)
+            raise QMPError("Block job '%s' not found" % device, "DeviceNotActive")
         return entry
 
     def _cmd_query_block_jobs(self, args: dict) -> list:
