@@ -16,6 +16,7 @@ import os
 import socket
 import struct
 import subprocess
+import sys
 import time
 
 import pytest
@@ -352,3 +353,47 @@ def test_a_write_on_the_ring_to_an_untracked_export_counts_as_untracked(tmp_path
         assert job.wait().type == EventType.COMPLETED
     with open(src, "rb") as a, open(dst, "rb") as b:
         assert a.read() == b.read()
+
+
+def test_a_ring_on_descriptor_0_is_closed_with_its_connection(tmp_path):
+    """A server whose standard input is closed (a daemon) can get 0 for a
+    connection's io_uring: it must be closed at the end like any other."""
+    script = r'''
+import os, socket, struct, sys, time
+sys.path.insert(0, sys.argv[2])
+import fastmirror
+from test_nbd_pipeline import req, recv_exact, replies, WRITE, DISC, IHAVEOPT
+with fastmirror.Export(sys.argv[1], socket=sys.argv[1] + ".sock") as e:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(20)
+    s.connect(e.socket_path)
+    recv_exact(s, 18)
+    os.close(0)     # the lowest descriptor is free when the server sets up the ring
+    s.sendall(struct.pack(">I", 3) + struct.pack(">QII", IHAVEOPT, 7, 6) + bytes(6))
+    while True:
+        _, _, rtype, n = struct.unpack(">QIII", recv_exact(s, 20))
+        recv_exact(s, n)
+        if rtype == 1:
+            break
+    s.sendall(req(WRITE, 1, 0, 4096, b"x" * 4096))
+    assert replies(s, {1: 0})[1][0] == 0
+    during = os.readlink("/proc/self/fd/0")
+    s.sendall(req(DISC, 2, 0, 0))
+    for _ in range(500):
+        if e.connections == 0:
+            break
+        time.sleep(0.01)
+    s.close()
+    print(during, os.readlink("/proc/self/fd/0") if os.path.exists("/proc/self/fd/0") else "-")
+'''
+    src = make_image(tmp_path / "src.img", 1 * MiB)
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = subprocess.run([sys.executable, "-c", script, str(src), here], capture_output=True,
+                         text=True, timeout=60, stdin=subprocess.DEVNULL,
+                         env={**os.environ, "PYTHONPATH": here + os.pathsep
+                              + os.environ.get("PYTHONPATH", "")})
+    assert out.returncode == 0, out.stderr
+    during, after = out.stdout.split()
+    if "io_uring" not in during:
+        pytest.skip("the connection got no io_uring on descriptor 0 (%s)" % during)
+    assert after == "-", "the connection's io_uring was left open: %s" % after

@@ -1273,8 +1273,7 @@ def serve_connection(int sock, TrackedDisk disk not None, bytes name not None,
                 else:
                     fm_ring_exit(&c.ring)
             r = transmission(&c, disk)
-            if c.ring.fd > 0:
-                fm_ring_exit(&c.ring)
+            fm_ring_exit(&c.ring)     # nothing when it failed or ended (fd -1)
         elif r == 1:
             r = END_DISCONNECT
         else:
