@@ -72,7 +72,7 @@ cdef class TrackedDisk:
     cdef void c_open_gate(self) noexcept nogil
     cdef void c_pivot(self, int fd, bint is_block, int dfd) noexcept nogil
 
-    cdef int _swap_dfd(self, int dfd) except -1
+    cdef int _swap_dfd(self, int dfd, int fd) except -1
     cdef int64_t _request(self, int op, const iovec *iov, int iovcnt, int64_t offset,
                           int64_t length) noexcept nogil
     cdef int64_t _request_one(self, int op, const iovec *iov, int iovcnt, int64_t offset,

@@ -537,22 +537,33 @@ cdef class TrackedDisk:
         True when O_DIRECT is in effect (False where the filesystem
         refuses it: then everything stays buffered)."""
         cdef int fd
-        with nogil:
-            pthread_mutex_lock(&self.mu)
-            fd = self.fd if not self.closed else -1
-            pthread_mutex_unlock(&self.mu)
-        self._swap_dfd(_open_twin(fd) if on else -1)
+        # First: a pivot from now on opens a twin of the target (or none).
         self.direct = on
+        while True:
+            with nogil:
+                pthread_mutex_lock(&self.mu)
+                fd = self.fd if not self.closed else -1
+                pthread_mutex_unlock(&self.mu)
+            # The twin is opened without the lock: a pivot meanwhile made it
+            # the twin of the old source, and it is tried again.
+            if self._swap_dfd(_open_twin(fd) if on else -1, fd):
+                break
         return self.dfd >= 0
 
-    cdef int _swap_dfd(self, int dfd) except -1:
-        """The twin replaced once no request is inside (one may use the old)."""
+    cdef int _swap_dfd(self, int dfd, int fd) except -1:
+        """The twin replaced once no request is inside (one may use the
+        old); 0, and dfd closed, if the disk's descriptor is no longer fd
+        (a pivot came since dfd was opened)."""
         cdef int old
         cdef bint was_closed
+        cdef int swapped = 1
         with nogil:
             pthread_mutex_lock(&self.mu)
             if self.closed:
                 old = dfd
+            elif self.fd != fd:
+                old = dfd
+                swapped = 0
             else:
                 was_closed = self.gate_closed
                 self.gate_closed = True
@@ -565,7 +576,7 @@ cdef class TrackedDisk:
             pthread_mutex_unlock(&self.mu)
             if old >= 0:
                 c_close(old)
-        return 0
+        return swapped
 
     def track(self, engine):
         """Start marking writes in `engine` (a CopyEngine of the same size):
