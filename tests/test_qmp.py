@@ -109,6 +109,25 @@ def test_commands_before_negotiation_are_refused_with_id(served):
     s.close()
 
 
+def test_a_character_split_between_two_reads_is_read_whole(served):
+    """UTF-8 over a stream: a character may come in two pieces."""
+    import json
+    import socket
+    import time
+    _, _, qmp = served
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(qmp.socket_path)
+    f = s.makefile("rwb")
+    assert "QMP" in json.loads(f.readline())
+    text = '{"execute": "qmp_capabilities", "id": "caf\u00e9"}'.encode("utf-8")
+    cut = text.index(b"\xc3") + 1
+    s.sendall(text[:cut])
+    time.sleep(0.3)         # the server reads the first piece alone
+    s.sendall(text[cut:] + b"\r\n")
+    assert json.loads(f.readline()) == {"return": {}, "id": "caf\u00e9"}
+    s.close()
+
+
 def test_mirror_query_speed_pause_resume_complete_pivots(served, tmp_path):
     src, export, qmp = served
     dst = tmp_path / "dst.img"

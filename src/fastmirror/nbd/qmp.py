@@ -25,6 +25,7 @@ copy); CANCELLED is BLOCK_JOB_CANCELLED; FAILED is BLOCK_JOB_COMPLETED with
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import os
@@ -210,6 +211,8 @@ class QMPServer:
                                          "package": "fastmirror %s" % self._version},
                              "capabilities": []}})
         buf = ""
+        # A character may come in two reads: decoded across them.
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
         try:
             while True:
                 try:
@@ -218,7 +221,7 @@ class QMPServer:
                     return
                 if not data:
                     return
-                buf += data.decode("utf-8", "replace")
+                buf += decoder.decode(data)
                 texts, buf = _split(buf)
                 if len(buf) > MAX_REQUEST:
                     client.send(self._error(None, "JSON parse error, request too large",
