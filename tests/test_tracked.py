@@ -343,3 +343,41 @@ def test_set_direct_racing_a_pivot_serves_the_target_direct(tmp_path, monkeypatc
     assert read_bytes(src, 0, len(data)) == before
     assert disk.served_direct
     disk.close()
+
+
+@pytest.mark.parametrize("call", ["set_direct", "set_activity_log"])
+def test_waiting_for_requests_does_not_open_a_gate_a_job_closed(tmp_path, call):
+    """set_direct() and set_activity_log() wait until no request is inside;
+    a job that closes the gate meanwhile (its drain, its pivot) must find it
+    still closed when they are done, or writers pass during the pivot."""
+    from fastmirror._core.engine import CopyEngine
+    from fastmirror._core.hbitmap import HBitmap
+    size = 1 * MiB
+    src = make_image(tmp_path / "src.img", size, seed=5)
+    dst = make_image(tmp_path / "dst.img", size, seed=6)
+    sfd, dfd = os.open(src, os.O_RDWR), os.open(dst, os.O_RDWR)
+    eng = CopyEngine(HBitmap(size, G), sfd, dfd, dfd, size, 512, MiB, 1)
+    disk = TrackedDisk(size, eng)
+    assert disk.attach(os.open(src, os.O_RDWR), False)
+    inside, go = threading.Event(), threading.Event()
+    # A writer held inside the gate (in its mark's trace call).
+    disk.set_trace(lambda event, offset, length: (inside.set(), go.wait(TIMEOUT)))
+    threads = _run_writers(1, lambda i: disk.pwrite(b"x" * 4096, 0))
+    assert inside.wait(TIMEOUT)
+    if call == "set_direct":
+        threads += _run_writers(1, lambda i: disk.set_direct(True))
+    else:
+        threads += _run_writers(1, lambda i: disk.set_activity_log(None))
+    time.sleep(0.2)
+    threads += _run_writers(1, lambda i: disk.close_gate())      # the job's drain
+    time.sleep(0.2)
+    go.set()
+    _join(threads)
+    try:
+        assert disk.gate_is_closed
+    finally:
+        disk.open_gate()
+        disk.set_trace(None)
+        disk.close()
+        os.close(sfd)
+        os.close(dfd)

@@ -216,7 +216,7 @@ cdef class TrackedDisk:
         """Pass the gate (wait while it is closed) and take the route of one
         request; 0, or -EBADF on a closed or unattached disk."""
         pthread_mutex_lock(&self.mu)
-        while self.gate_closed and not self.closed:
+        while (self.gate_closed or self.holders) and not self.closed:
             pthread_cond_wait(&self.cv, &self.mu)
         if self.closed or self.fd < 0:
             pthread_mutex_unlock(&self.mu)
@@ -555,7 +555,6 @@ cdef class TrackedDisk:
         old); 0, and dfd closed, if the disk's descriptor is no longer fd
         (a pivot came since dfd was opened)."""
         cdef int old
-        cdef bint was_closed
         cdef int swapped = 1
         with nogil:
             pthread_mutex_lock(&self.mu)
@@ -565,13 +564,12 @@ cdef class TrackedDisk:
                 old = dfd
                 swapped = 0
             else:
-                was_closed = self.gate_closed
-                self.gate_closed = True
+                self.holders += 1
                 while self.writers:
                     pthread_cond_wait(&self.cv, &self.mu)
                 old = self.dfd
                 self.dfd = dfd
-                self.gate_closed = was_closed
+                self.holders -= 1
                 pthread_cond_broadcast(&self.cv)
             pthread_mutex_unlock(&self.mu)
             if old >= 0:
@@ -590,12 +588,12 @@ cdef class TrackedDisk:
         old = self.engine_ref
         with nogil:
             pthread_mutex_lock(&self.mu)
-            self.gate_closed = True
+            self.holders += 1
             while self.writers:
                 pthread_cond_wait(&self.cv, &self.mu)
             self.engine = <void *>engine
             self.pivoted = False
-            self.gate_closed = False
+            self.holders -= 1
             pthread_cond_broadcast(&self.cv)
             pthread_mutex_unlock(&self.mu)
         self.engine_ref = engine
@@ -619,12 +617,12 @@ cdef class TrackedDisk:
         old = self.al_ref
         with nogil:
             pthread_mutex_lock(&self.mu)
-            self.gate_closed = True
+            self.holders += 1
             while self.writers:
                 pthread_cond_wait(&self.cv, &self.mu)
             self.al = p
             self.al_window = window
-            self.gate_closed = False
+            self.holders -= 1
             pthread_cond_broadcast(&self.cv)
             pthread_mutex_unlock(&self.mu)
         self.al_ref = al
