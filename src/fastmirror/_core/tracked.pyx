@@ -298,7 +298,7 @@ cdef class TrackedDisk:
             # A log came while this request waited at the gate, after
             # _request had read no window: in one piece over more extents
             # than the log has slots it would wait for room forever.
-            # (al_window is set with al, under mu, gate closed.)
+            # (al_window is set with al, under mu, no request inside.)
             self.c_leave(&route)
             return RESPLIT
         if route.al != NULL:
