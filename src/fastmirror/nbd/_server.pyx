@@ -777,6 +777,9 @@ cdef int do_read(conn_t *c, TrackedDisk disk, req_t *q) noexcept nogil:
         lock_send(c)
         if not c.structured:
             r = simple_reply(c, cookie, 0, q.buf, length)
+        elif length == 0:
+            # An OFFSET_DATA chunk carries a byte at least (proto.md).
+            r = chunk(c, cookie, RF_DONE, CHUNK_NONE, NULL, 0, NULL, 0)
         else:
             put64(head, <uint64_t>offset)
             r = chunk(c, cookie, RF_DONE, CHUNK_OFFSET_DATA, head, 8, q.buf, length)
