@@ -48,8 +48,9 @@ cdef class TrackedDisk:
     cdef int writers                # requests between the gate and their end
     cdef int mirror_users           # of those, requests that took mirror_fd
     cdef bint gate_closed
-    cdef int holders                # waits of set_direct, track, set_activity_log:
-                                    # new requests wait too, the job's gate untouched
+    # set_direct, track and set_activity_log waiting for the requests inside:
+    # new requests wait too, and the job's gate is left as it is.
+    cdef int holders
     cdef bint closed
     cdef readonly bint pivoted
     cdef bint trace_on
