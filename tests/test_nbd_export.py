@@ -247,6 +247,19 @@ def test_structured_reads_send_holes_as_hole_chunks(served):
     s.close()
 
 
+def test_a_structured_read_of_nothing_is_one_none_chunk(served):
+    """An OFFSET_DATA chunk carries at least one byte (proto.md: its length
+    is at least 9): a zero-length READ is answered with NBD_REPLY_TYPE_NONE."""
+    _, export = served
+    s, _ = handshake(export.socket_path, structured=True)
+    for flags in (0, 1 << 2):           # with DF too
+        s.sendall(struct.pack(">IHHQQI", NBD_REQUEST_MAGIC, flags, NBD_CMD_READ, 9, 4096, 0))
+        assert structured_chunks(s) == [(1, 0, -1, b"")]
+    request(s, NBD_CMD_READ, 0, 4)      # the connection goes on
+    assert [(f, t, o) for f, t, o, _ in structured_chunks(s)] == [(1, 1, 0)]
+    s.close()
+
+
 def test_requests_are_served_while_python_holds_the_gil(served, tmp_path):
     """A connection's requests need no GIL: a client's write and read finish
     while this thread holds it (ctypes.PyDLL calls keep the GIL)."""

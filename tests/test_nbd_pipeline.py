@@ -16,6 +16,7 @@ import os
 import socket
 import struct
 import subprocess
+import sys
 import time
 
 import pytest
@@ -119,6 +120,32 @@ def test_pipelined_writes_and_reads_each_get_one_reply(export):
         for i, d in enumerate(data):
             f.seek(i * 64 * KiB)
             assert f.read(4 * KiB) == d
+
+
+def _close_gate_within(e, seconds: float) -> bool:
+    import threading
+    done = threading.Event()
+    threading.Thread(target=lambda: (e.disk.close_gate(), done.set()), daemon=True).start()
+    return done.wait(seconds)
+
+
+def test_a_client_that_reads_no_replies_does_not_hold_the_gate(export):
+    """The job's drain and pivot close the gate (every other client's writes
+    wait there): a request must leave it once its I/O is done, not once its
+    reply went out to a client that may never read it.  On the io_uring
+    path the completer ends each request's I/O as it completes, also while
+    it waits for the socket to take an earlier reply."""
+    src, e = export
+    with connect(e.socket_path) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.sendall(b"".join(req(READ, i, (i % 2) * 4 * MiB, 4 * MiB) for i in range(16)))
+        time.sleep(0.5)
+        closed = _close_gate_within(e, 3)
+        got = replies(s, {i: 4 * MiB for i in range(16)})
+        assert all(err == 0 for err, _ in got.values())
+        assert _close_gate_within(e, 10)
+        e.disk.open_gate()
+    assert closed, "the gate waited for the client to read its replies"
 
 
 def test_large_pipelined_writes(export):
@@ -324,3 +351,47 @@ def test_a_write_on_the_ring_to_an_untracked_export_counts_as_untracked(tmp_path
         assert job.wait().type == EventType.COMPLETED
     with open(src, "rb") as a, open(dst, "rb") as b:
         assert a.read() == b.read()
+
+
+def test_a_ring_on_descriptor_0_is_closed_with_its_connection(tmp_path):
+    """A server whose standard input is closed (a daemon) can get 0 for a
+    connection's io_uring: it must be closed at the end like any other."""
+    script = r'''
+import os, socket, struct, sys, time
+sys.path.insert(0, sys.argv[2])
+import fastmirror
+from test_nbd_pipeline import req, recv_exact, replies, WRITE, DISC, IHAVEOPT
+with fastmirror.Export(sys.argv[1], socket=sys.argv[1] + ".sock") as e:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(20)
+    s.connect(e.socket_path)
+    recv_exact(s, 18)
+    os.close(0)     # the lowest descriptor is free when the server sets up the ring
+    s.sendall(struct.pack(">I", 3) + struct.pack(">QII", IHAVEOPT, 7, 6) + bytes(6))
+    while True:
+        _, _, rtype, n = struct.unpack(">QIII", recv_exact(s, 20))
+        recv_exact(s, n)
+        if rtype == 1:
+            break
+    s.sendall(req(WRITE, 1, 0, 4096, b"x" * 4096))
+    assert replies(s, {1: 0})[1][0] == 0
+    during = os.readlink("/proc/self/fd/0") if os.path.exists("/proc/self/fd/0") else "-"
+    s.sendall(req(DISC, 2, 0, 0))
+    for _ in range(500):
+        if e.connections == 0:
+            break
+        time.sleep(0.01)
+    s.close()
+    print(during, os.readlink("/proc/self/fd/0") if os.path.exists("/proc/self/fd/0") else "-")
+'''
+    src = make_image(tmp_path / "src.img", 1 * MiB)
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = subprocess.run([sys.executable, "-c", script, str(src), here], capture_output=True,
+                         text=True, timeout=60, stdin=subprocess.DEVNULL,
+                         env={**os.environ, "PYTHONPATH": here + os.pathsep
+                              + os.environ.get("PYTHONPATH", "")})
+    assert out.returncode == 0, out.stderr
+    during, after = out.stdout.split()
+    if "io_uring" not in during:
+        pytest.skip("the connection got no io_uring on descriptor 0 (%s)" % during)
+    assert after == "-", "the connection's io_uring was left open: %s" % after

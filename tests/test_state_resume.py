@@ -526,7 +526,8 @@ def test_a_large_write_waiting_at_the_gate_while_a_log_is_attached_goes_in_piece
         writer.start()
         time.sleep(0.2)     # it read the (absent) log's window, and waits at the gate
         assert writer.is_alive() and not result
-        disk.set_activity_log(al)       # opens the gate
+        disk.set_activity_log(al)       # leaves the gate as it was: closed
+        disk.open_gate()
         writer.join(20)
         assert not writer.is_alive(), "the write waits for room in the log forever"
         assert result == [len(data)]

@@ -307,3 +307,77 @@ def test_tracked_disk_errors_and_range(tmp_path, mkjob):
 def test_tracked_disk_refuses_a_foreign_engine():
     with pytest.raises(TypeError):
         TrackedDisk(4096, object())
+
+
+def test_set_direct_racing_a_pivot_serves_the_target_direct(tmp_path, monkeypatch):
+    """set_direct() opens the O_DIRECT twin of the disk's descriptor without
+    the lock: a pivot between that and the swap must not leave the twin of
+    the old source in place, where aligned writes would land on the source
+    instead of the target."""
+    import fastmirror._core.tracked as tracked
+    src = make_image(tmp_path / "src.img", 1 * MiB, seed=3)
+    dst = make_image(tmp_path / "dst.img", 1 * MiB, seed=4)
+    disk = TrackedDisk(1 * MiB, None)
+    assert disk.attach(os.open(src, os.O_RDWR), False)
+    if tracked._open_twin(os.open(src, os.O_RDONLY)) < 0:     # (leaks two: a test)
+        pytest.skip("the filesystem of %s refuses O_DIRECT" % tmp_path)
+    real = tracked._open_twin
+
+    def twin_then_pivot(fd):
+        twin = real(fd)
+        monkeypatch.setattr(tracked, "_open_twin", real)
+        disk.close_gate()
+        disk.pivot(os.open(dst, os.O_RDWR), False)       # the job's pivot, meanwhile
+        disk.open_gate()
+        return twin
+    monkeypatch.setattr(tracked, "_open_twin", twin_then_pivot)
+    disk.set_direct(True)
+    import mmap
+    data = os.urandom(64 * KiB)
+    aligned = mmap.mmap(-1, len(data))          # page-aligned: the O_DIRECT twin takes it
+    aligned[:] = data
+    before = read_bytes(src, 0, len(data))
+    assert disk.pwrite(aligned, 0) == len(data)
+    assert disk.pread(len(data), 0) == data
+    assert read_bytes(dst, 0, len(data)) == data
+    assert read_bytes(src, 0, len(data)) == before
+    assert disk.served_direct
+    disk.close()
+
+
+@pytest.mark.parametrize("call", ["set_direct", "set_activity_log"])
+def test_waiting_for_requests_does_not_open_a_gate_a_job_closed(tmp_path, call):
+    """set_direct() and set_activity_log() wait until no request is inside;
+    a job that closes the gate meanwhile (its drain, its pivot) must find it
+    still closed when they are done, or writers pass during the pivot."""
+    from fastmirror._core.engine import CopyEngine
+    from fastmirror._core.hbitmap import HBitmap
+    size = 1 * MiB
+    src = make_image(tmp_path / "src.img", size, seed=5)
+    dst = make_image(tmp_path / "dst.img", size, seed=6)
+    sfd, dfd = os.open(src, os.O_RDWR), os.open(dst, os.O_RDWR)
+    eng = CopyEngine(HBitmap(size, G), sfd, dfd, dfd, size, 512, MiB, 1)
+    disk = TrackedDisk(size, eng)
+    assert disk.attach(os.open(src, os.O_RDWR), False)
+    inside, go = threading.Event(), threading.Event()
+    # A writer held inside the gate (in its mark's trace call).
+    disk.set_trace(lambda event, offset, length: (inside.set(), go.wait(TIMEOUT)))
+    threads = _run_writers(1, lambda i: disk.pwrite(b"x" * 4096, 0))
+    assert inside.wait(TIMEOUT)
+    if call == "set_direct":
+        threads += _run_writers(1, lambda i: disk.set_direct(True))
+    else:
+        threads += _run_writers(1, lambda i: disk.set_activity_log(None))
+    time.sleep(0.2)
+    threads += _run_writers(1, lambda i: disk.close_gate())      # the job's drain
+    time.sleep(0.2)
+    go.set()
+    _join(threads)
+    try:
+        assert disk.gate_is_closed
+    finally:
+        disk.open_gate()
+        disk.set_trace(None)
+        disk.close()
+        os.close(sfd)
+        os.close(dfd)

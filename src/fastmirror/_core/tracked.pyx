@@ -216,7 +216,7 @@ cdef class TrackedDisk:
         """Pass the gate (wait while it is closed) and take the route of one
         request; 0, or -EBADF on a closed or unattached disk."""
         pthread_mutex_lock(&self.mu)
-        while self.gate_closed and not self.closed:
+        while (self.gate_closed or self.holders) and not self.closed:
             pthread_cond_wait(&self.cv, &self.mu)
         if self.closed or self.fd < 0:
             pthread_mutex_unlock(&self.mu)
@@ -298,7 +298,7 @@ cdef class TrackedDisk:
             # A log came while this request waited at the gate, after
             # _request had read no window: in one piece over more extents
             # than the log has slots it would wait for room forever.
-            # (al_window is set with al, under mu, gate closed.)
+            # (al_window is set with al, under mu, no request inside.)
             self.c_leave(&route)
             return RESPLIT
         if route.al != NULL:
@@ -537,35 +537,44 @@ cdef class TrackedDisk:
         True when O_DIRECT is in effect (False where the filesystem
         refuses it: then everything stays buffered)."""
         cdef int fd
-        with nogil:
-            pthread_mutex_lock(&self.mu)
-            fd = self.fd if not self.closed else -1
-            pthread_mutex_unlock(&self.mu)
-        self._swap_dfd(_open_twin(fd) if on else -1)
+        # First: a pivot from now on opens a twin of the target (or none).
         self.direct = on
+        while True:
+            with nogil:
+                pthread_mutex_lock(&self.mu)
+                fd = self.fd if not self.closed else -1
+                pthread_mutex_unlock(&self.mu)
+            # The twin is opened without the lock: a pivot meanwhile made it
+            # the twin of the old source, and it is tried again.
+            if self._swap_dfd(_open_twin(fd) if on else -1, fd):
+                break
         return self.dfd >= 0
 
-    cdef int _swap_dfd(self, int dfd) except -1:
-        """The twin replaced once no request is inside (one may use the old)."""
+    cdef int _swap_dfd(self, int dfd, int fd) except -1:
+        """The twin replaced once no request is inside (one may use the
+        old); 0, and dfd closed, if the disk's descriptor is no longer fd
+        (a pivot came since dfd was opened)."""
         cdef int old
-        cdef bint was_closed
+        cdef int swapped = 1
         with nogil:
             pthread_mutex_lock(&self.mu)
             if self.closed:
                 old = dfd
+            elif self.fd != fd:
+                old = dfd
+                swapped = 0
             else:
-                was_closed = self.gate_closed
-                self.gate_closed = True
+                self.holders += 1
                 while self.writers:
                     pthread_cond_wait(&self.cv, &self.mu)
                 old = self.dfd
                 self.dfd = dfd
-                self.gate_closed = was_closed
+                self.holders -= 1
                 pthread_cond_broadcast(&self.cv)
             pthread_mutex_unlock(&self.mu)
             if old >= 0:
                 c_close(old)
-        return 0
+        return swapped
 
     def track(self, engine):
         """Start marking writes in `engine` (a CopyEngine of the same size):
@@ -579,12 +588,12 @@ cdef class TrackedDisk:
         old = self.engine_ref
         with nogil:
             pthread_mutex_lock(&self.mu)
-            self.gate_closed = True
+            self.holders += 1
             while self.writers:
                 pthread_cond_wait(&self.cv, &self.mu)
             self.engine = <void *>engine
             self.pivoted = False
-            self.gate_closed = False
+            self.holders -= 1
             pthread_cond_broadcast(&self.cv)
             pthread_mutex_unlock(&self.mu)
         self.engine_ref = engine
@@ -608,12 +617,12 @@ cdef class TrackedDisk:
         old = self.al_ref
         with nogil:
             pthread_mutex_lock(&self.mu)
-            self.gate_closed = True
+            self.holders += 1
             while self.writers:
                 pthread_cond_wait(&self.cv, &self.mu)
             self.al = p
             self.al_window = window
-            self.gate_closed = False
+            self.holders -= 1
             pthread_cond_broadcast(&self.cv)
             pthread_mutex_unlock(&self.mu)
         self.al_ref = al

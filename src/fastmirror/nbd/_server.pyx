@@ -57,6 +57,7 @@ cdef extern from "<sys/socket.h>" nogil:
     int MSG_NOSIGNAL
     int MSG_MORE
     int MSG_WAITALL
+    int MSG_DONTWAIT
 
 cdef extern from "<stdlib.h>" nogil:
     int posix_memalign(void **p, size_t alignment, size_t size)
@@ -131,6 +132,22 @@ cdef extern from "<pthread.h>" nogil:
     int pthread_create(pthread_t *t, const void *attr, void *(*start)(void *) noexcept nogil,
                        void *arg)
     int pthread_join(pthread_t t, void **ret)
+    pthread_t pthread_self()
+    int pthread_equal(pthread_t a, pthread_t b)
+    int pthread_mutex_trylock(pthread_mutex_t *m)
+
+cdef extern from "<poll.h>" nogil:
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    int poll(pollfd *fds, unsigned long n, int timeout)
+    short POLLIN
+    short POLLOUT
+
+cdef extern from "<errno.h>" nogil:
+    int EAGAIN
+    int EWOULDBLOCK
 
 cdef extern from "<unistd.h>" nogil:
     int usleep(unsigned usec)
@@ -249,9 +266,10 @@ cdef struct req_t:
     int64_t charged             # its share of INFLIGHT_BYTES
     req_t *next                 # in the queue or the free list
     # On the ring (ring_submit): the route taken at the gate, and the
-    # descriptor the I/O went to.
+    # descriptor the I/O went to; its result once the I/O ended (ring_end).
     fm_route route
     int fd
+    int64_t result
 
 
 cdef struct conn_t:
@@ -294,6 +312,11 @@ cdef struct conn_t:
     fm_ring ring
     bint ring_ok
     pthread_t completer
+    # The completer's own: requests whose I/O ended (marked, out of the
+    # gate) and whose replies wait, while it sends an earlier one.
+    req_t *deferred_head
+    req_t *deferred_tail
+    bint ring_stopped
 
 
 cdef int send_all(int sock, const void *p, size_t n, bint more) noexcept nogil:
@@ -584,11 +607,45 @@ cdef int handshake(conn_t *c) noexcept nogil:
 # disk before their reply.  Workers start on demand, without the GIL, and
 # live as long as the connection.
 
-cdef int send_iov(int sock, iovec *iov, int n) noexcept nogil:
+cdef inline bint on_completer(conn_t *c) noexcept nogil:
+    return c.ring_ok and pthread_equal(pthread_self(), c.completer) != 0
+
+
+cdef void comp_wait(conn_t *c, bint for_socket) noexcept nogil:
+    """The completer, about to wait for the socket to take more
+    (for_socket) or for send_mu or room among the pending replies (1 ms):
+    meanwhile it ends the I/O of every request the ring completes (comp_take).
+    Ring requests hold the gate until then: a client that does not read its
+    replies must not hold up the job's drain, nor every other client's
+    writes held at the closed gate."""
+    cdef pollfd p[2]
+    p[0].fd = c.ring.fd
+    p[0].events = POLLIN
+    p[0].revents = 0
+    p[1].fd = c.sock
+    p[1].events = POLLOUT
+    p[1].revents = 0
+    poll(p, 2 if for_socket else 1, -1 if for_socket else 1)
+    comp_take(c)
+
+
+cdef void lock_send(conn_t *c) noexcept nogil:
+    """Take send_mu; the completer waits for it in comp_wait."""
+    if not on_completer(c):
+        pthread_mutex_lock(&c.send_mu)
+        return
+    while pthread_mutex_trylock(&c.send_mu) != 0:
+        comp_wait(c, False)
+
+
+cdef int send_iov(conn_t *c, iovec *iov, int n) noexcept nogil:
     """Every byte of iov[0..n) in order, in as few calls as the socket
-    takes; 0, or -1 when the socket failed.  iov is consumed."""
+    takes; 0, or -1 when the socket failed.  iov is consumed.  On the
+    completer, never blocked on the socket with ring I/O ended but not
+    taken (comp_wait)."""
     cdef msghdr m
     cdef ssize_t w
+    cdef bint comp = on_completer(c)
     memset(&m, 0, sizeof(m))
     while n > 0:
         if iov[0].iov_len == 0:
@@ -597,9 +654,12 @@ cdef int send_iov(int sock, iovec *iov, int n) noexcept nogil:
             continue
         m.msg_iov = iov
         m.msg_iovlen = n
-        w = sendmsg(sock, &m, MSG_NOSIGNAL)
+        w = sendmsg(c.sock, &m, MSG_NOSIGNAL | (MSG_DONTWAIT if comp else 0))
         if w < 0:
             if errno == EINTR:
+                continue
+            if comp and (errno == EAGAIN or errno == EWOULDBLOCK):
+                comp_wait(c, True)
                 continue
             return -1
         while n > 0 and <size_t>w >= iov[0].iov_len:
@@ -623,7 +683,7 @@ cdef int simple_reply(conn_t *c, const char *cookie, uint32_t err, const void *d
     v[0].iov_len = 16
     v[1].iov_base = <void *>data
     v[1].iov_len = <size_t>n if n > 0 else 0
-    return send_iov(c.sock, v, 2)
+    return send_iov(c, v, 2)
 
 
 cdef int chunk(conn_t *c, const char *cookie, uint16_t flags, uint16_t ctype,
@@ -643,7 +703,7 @@ cdef int chunk(conn_t *c, const char *cookie, uint16_t flags, uint16_t ctype,
     v[1].iov_len = head_len
     v[2].iov_base = <void *>data
     v[2].iov_len = <size_t>n if n > 0 else 0
-    return send_iov(c.sock, v, 3)
+    return send_iov(c, v, 3)
 
 
 cdef int reply_error(conn_t *c, const char *cookie, uint32_t err,
@@ -714,9 +774,12 @@ cdef int do_read(conn_t *c, TrackedDisk disk, req_t *q) noexcept nogil:
             return locked_error(c, cookie, nbd_errno(r), c.structured)
         if r < length:          # the file shrank under us: reads past it are zeros
             memset(q.buf + r, 0, <size_t>(length - r))
-        pthread_mutex_lock(&c.send_mu)
+        lock_send(c)
         if not c.structured:
             r = simple_reply(c, cookie, 0, q.buf, length)
+        elif length == 0:
+            # An OFFSET_DATA chunk carries a byte at least (proto.md).
+            r = chunk(c, cookie, RF_DONE, CHUNK_NONE, NULL, 0, NULL, 0)
         else:
             put64(head, <uint64_t>offset)
             r = chunk(c, cookie, RF_DONE, CHUNK_OFFSET_DATA, head, 8, q.buf, length)
@@ -755,7 +818,7 @@ cdef int do_read(conn_t *c, TrackedDisk disk, req_t *q) noexcept nogil:
     disk.c_leave(&route)
     if r < 0:
         return locked_error(c, cookie, nbd_errno(r), True)
-    pthread_mutex_lock(&c.send_mu)
+    lock_send(c)
     for i in range(count):
         put64(head, <uint64_t>starts[i])
         if holes[i]:
@@ -807,7 +870,7 @@ cdef int do_block_status(conn_t *c, TrackedDisk disk, req_t *q) noexcept nogil:
         pos = nxt
     disk.c_leave(&route)
     put32(head, META_ID)
-    pthread_mutex_lock(&c.send_mu)
+    lock_send(c)
     r = chunk(c, q.cookie, RF_DONE, CHUNK_BLOCK_STATUS, head, 4, buf, 8 * count)
     pthread_mutex_unlock(&c.send_mu)
     return r
@@ -833,7 +896,7 @@ cdef int do_write_zeroes(conn_t *c, TrackedDisk disk, uint16_t flags, int64_t of
 cdef int locked_error(conn_t *c, const char *cookie, uint32_t err,
                       bint structured) noexcept nogil:
     cdef int r
-    pthread_mutex_lock(&c.send_mu)
+    lock_send(c)
     r = reply_error(c, cookie, err, structured)
     pthread_mutex_unlock(&c.send_mu)
     return r
@@ -848,12 +911,18 @@ cdef int locked_simple(conn_t *c, const char *cookie, int64_t r) noexcept nogil:
     failed (then the reply may not have gone out)."""
     cdef char *h
     cdef char out[PENDING_REPLIES * 16]
+    cdef iovec v
     cdef int n, failed
     pthread_mutex_lock(&c.mu)
     # The sender may be slow (a client that reads its replies late) while
     # slots are reused: never more pending than the buffer holds.
     while c.npending == PENDING_REPLIES * 16 and not c.send_failed:
-        pthread_cond_wait(&c.taken, &c.mu)
+        if on_completer(c):
+            pthread_mutex_unlock(&c.mu)
+            comp_wait(c, False)
+            pthread_mutex_lock(&c.mu)
+        else:
+            pthread_cond_wait(&c.taken, &c.mu)
     h = c.pending + c.npending
     put32(h, SIMPLE_MAGIC)
     put32(h + 4, nbd_errno(r) if r < 0 else 0)
@@ -870,8 +939,10 @@ cdef int locked_simple(conn_t *c, const char *cookie, int64_t r) noexcept nogil:
         c.npending = 0
         pthread_cond_broadcast(&c.taken)
         pthread_mutex_unlock(&c.mu)
-        pthread_mutex_lock(&c.send_mu)
-        failed = send_all(c.sock, out, <size_t>n, False)
+        lock_send(c)
+        v.iov_base = out
+        v.iov_len = <size_t>n
+        failed = send_iov(c, &v, 1)
         pthread_mutex_unlock(&c.send_mu)
         pthread_mutex_lock(&c.mu)
         if failed < 0:
@@ -1087,11 +1158,10 @@ cdef bint ring_submit(conn_t *c, TrackedDisk disk, req_t *q) noexcept nogil:
     return True
 
 
-cdef int ring_complete(conn_t *c, TrackedDisk disk, req_t *q, int64_t r) noexcept nogil:
-    """End a request the ring served (r: its result) and send its reply."""
-    cdef int sent
+cdef int64_t ring_end(conn_t *c, TrackedDisk disk, req_t *q, int64_t r) noexcept nogil:
+    """End the I/O of a request the ring served (r: its result): the rest
+    of a short transfer, the mark of a write, the gate left.  Its result."""
     cdef int64_t n
-    cdef char head[8]
     cdef bint write = q.cmd == CMD_WRITE
     if r == -EINVAL and q.fd == q.route.dfd and q.fd != q.route.fd:
         # O_DIRECT refused this one (alignment above a page): buffered.
@@ -1107,16 +1177,23 @@ cdef int ring_complete(conn_t *c, TrackedDisk disk, req_t *q, int64_t r) noexcep
                 memset(q.buf + r + n, 0, <size_t>(q.length - r - n))
                 n = q.length - r
         r = n if n < 0 else r + n
-    if write:
+    if write and q.route.engine != NULL:
         # Marked once it landed (or failed, maybe in part): invariant 2.
-        if q.route.engine != NULL:
-            fm_engine_mark(q.route.engine, q.offset, q.length)
-        disk.c_leave(&q.route)
-        return locked_simple(c, q.cookie, r if r < 0 else 0)
+        fm_engine_mark(q.route.engine, q.offset, q.length)
     disk.c_leave(&q.route)
+    return r
+
+
+cdef int ring_reply(conn_t *c, req_t *q) noexcept nogil:
+    """Send the reply of a request ring_end ended."""
+    cdef int sent
+    cdef int64_t r = q.result
+    cdef char head[8]
+    if q.cmd == CMD_WRITE:
+        return locked_simple(c, q.cookie, r if r < 0 else 0)
     if r < 0:
         return locked_error(c, q.cookie, nbd_errno(r), c.structured)
-    pthread_mutex_lock(&c.send_mu)
+    lock_send(c)
     if not c.structured:
         sent = simple_reply(c, q.cookie, 0, q.buf, q.length)
     else:
@@ -1126,21 +1203,47 @@ cdef int ring_complete(conn_t *c, TrackedDisk disk, req_t *q, int64_t r) noexcep
     return sent
 
 
-cdef void *completer_main(void *arg) noexcept nogil:
-    """Reap the ring until RING_STOP."""
-    cdef conn_t *c = <conn_t *>arg
+cdef void comp_take(conn_t *c) noexcept nogil:
+    """The completer: end the I/O of every request the ring completed; their
+    replies wait in c.deferred, in that order."""
     cdef uint64_t index
     cdef int res
+    cdef req_t *q
+    while fm_nbd_ring_reap(&c.ring, &index, &res):
+        if index >= RING_STOP:
+            c.ring_stopped = True
+            continue
+        q = &c.slots[index]
+        q.result = ring_end(c, <TrackedDisk>c.disk, q, res)
+        q.next = NULL
+        if c.deferred_tail == NULL:
+            c.deferred_head = q
+        else:
+            c.deferred_tail.next = q
+        c.deferred_tail = q
+
+
+cdef void *completer_main(void *arg) noexcept nogil:
+    """Reap the ring until RING_STOP: every request's I/O is ended as soon
+    as it is reaped, then the replies go out (comp_take may end more while
+    one of them waits for the socket)."""
+    cdef conn_t *c = <conn_t *>arg
+    cdef req_t *q
     while True:
-        if fm_nbd_ring_wait(&c.ring) < 0:
-            # Not seen with a working ring; requests are in flight, so wait
-            # and look again rather than leave them unanswered.
-            usleep(1000)
-        while fm_nbd_ring_reap(&c.ring, &index, &res):
-            if index >= RING_STOP:
+        q = c.deferred_head
+        if q == NULL:
+            if c.ring_stopped:
                 return NULL
-            finish(c, &c.slots[index],
-                   ring_complete(c, <TrackedDisk>c.disk, &c.slots[index], res))
+            if fm_nbd_ring_wait(&c.ring) < 0:
+                # Not seen with a working ring; requests are in flight, so wait
+                # and look again rather than leave them unanswered.
+                usleep(1000)
+            comp_take(c)
+            continue
+        c.deferred_head = q.next
+        if c.deferred_head == NULL:
+            c.deferred_tail = NULL
+        finish(c, q, ring_reply(c, q))
 
 
 cdef void drain(conn_t *c) noexcept nogil:
@@ -1273,8 +1376,7 @@ def serve_connection(int sock, TrackedDisk disk not None, bytes name not None,
                 else:
                     fm_ring_exit(&c.ring)
             r = transmission(&c, disk)
-            if c.ring.fd > 0:
-                fm_ring_exit(&c.ring)
+            fm_ring_exit(&c.ring)     # nothing when it failed or ended (fd -1)
         elif r == 1:
             r = END_DISCONNECT
         else:

@@ -17,12 +17,15 @@ through "waiting", "pending", "concluded", "null" (or "aborting",
 query-block-jobs, as with QEMU's auto-finalize and auto-dismiss.
 
 Final events: fastmirror's COMPLETED after block-job-cancel in READY (a
-drain without pivot) is BLOCK_JOB_CANCELLED, as QEMU emits; CANCELLED is
-BLOCK_JOB_CANCELLED; FAILED is BLOCK_JOB_COMPLETED with "error".
+drain without pivot) is BLOCK_JOB_COMPLETED, as QEMU emits (its
+block-job-cancel documentation, iotest 218: the target is a consistent
+copy); CANCELLED is BLOCK_JOB_CANCELLED; FAILED is BLOCK_JOB_COMPLETED with
+"error".
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import os
@@ -208,6 +211,8 @@ class QMPServer:
                                          "package": "fastmirror %s" % self._version},
                              "capabilities": []}})
         buf = ""
+        # A character may come in two reads: decoded across them.
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
         try:
             while True:
                 try:
@@ -216,7 +221,7 @@ class QMPServer:
                     return
                 if not data:
                     return
-                buf += data.decode("utf-8", "replace")
+                buf += decoder.decode(data)
                 texts, buf = _split(buf)
                 if len(buf) > MAX_REQUEST:
                     client.send(self._error(None, "JSON parse error, request too large",
@@ -363,7 +368,7 @@ class QMPServer:
         with self._lock:
             entry = self._jobs.get(device)
         if entry is None:
-            raise QMPError("Block job '%s' not found" % device)
+            raise QMPError("Block job '%s' not found" % device, "DeviceNotActive")
         return entry
 
     def _cmd_query_block_jobs(self, args: dict) -> list:
@@ -470,7 +475,9 @@ class QMPServer:
             if ev.type == EventType.COMPLETED:
                 self._status_to(e, "waiting")
                 self._status_to(e, "pending")
-                name = "BLOCK_JOB_CANCELLED" if e.cancelled else "BLOCK_JOB_COMPLETED"
+                # Also after a cancel without force in READY: QEMU reports
+                # the consistent copy it left as completed.
+                name = "BLOCK_JOB_COMPLETED"
             else:
                 self._status_to(e, "aborting")
                 if ev.type == EventType.FAILED:
