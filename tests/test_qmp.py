@@ -261,12 +261,20 @@ def test_cancel_before_ready_two_clients_and_bad_arguments(served, tmp_path):
         a, b = await client_for(qmp), await client_for(qmp)
         for bad in ({"sync": "top"}, {"sync": "full", "on-target-error": "explode"},
                     {"sync": "full", "speed": "fast"}, {"sync": "full", "format": "qcow2"},
-                    {"sync": "full", "target": str(tmp_path / "no" / "dir.img")}):
+                    {"sync": "full", "target": str(tmp_path / "no" / "dir.img")},
+                    {"sync": "full", "sped": 1}, {"sync": "full", "replaces": "x"}):
             with pytest.raises(ExecuteError) as e:
                 await a.execute("drive-mirror", {"device": "vm1", "target": str(dst), **bad})
             assert e.value.error_class == "GenericError", bad
+        assert await a.execute("query-block-jobs") == []    # none of those started
+        with pytest.raises(ExecuteError) as e:
+            await a.execute("query-block-jobs", {"all": True})
+        assert "'all' is unexpected" in str(e.value)
         await a.execute("drive-mirror", {"device": "vm1", "target": str(dst), "sync": "full",
                                          "speed": 64 * 1024})
+        with pytest.raises(ExecuteError) as e:
+            await a.execute("block-job-set-speed", {"device": "vm1", "speed": 1, "sped": 2})
+        assert "'sped' is unexpected" in str(e.value)
         with pytest.raises(ExecuteError) as e:      # one job per export
             await b.execute("drive-mirror", {"device": "vm1", "target": str(dst),
                                              "sync": "full", "job-id": "other"})

@@ -144,6 +144,33 @@ class _Client:
                 pass                # the client left: its reader thread ends it
 
 
+# The arguments each command takes (QEMU's names).  Anything else is an
+# error, as in QEMU: an argument misspelt or not supported here must not be
+# ignored (a "sped" or a "replaces" would change what the caller expects).
+_ARGUMENTS = {
+    "qmp_capabilities": {"enable"},
+    "drive-mirror": {"device", "target", "job-id", "sync", "format", "mode", "speed",
+                     "granularity", "buf-size", "on-source-error", "on-target-error",
+                     "copy-mode", "unmap", "auto-finalize", "auto-dismiss"},
+    "block-job-complete": {"device"},
+    "block-job-cancel": {"device", "force"},
+    "block-job-pause": {"device"},
+    "block-job-resume": {"device"},
+    "block-job-set-speed": {"device", "speed"},
+}
+# QEMU's drive-mirror arguments that fastmirror does not implement.
+_UNSUPPORTED = {"node-name", "replaces", "filter-node-name"}
+
+
+def _check_arguments(name: str, args: dict) -> None:
+    """QMPError for an argument that `name` does not take."""
+    for key in sorted(args):
+        if key not in _ARGUMENTS.get(name, ()):
+            if name == "drive-mirror" and key in _UNSUPPORTED:
+                raise QMPError("fastmirror does not support drive-mirror's '%s'" % key)
+            raise QMPError("Parameter '%s' is unexpected" % key)
+
+
 class QMPServer:
     """QMPServer(export, socket=PATH, on_quit=None): QMP at the unix socket
     PATH (mode 0600) for `export` (a fastmirror.Export).  `quit` answers,
@@ -269,6 +296,7 @@ class QMPServer:
             return self._error(req, "Expecting capabilities negotiation with "
                                "'qmp_capabilities'", "CommandNotFound")
         try:
+            _check_arguments(name, args)
             if name == "qmp_capabilities":
                 if client.negotiated:
                     raise QMPError("Capabilities negotiation is already complete, "
