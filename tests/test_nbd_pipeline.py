@@ -395,3 +395,18 @@ with fastmirror.Export(sys.argv[1], socket=sys.argv[1] + ".sock") as e:
     if "io_uring" not in during:
         pytest.skip("the connection got no io_uring on descriptor 0 (%s)" % during)
     assert after == "-", "the connection's io_uring was left open: %s" % after
+
+
+def test_direct_is_off_where_pages_are_larger_than_4k(tmp_path, monkeypatch):
+    """With 64 KiB pages an aligned direct write could share a page with a
+    buffered one: direct=True then serves everything through the page
+    cache, and says so."""
+    src = make_image(tmp_path / "src.img", 1 * MiB)
+    real = os.sysconf
+    monkeypatch.setattr(os, "sysconf",
+                        lambda name: 65536 if name == "SC_PAGE_SIZE" else real(name))
+    with fastmirror.Export(src, socket=str(tmp_path / "nbd.sock"), direct=True) as e:
+        assert e.direct is False and not e.disk.served_direct
+    monkeypatch.setattr(os, "sysconf", real)
+    with fastmirror.Export(src, socket=str(tmp_path / "nbd2.sock"), direct=True) as e:
+        assert e.direct is True and e.disk.served_direct

@@ -535,8 +535,16 @@ cdef class TrackedDisk:
         with O_DIRECT, through a twin of the disk's descriptor, and the
         others through the page cache; after a pivot the target as well.
         True when O_DIRECT is in effect (False where the filesystem
-        refuses it: then everything stays buffered)."""
+        refuses it, or where a memory page is not FM_DIO_ALIGN bytes: then
+        everything stays buffered)."""
         cdef int fd
+        import os
+        if on and os.sysconf("SC_PAGE_SIZE") != FM_DIO_ALIGN:
+            # Pages larger than FM_DIO_ALIGN (64 KiB on some ARM and POWER
+            # machines): an aligned direct write could share a page with a
+            # concurrent buffered one, which the page cache may write back
+            # stale over it.  Everything stays buffered there.
+            on = False
         # First: a pivot from now on opens a twin of the target (or none).
         self.direct = on
         while True:
