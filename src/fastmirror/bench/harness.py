@@ -547,6 +547,17 @@ def run(args) -> int:
             return EXIT_USAGE
 
 
+def _refuse_busy_device(src: str) -> None:
+    """BenchError when the block device `src` is mounted or held open
+    exclusively (O_EXCL on a block device fails with EBUSY then): the bench
+    is about to write into it."""
+    try:
+        os.close(os.open(src, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC))
+    except OSError as e:
+        raise BenchError("source %s is in use (mounted or held open exclusively): %s"
+                         % (src, e.strerror)) from None
+
+
 def _exports(args) -> int:
     """`fastmirror bench --exports SRC DST`: the export rounds."""
     src, dst, size, dst_is_block, notes, created = _check_paths(args)
@@ -555,11 +566,7 @@ def _exports(args) -> int:
                          "without --destroy-source (only a source that --create made in "
                          "this run is written without it)" % src)
     if stat.S_ISBLK(os.stat(src).st_mode):
-        try:   # O_EXCL on a block device: fails with EBUSY while mounted or held
-            os.close(os.open(src, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC))
-        except OSError as e:
-            raise BenchError("source %s is in use (mounted or held open exclusively): %s"
-                             % (src, e.strerror)) from None
+        _refuse_busy_device(src)
     notes.append("the export rows write random data into the source %s" % src)
     if not dst_is_block:
         if not os.path.exists(dst):
@@ -721,11 +728,7 @@ def _bench(args, undo: contextlib.ExitStack) -> int:
                              "without --destroy-source (only a source that --create made in "
                              "this run is written without it)" % src)
         if src_is_block:
-            try:   # O_EXCL on a block device: fails with EBUSY while mounted or held
-                os.close(os.open(src, os.O_RDONLY | os.O_EXCL | os.O_CLOEXEC))
-            except OSError as e:
-                raise BenchError("source %s is in use (mounted or held open exclusively): %s"
-                                 % (src, e.strerror)) from None
+            _refuse_busy_device(src)
         notes.append("writer rounds write random data into the source %s" % src)
     timeout = args.timeout if args.timeout is not None else default_timeout(size)
     wtimeout = (args.writer_timeout if args.writer_timeout is not None
