@@ -351,10 +351,7 @@ class MirrorJob:
             # Written untracked after _open_state looked, before track():
             # nothing says where, so everything is copied again, and the
             # state file says so before the job starts.
-            if self.sync == "full":
-                self._resume_bits = None
-            else:
-                self._resume_bits.set(0, self.size)     # as in _open_state
+            self._resume_bits = self._distrusted(self._resume_bits)
             assert self._floor is not None
             self._floor.set(0, self.size)
             self._persist_quietly()
@@ -1237,12 +1234,7 @@ class MirrorJob:
                 _state.set_extents(bits, rec.extents, 1 << rec.shift)
             # Written untracked since (after a cancel, or on an export before
             # this job): nothing says where, so everything is copied again.
-            if full and self.sync != "full":
-                # The initial marking of sync="none" marks nothing: dirty it
-                # all here, or even the chunks the state file has would go.
-                bits.set(0, self.size)
-                full = False
-            self._resume_bits = None if full else bits
+            self._resume_bits = self._distrusted(bits) if full else bits
         # Until the coordinator has the first marking in the engine's bitmap,
         # every state file keeps all of it dirty.
         self._floor = HBitmap(self.size, self.granularity)
@@ -1263,6 +1255,16 @@ class MirrorJob:
         finally:
             os.close(fd)
         _state.sync_folder(alp)
+
+    def _distrusted(self, bits: HBitmap) -> Optional[HBitmap]:
+        """What a resumed job that cannot trust its state file copies:
+        everything.  sync="full": None, the initial marking marks it all;
+        sync="none" marks nothing, so all of `bits` is dirtied here (or even
+        the chunks the state file has would go)."""
+        if self.sync == "full":
+            return None
+        bits.set(0, self.size)
+        return bits
 
     def _persist(self, phase: Optional[str] = None, news: Optional[tuple] = None) -> None:
         """Write the state file now: what a crash could leave different on
