@@ -70,18 +70,14 @@ class TrackedSource(BlockHandle):
         # and marks their writes).
         self._borrowed = disk is not None
         self._closed = False
-        if disk is None:
-            self._disk = TrackedDisk(size, engine)
-            if al is not None:
-                self._disk.set_activity_log(al)
-        else:
+        self._disk = disk if disk is not None else TrackedDisk(size, engine)
+        if al is not None:
+            # First: no write may be tracked without the activity log.
+            self._disk.set_activity_log(al)
+        if disk is not None:
             # A disk already served (the NBD export): its writers from now on
-            # go through the job's engine; it has its own descriptor.  The
-            # activity log first: no write may be tracked without it.
-            if al is not None:
-                disk.set_activity_log(al)
+            # go through the job's engine; it has its own descriptor.
             disk.track(engine)
-            self._disk = disk
             self._drop_origin()
         self._open_lock = threading.Lock()
 
