@@ -258,10 +258,7 @@ class MirrorJob:
                 if existing is not None and existing.phase == "pivoted":
                     # Finished: its target is the disk now.  Mirroring that
                     # disk onward starts a new state; anything else is refused.
-                    if not _state._same(existing.target, ids[0]):
-                        raise _state.StateError(
-                            state_path, "the mirror it records has completed: its target "
-                            "%s is the disk now" % _state._describe(existing.target))
+                    existing.check_onward(state_path, ids[0])
                     existing = None
                 if existing is not None:
                     existing.check_pair(state_path, ids[0], ids[1], self._src.info.size,

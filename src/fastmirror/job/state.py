@@ -123,6 +123,13 @@ class State:
                              "--granularity %d to resume it)"
                              % (self.granularity, granularity, self.granularity))
 
+    def check_onward(self, path: str, source: dict) -> None:
+        """For a file that says "pivoted": StateError unless the new mirror's
+        source is that mirror's target (the disk now, mirrored onward)."""
+        if not _same(self.target, source):
+            raise StateError(path, "the mirror it records has completed: its target %s is "
+                             "the disk now" % _describe(self.target))
+
     def encode(self) -> bytes:
         header = json.dumps({
             "phase": self.phase, "size": self.size, "granularity": self.granularity,
