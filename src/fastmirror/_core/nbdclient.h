@@ -96,6 +96,16 @@
 #define FM_CHUNK_OFFSET_DATA 1
 #define FM_CHUNK_OFFSET_HOLE 2
 
+/* A request's header on the wire (big-endian). */
+struct fm_nbd_request {
+    uint32_t magic;
+    uint16_t flags;
+    uint16_t type;
+    uint64_t cookie;
+    uint64_t off;
+    uint32_t len;
+} __attribute__((packed));
+
 struct fm_nbd_req {
     uint64_t cookie;
     char *buf;              /* READ: where the data goes; NULL otherwise */
@@ -659,8 +669,7 @@ static inline void *fm_nbd_reader(void *arg)
 static inline int fm_nbd_submit(struct fm_nbd_conn *c, struct fm_nbd_req *q, uint16_t type,
                          uint16_t flags, const void *payload)
 {
-    struct { uint32_t magic; uint16_t flags; uint16_t type; uint64_t cookie;
-             uint64_t off; uint32_t len; } __attribute__((packed)) h;
+    struct fm_nbd_request h;
     struct iovec v[2];
     int i, r;
     q->done = 0;
@@ -1067,8 +1076,7 @@ static inline void fm_nbd_close(struct fm_nbd *n)
     int i;
     for (i = 0; i < n->nconns; i++) {
         struct fm_nbd_conn *c = &n->conns[i];
-        struct { uint32_t magic; uint16_t flags; uint16_t type; uint64_t cookie;
-                 uint64_t off; uint32_t len; } __attribute__((packed)) h;
+        struct fm_nbd_request h;
         pthread_mutex_lock(&c->send_mu);
         pthread_mutex_lock(&c->mu);
         if (c->sock >= 0 && !c->dead) {

@@ -14,7 +14,7 @@ from __future__ import annotations
 import mmap
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 from fastmirror._core import blockio as _io
 from fastmirror.job.events import io_error
@@ -122,7 +122,8 @@ def first_difference(source, target, length: Optional[int] = None,
             grain = -(-max(GRAIN, sinfo.alignment, tinfo.alignment) // GRAIN) * GRAIN
             ranges = data_ranges(sfd, tfd, common, grain,
                                  whole=sinfo.is_block or tinfo.is_block)
-            first = _compare_all(sfd, tfd, ranges, chunk, max(1, threads), source, target)
+            first = _compare_all(ranges, threads, lambda a, b: _compare_range(
+                sfd, tfd, a, b, chunk, source, target))
             if first < 0 and common < n:
                 return common
             return first
@@ -178,19 +179,7 @@ def first_difference_nbd(source, client, length: Optional[int] = None,
                     pos += want
             return -1
 
-        segments = list(_segments([(0, common)]))
-        first = -1
-        if len(segments) <= 1 or threads == 1:
-            for a, b in segments:
-                first = compare(a, b)
-                if first >= 0:
-                    break
-        else:
-            with ThreadPoolExecutor(threads, thread_name_prefix="fastmirror-verify") as pool:
-                for r in pool.map(lambda ab: compare(*ab), segments):
-                    if r >= 0:
-                        first = r
-                        break
+        first = _compare_all([(0, common)], threads, compare)
         if first < 0 and common < n:
             return common
         return first
@@ -205,12 +194,15 @@ def _segments(ranges: list[tuple[int, int]]) -> Iterator[tuple[int, int]]:
             yield s, min(s + SEGMENT, end)
 
 
-def _compare_all(sfd: int, tfd: int, ranges: list[tuple[int, int]], chunk: int,
-                 threads: int, source: str, target: str) -> int:
+def _compare_all(ranges: list[tuple[int, int]], threads: int,
+                 compare: Callable[[int, int], int]) -> int:
+    """The first difference compare(start, end) finds over ranges, in file
+    order, or -1: sequential, or in segments over `threads` threads."""
+    threads = max(1, threads)
     total = sum(end - start for start, end in ranges)
     if total <= SEGMENT or threads == 1:
         for start, end in ranges:
-            r = _compare_range(sfd, tfd, start, end, chunk, source, target)
+            r = compare(start, end)
             if r >= 0:
                 return r
         return -1
@@ -220,8 +212,7 @@ def _compare_all(sfd: int, tfd: int, ranges: list[tuple[int, int]], chunk: int,
         pending = []
         it = _segments(ranges)
         for start, end in it:
-            pending.append(pool.submit(_compare_range, sfd, tfd, start, end, chunk,
-                                       source, target))
+            pending.append(pool.submit(compare, start, end))
             if len(pending) >= threads:
                 break
         try:
@@ -231,8 +222,7 @@ def _compare_all(sfd: int, tfd: int, ranges: list[tuple[int, int]], chunk: int,
                     return r
                 seg = next(it, None)
                 if seg is not None:
-                    pending.append(pool.submit(_compare_range, sfd, tfd, seg[0], seg[1],
-                                               chunk, source, target))
+                    pending.append(pool.submit(compare, seg[0], seg[1]))
             return -1
         finally:
             for f in pending:

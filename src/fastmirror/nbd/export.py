@@ -209,8 +209,7 @@ class Export:
                                         "is not a file to serve" % st.target["uri"])
             fd = os.open(st.target["path"], os.O_RDONLY | os.O_CLOEXEC)
             try:
-                if _state.identity(st.target["path"], fd, 0)["kind"] == "uri" or \
-                        not _state._same(st.target, _state.identity(st.target["path"], fd, 0)):
+                if not _state._same(st.target, _state.identity(st.target["path"], fd, 0)):
                     raise _state.StateError(self._state_path, "its mirror pivoted to %s, and "
                                             "that path names another file now"
                                             % st.target["path"])

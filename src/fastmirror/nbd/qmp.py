@@ -125,7 +125,6 @@ class _Job:
         self.id = job_id
         self.job = job
         self.status = "created"
-        self.cancelled = False      # block-job-cancel was asked: no pivot
         self.ready_sent = False
 
 
@@ -427,11 +426,7 @@ class QMPServer:
 
     def _cmd_block_job_cancel(self, args: dict) -> dict:
         force = self._arg(args, "force", bool, False)
-
-        def cancel(e: _Job) -> None:
-            e.cancelled = True
-            e.job.cancel(force=force)
-        return self._verb(args, "cancel", cancel)
+        return self._verb(args, "cancel", lambda e: e.job.cancel(force=force))
 
     def _cmd_block_job_pause(self, args: dict) -> dict:
         return self._verb(args, "pause", lambda e: e.job.pause())
