@@ -630,6 +630,22 @@ cdef class CopyEngine:
             c += n
         src.unlock()
 
+    cdef void _or_unsettled_into(self, HBitmap dst) noexcept nogil:
+        """Under mu: set in dst every chunk written to the target since the
+        last successful flush (flushing, unflushed) or being written now
+        (copies and claims in flight)."""
+        cdef int i
+        cdef fm_claim *k = self.claims
+        self._or_into(self.flushing, dst)
+        self._or_into(self.unflushed, dst)
+        for i in range(MAX_WORKERS):
+            if self.inflight_first[i] >= 0:
+                dst.c_set(self.inflight_first[i],
+                          self.inflight_end[i] - self.inflight_first[i])
+        while k != NULL:
+            dst.c_set(k.first, k.end - k.first)
+            k = k.next
+
     cdef void _redirty(self) noexcept nogil:
         """Under mu, after a failed flush: the pages it dropped may hold any
         write since the last successful flush.  Dirty them all again: what
@@ -637,17 +653,7 @@ cdef class CopyEngine:
         (copies and claims in flight, whose data may have landed just before
         the failure; they stay dirty after they finish, as for a write that
         lands during a copy)."""
-        cdef int i
-        cdef fm_claim *k = self.claims
-        self._or_into(self.flushing, self.bitmap)
-        self._or_into(self.unflushed, self.bitmap)
-        for i in range(MAX_WORKERS):
-            if self.inflight_first[i] >= 0:
-                self.bitmap.c_set(self.inflight_first[i],
-                                  self.inflight_end[i] - self.inflight_first[i])
-        while k != NULL:
-            self.bitmap.c_set(k.first, k.end - k.first)
-            k = k.next
+        self._or_unsettled_into(self.bitmap)
         # Dirty now: their copies record them again once written.
         self.unflushed.c_reset(0, self.nchunks)
         # As after a failed copy, nothing is picked until the job has
@@ -679,23 +685,12 @@ cdef class CopyEngine:
         or written to both sides (copies and claims in flight).  Its
         complement is what a crash cannot make wrong on the target.  Taken
         under mu, so a chunk moving between these sets is seen in one."""
-        cdef int i
-        cdef fm_claim *k
         if out.size != self.size or out.granularity != self.bitmap.granularity:
             raise ValueError("the bitmap does not match the engine")
         with nogil:
             pthread_mutex_lock(&self.mu)
             self._or_into(self.bitmap, out)
-            self._or_into(self.unflushed, out)
-            self._or_into(self.flushing, out)
-            for i in range(MAX_WORKERS):
-                if self.inflight_first[i] >= 0:
-                    out.c_set(self.inflight_first[i],
-                              self.inflight_end[i] - self.inflight_first[i])
-            k = self.claims
-            while k != NULL:
-                out.c_set(k.first, k.end - k.first)
-                k = k.next
+            self._or_unsettled_into(out)
             pthread_mutex_unlock(&self.mu)
 
     @property
