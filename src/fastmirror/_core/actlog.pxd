@@ -45,7 +45,6 @@ cdef class ActivityLog:
     cdef uint64_t poison_gen
     cdef int err                    # sticky -errno of the sidecar
     cdef bint want_snapshot
-    cdef uint64_t snapshots
     cdef int waiting                # writers sleeping on cv
     cdef readonly int64_t records   # records written
     cdef readonly int64_t misses    # begins that had to add an extent

@@ -416,7 +416,6 @@ cdef class ActivityLog:
             for i in range(self.nslots):
                 if self.slots[i].extent >= 0 and self.slots[i].since <= mark:
                     self.slots[i].covered = True
-            self.snapshots += 1
             if self.waiting:
                 pthread_cond_broadcast(&self.cv)
             pthread_mutex_unlock(&self.mu)

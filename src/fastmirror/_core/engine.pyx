@@ -160,7 +160,7 @@ cdef class CopyEngine:
     cdef int dst_fd                 # the target (O_DIRECT when possible)
     cdef int dst_tail_fd            # buffered target descriptor for the unaligned tail
     # An NBD target instead of descriptors (dst_fd is then -1): writes,
-    # zeroing and flushes go through the client's C API; nbd_ref keeps it.
+    # zeroing and flushes go through the client's C API; nbd_client keeps it.
     cdef fm_nbd *nbd
     cdef readonly object nbd_client
     cdef bint fds_closed            # close() was called: no I/O any more
@@ -177,6 +177,7 @@ cdef class CopyEngine:
     cdef public bint detect_zeroes  # all-zero data becomes a zeroed range on the target
     cdef public bint sync_source    # flush() syncs the source first (a state file's job)
     cdef public bint unmap          # zeroed file ranges are punched out (holes)
+    cdef int64_t min_zero_run       # shorter zero runs inside data are written as data
     cdef readonly int64_t size      # bytes mirrored: [0, size)
     cdef readonly int64_t align     # O_DIRECT offset/length alignment of both sides
     cdef readonly int64_t max_io    # largest single copy, bytes, a multiple of granularity
@@ -278,15 +279,14 @@ cdef class CopyEngine:
                 raise ValueError("NBD export of %d bytes is smaller than %d" % (nbd.size, size))
             self.nbd_client = nbd
             self.nbd = nbd.c
-            dst_fd = dst_tail_fd = -1
+            self.min_zero_run = NBD_MIN_ZERO_RUN
         else:
             self.dst_fd = _dup_fd(dst_fd)
-        if dst_fd < 0:
-            pass
-        elif dst_tail_fd == dst_fd:
-            self.dst_tail_fd = self.dst_fd
-        elif dst_tail_fd >= 0:
-            self.dst_tail_fd = _dup_fd(dst_tail_fd)
+            if dst_tail_fd == dst_fd:
+                self.dst_tail_fd = self.dst_fd
+            elif dst_tail_fd >= 0:
+                self.dst_tail_fd = _dup_fd(dst_tail_fd)
+            self.min_zero_run = MIN_ZERO_RUN
         self.dst_is_block = dst_is_block
         self.detect_zeroes = detect_zeroes
         self.unmap = unmap
@@ -603,10 +603,8 @@ cdef class CopyEngine:
                 # and leave the target ahead of it.  Every copy in `flushing`
                 # read before this sync starts.
                 r = flush_fd(self.src_fd) if self.sync_source else 0
-                if r == 0 and self.nbd != NULL:
-                    r = fm_nbd_flush(self.nbd)
-                elif r == 0:
-                    r = flush_fd(self.dst_fd)
+                if r == 0:
+                    r = fm_nbd_flush(self.nbd) if self.nbd != NULL else flush_fd(self.dst_fd)
                 if r == 0 and self.dst_tail_fd >= 0 and self.dst_tail_fd != self.dst_fd:
                     r = flush_fd(self.dst_tail_fd)
 
@@ -632,6 +630,22 @@ cdef class CopyEngine:
             c += n
         src.unlock()
 
+    cdef void _or_unsettled_into(self, HBitmap dst) noexcept nogil:
+        """Under mu: set in dst every chunk written to the target since the
+        last successful flush (flushing, unflushed) or being written now
+        (copies and claims in flight)."""
+        cdef int i
+        cdef fm_claim *k = self.claims
+        self._or_into(self.flushing, dst)
+        self._or_into(self.unflushed, dst)
+        for i in range(MAX_WORKERS):
+            if self.inflight_first[i] >= 0:
+                dst.c_set(self.inflight_first[i],
+                          self.inflight_end[i] - self.inflight_first[i])
+        while k != NULL:
+            dst.c_set(k.first, k.end - k.first)
+            k = k.next
+
     cdef void _redirty(self) noexcept nogil:
         """Under mu, after a failed flush: the pages it dropped may hold any
         write since the last successful flush.  Dirty them all again: what
@@ -639,17 +653,7 @@ cdef class CopyEngine:
         (copies and claims in flight, whose data may have landed just before
         the failure; they stay dirty after they finish, as for a write that
         lands during a copy)."""
-        cdef int i
-        cdef fm_claim *k = self.claims
-        self._or_into(self.flushing, self.bitmap)
-        self._or_into(self.unflushed, self.bitmap)
-        for i in range(MAX_WORKERS):
-            if self.inflight_first[i] >= 0:
-                self.bitmap.c_set(self.inflight_first[i],
-                                  self.inflight_end[i] - self.inflight_first[i])
-        while k != NULL:
-            self.bitmap.c_set(k.first, k.end - k.first)
-            k = k.next
+        self._or_unsettled_into(self.bitmap)
         # Dirty now: their copies record them again once written.
         self.unflushed.c_reset(0, self.nchunks)
         # As after a failed copy, nothing is picked until the job has
@@ -681,23 +685,12 @@ cdef class CopyEngine:
         or written to both sides (copies and claims in flight).  Its
         complement is what a crash cannot make wrong on the target.  Taken
         under mu, so a chunk moving between these sets is seen in one."""
-        cdef int i
-        cdef fm_claim *k
         if out.size != self.size or out.granularity != self.bitmap.granularity:
             raise ValueError("the bitmap does not match the engine")
         with nogil:
             pthread_mutex_lock(&self.mu)
             self._or_into(self.bitmap, out)
-            self._or_into(self.unflushed, out)
-            self._or_into(self.flushing, out)
-            for i in range(MAX_WORKERS):
-                if self.inflight_first[i] >= 0:
-                    out.c_set(self.inflight_first[i],
-                              self.inflight_end[i] - self.inflight_first[i])
-            k = self.claims
-            while k != NULL:
-                out.c_set(k.first, k.end - k.first)
-                k = k.next
+            self._or_unsettled_into(out)
             pthread_mutex_unlock(&self.mu)
 
     @property
@@ -985,17 +978,16 @@ cdef class CopyEngine:
     cdef int _store(self, const char *p, int64_t off, int64_t length) noexcept nogil:
         """Write data read from the source to the target, its zero runs as
         zeroed ranges; 0 or -errno."""
-        cdef int64_t pos, end, n, blk = ZERO_BLOCK, min_run
+        cdef int64_t pos, end, n, blk = ZERO_BLOCK, min_run = self.min_zero_run
         cdef bint z
         cdef int w
         if not self.detect_zeroes:
             return self._write_target(p, off, length)
         if blk < self.align:
             blk = self.align
-        min_run = MIN_ZERO_RUN if self.nbd == NULL else NBD_MIN_ZERO_RUN
         # Split the extent into runs of zero blocks and data runs, so that the
         # zeros of a partly sparse chunk stay holes on the target.  Zero runs
-        # shorter than MIN_ZERO_RUN inside data are written with it: splitting
+        # shorter than min_zero_run inside data are written with it: splitting
         # a write for them would cost more than it saves.
         pos = 0
         while pos < length:

@@ -48,8 +48,8 @@ cdef class TrackedDisk:
     cdef int writers                # requests between the gate and their end
     cdef int mirror_users           # of those, requests that took mirror_fd
     cdef bint gate_closed
-    # set_direct, track and set_activity_log waiting for the requests inside:
-    # new requests wait too, and the job's gate is left as it is.
+    # set_direct, track and set_activity_log waiting for the requests inside
+    # (_hold): new requests wait too, and the job's gate is left as it is.
     cdef int holders
     cdef bint closed
     cdef readonly bint pivoted
@@ -75,6 +75,8 @@ cdef class TrackedDisk:
     cdef void c_open_gate(self) noexcept nogil
     cdef void c_pivot(self, int fd, bint is_block, int dfd) noexcept nogil
 
+    cdef void _hold(self) noexcept nogil
+    cdef void _unhold(self) noexcept nogil
     cdef int _swap_dfd(self, int dfd, int fd) except -1
     cdef int64_t _request(self, int op, const iovec *iov, int iovcnt, int64_t offset,
                           int64_t length) noexcept nogil

@@ -558,6 +558,18 @@ cdef class TrackedDisk:
                 break
         return self.dfd >= 0
 
+    cdef void _hold(self) noexcept nogil:
+        """Under mu: keep new requests at the gate (the job's gate is left
+        as it is) and wait until no request is inside."""
+        self.holders += 1
+        while self.writers:
+            pthread_cond_wait(&self.cv, &self.mu)
+
+    cdef void _unhold(self) noexcept nogil:
+        """Under mu: the end of _hold(); the requests waiting go on."""
+        self.holders -= 1
+        pthread_cond_broadcast(&self.cv)
+
     cdef int _swap_dfd(self, int dfd, int fd) except -1:
         """The twin replaced once no request is inside (one may use the
         old); 0, and dfd closed, if the disk's descriptor is no longer fd
@@ -572,13 +584,10 @@ cdef class TrackedDisk:
                 old = dfd
                 swapped = 0
             else:
-                self.holders += 1
-                while self.writers:
-                    pthread_cond_wait(&self.cv, &self.mu)
+                self._hold()
                 old = self.dfd
                 self.dfd = dfd
-                self.holders -= 1
-                pthread_cond_broadcast(&self.cv)
+                self._unhold()
             pthread_mutex_unlock(&self.mu)
             if old >= 0:
                 c_close(old)
@@ -596,13 +605,10 @@ cdef class TrackedDisk:
         old = self.engine_ref
         with nogil:
             pthread_mutex_lock(&self.mu)
-            self.holders += 1
-            while self.writers:
-                pthread_cond_wait(&self.cv, &self.mu)
+            self._hold()
             self.engine = <void *>engine
             self.pivoted = False
-            self.holders -= 1
-            pthread_cond_broadcast(&self.cv)
+            self._unhold()
             pthread_mutex_unlock(&self.mu)
         self.engine_ref = engine
         del old
@@ -625,13 +631,10 @@ cdef class TrackedDisk:
         old = self.al_ref
         with nogil:
             pthread_mutex_lock(&self.mu)
-            self.holders += 1
-            while self.writers:
-                pthread_cond_wait(&self.cv, &self.mu)
+            self._hold()
             self.al = p
             self.al_window = window
-            self.holders -= 1
-            pthread_cond_broadcast(&self.cv)
+            self._unhold()
             pthread_mutex_unlock(&self.mu)
         self.al_ref = al
         del old
