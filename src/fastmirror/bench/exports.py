@@ -56,6 +56,7 @@ import time
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from fastmirror.bench.disk import drop_caches, tool_version
 from fastmirror.bench.qemu import QMP, QMPError
 from fastmirror.bench.records import GB, KiB, MiB
 from fastmirror.units import human
@@ -612,10 +613,10 @@ def run_exports(args, src: str, dst: str, size: int, notes: list[str]) -> tuple[
             order = list(SERVERS)
             random.Random(args.seed * 1000003 + rnd * 101 + ri).shuffle(order)
             for kind in order:
-                os.sync()
                 if dropping:
-                    with open("/proc/sys/vm/drop_caches", "w") as f:
-                        f.write("3\n")
+                    drop_caches()       # syncs first
+                else:
+                    os.sync()
                 if args.settle:
                     time.sleep(args.settle)
                 load = os.getloadavg()[0]
@@ -684,17 +685,8 @@ def _secs(s: float) -> str:
 
 
 def _fio_version(fio: str) -> str:
-    try:
-        return subprocess.run([fio, "--version"], capture_output=True, text=True,
-                              timeout=10).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        return "?"
+    return tool_version("fio", fio) or "?"
 
 
 def _qemu_version() -> str:
-    try:
-        out = subprocess.run(["qemu-storage-daemon", "--version"], capture_output=True,
-                             text=True, timeout=10).stdout
-        return out.splitlines()[0].strip() if out else "?"
-    except (OSError, subprocess.TimeoutExpired):
-        return "?"
+    return tool_version("qemu-storage-daemon", "qemu-storage-daemon") or "?"
