@@ -59,6 +59,7 @@ from typing import Optional, Sequence
 from fastmirror.bench.disk import drop_caches, tool_version
 from fastmirror.bench.qemu import QMP, QMPError
 from fastmirror.bench.records import GB, KiB, MiB
+from fastmirror.bench.report import machine_line
 from fastmirror.units import human
 
 __all__ = ["ROWS", "SERVERS", "ExportSettings", "Server", "run_row", "summarize_exports",
@@ -600,8 +601,7 @@ def run_exports(args, src: str, dst: str, size: int, notes: list[str]) -> tuple[
         "target (sync=full, granularity 64 KiB, buf-size 16 MiB, background), complete "
         "at READY" % (_fio_version(fio), _secs(st.seconds), st.writer_iops, st.writer_depth,
                       human(size)),
-        "machine: %d CPUs, load average %.2f %.2f %.2f" % ((os.cpu_count() or 0,)
-                                                          + os.getloadavg()),
+        machine_line(),
     ]
     for line in notes + header:
         print(line)

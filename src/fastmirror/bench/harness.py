@@ -138,7 +138,8 @@ from fastmirror.bench.disk import (check_markers, device_size, drop_caches, fs_t
 from fastmirror.bench.images import make_image
 from fastmirror.bench.records import FIO_PARTS, KiB, MiB, QEMU_COPY_MODES, TOOLS, Run, Variant
 from fastmirror.bench.report import (ceiling_lines, format_table, format_writer_table,
-                                     summarize, summarize_writer, write_json, writer_line)
+                                     machine_line, summarize, summarize_writer, write_json,
+                                     writer_line)
 from fastmirror.bench.writers import WRITE_ALIGN, WRITE_MAX, WRITE_MIN, qemu_writer
 from fastmirror.job.mirror import COPY_MODES, IO_ENGINES
 from fastmirror.units import human, parse_size, short
@@ -798,8 +799,7 @@ def _bench(args, undo: contextlib.ExitStack) -> int:
             "dropped before every run (sync; echo 3 > /proc/sys/vm/drop_caches)"
             if dropping else "not dropped (%s), sync before every run"
             % ("--no-drop-caches" if not args.drop_caches else "not root")),
-        "machine: %d CPUs, load average %.2f %.2f %.2f" % ((os.cpu_count() or 0,)
-                                                          + os.getloadavg()),
+        machine_line(),
         "fastmirror and qemu-mirror: granularity %s, buf-size %s" % (
             human(args.granularity), ", ".join(
                 human(b) + (" (fastmirror requests of %s: io_size)" % human(m)

@@ -34,6 +34,7 @@ from typing import Sequence
 
 from fastmirror.bench import nbd
 from fastmirror.bench.disk import tool_version
+from fastmirror.bench.report import machine_line
 from fastmirror.units import human
 
 __all__ = ["TARGETS", "TOOLS", "plan", "summarize_runs", "format_report", "run_nbd_target"]
@@ -220,8 +221,7 @@ def run_nbd_target(args, src: str, dst: str, size: int, runs_plan: dict[str, lis
         "page cache: %s" % ("sync, then the source's pages dropped (posix_fadvise) before "
                             "every run" if dropping else
                             "not dropped (--no-drop-caches), sync before every run"),
-        "machine: %d CPUs, load average %.2f %.2f %.2f" % ((os.cpu_count() or 0,)
-                                                          + os.getloadavg()),
+        machine_line(),
     ]
     for kind, tools in runs_plan.items():
         header.append("%s: %s; tools %s" % (kind, DESCRIBE[kind].replace("DST", dst),
