@@ -24,40 +24,13 @@ import pytest
 import fastmirror
 from fastmirror import EventType
 from helpers.files import make_image
+from helpers.nbd import connect, recv_exact
 from helpers.require import require
 
 KiB = 1024
 MiB = 1024 * KiB
-IHAVEOPT = 0x49484156454F5054
 REQUEST_MAGIC = 0x25609513
 READ, WRITE, DISC, FLUSH = 0, 1, 2, 3
-
-
-def recv_exact(s: socket.socket, n: int) -> bytes:
-    out = bytearray()
-    while len(out) < n:
-        chunk = s.recv(n - len(out))
-        if not chunk:
-            raise EOFError("closed after %d of %d bytes" % (len(out), n))
-        out += chunk
-    return bytes(out)
-
-
-def connect(path: str) -> socket.socket:
-    """Fixed newstyle, NBD_OPT_GO, simple replies."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(20)
-    s.connect(path)
-    recv_exact(s, 18)
-    s.sendall(struct.pack(">I", 3))
-    data = struct.pack(">IH", 0, 0)
-    s.sendall(struct.pack(">QII", IHAVEOPT, 7, len(data)) + data)
-    while True:
-        _, _, rtype, n = struct.unpack(">QIII", recv_exact(s, 20))
-        recv_exact(s, n)
-        if rtype == 1:
-            return s
-        assert rtype == 3, hex(rtype)
 
 
 def req(cmd: int, cookie: int, offset: int, length: int, payload: bytes = b"",
@@ -360,7 +333,8 @@ def test_a_ring_on_descriptor_0_is_closed_with_its_connection(tmp_path):
 import os, socket, struct, sys, time
 sys.path.insert(0, sys.argv[2])
 import fastmirror
-from test_nbd_pipeline import req, recv_exact, replies, WRITE, DISC, IHAVEOPT
+from helpers.nbd import IHAVEOPT, recv_exact
+from test_nbd_pipeline import req, replies, WRITE, DISC
 with fastmirror.Export(sys.argv[1], socket=sys.argv[1] + ".sock") as e:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(20)
