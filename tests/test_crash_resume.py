@@ -34,6 +34,7 @@ import fastmirror
 from fastmirror import EventType
 from fastmirror.job import state as _state
 from helpers.files import make_image
+from helpers.jobs import run_to_end
 from helpers.nbd import connect, recv_exact
 
 KiB = 1024
@@ -203,13 +204,7 @@ def one_scenario(tmp_path, rng, seed, size, kills):
             kill_after(p, rng.uniform(0.0, 0.7))
         p.stdout.close()
         p.stderr.close()
-    job = resume(src, dst, st)
-    job.start()
-    assert job.wait_ready(60)
-    job.complete()
-    final = job.wait()
-    job.source.close()
-    job.close()
+    final = run_to_end(resume(src, dst, st))
     assert final.type == EventType.COMPLETED, final
     assert same(src, dst) == 0, "target differs from source"
     n = check_target(dst, log, original)

@@ -24,6 +24,7 @@ import pytest
 import fastmirror
 from fastmirror import EventType
 from helpers.files import make_image
+from helpers.jobs import stopped_export_state
 from helpers.nbd import connect, recv_exact
 from helpers.require import require
 
@@ -304,13 +305,7 @@ def test_a_write_on_the_ring_to_an_untracked_export_counts_as_untracked(tmp_path
     where.  A plain write takes the io_uring path: it must count as an
     untracked write as the pool's path does, or the resumed job trusts the
     old bitmap and leaves that write's chunk stale on the target."""
-    src = make_image(tmp_path / "src.img", 8 * MiB)
-    dst, st = str(tmp_path / "dst.img"), str(tmp_path / "state")
-    with fastmirror.Export(src, socket=str(tmp_path / "nbd.sock"), state=st) as e:
-        job = e.mirror(dst)
-        assert job.wait_ready(30)
-        job.cancel(force=True)
-        assert job.wait().type == EventType.CANCELLED
+    src, dst, st = stopped_export_state(tmp_path, 8 * MiB)
     data = os.urandom(64 * KiB)
     with fastmirror.Export(src, socket=str(tmp_path / "nbd.sock"), state=st) as e:
         assert e.job is None            # "stopped": served untracked
