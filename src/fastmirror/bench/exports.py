@@ -57,7 +57,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from fastmirror.bench.disk import drop_caches, tool_version
-from fastmirror.bench.qemu import QMP, QMPError
+from fastmirror.bench.qemu import QMP, QMPError, proc_cpu_seconds
 from fastmirror.bench.records import GB, KiB, MiB
 from fastmirror.bench.report import machine_line
 from fastmirror.units import human
@@ -106,11 +106,9 @@ def serve_supports_direct() -> bool:
 
 def _cpu_seconds(pid: int) -> float:
     try:
-        with open("/proc/%d/stat" % pid) as f:
-            fields = f.read().rsplit(")", 1)[1].split()
+        return proc_cpu_seconds(pid)
     except OSError:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _wait_for(path: str, proc: subprocess.Popen, what: str, timeout: float = 20.0) -> None:
