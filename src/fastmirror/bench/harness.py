@@ -559,6 +559,16 @@ def _refuse_busy_device(src: str) -> None:
                          % (src, e.strerror)) from None
 
 
+def _print_report(args, doc: dict, text: str) -> int:
+    """The export and NBD target rounds' end: the report printed, the JSON
+    written with --json; the exit status (EXIT_FAIL when a run failed)."""
+    print()
+    print(text)
+    if args.json:
+        write_json(args.json, doc)
+    return EXIT_FAIL if any(not r["ok"] for r in doc["runs"]) else EXIT_OK
+
+
 def _exports(args) -> int:
     """`fastmirror bench --exports SRC DST`: the export rounds."""
     src, dst, size, dst_is_block, notes, created = _check_paths(args)
@@ -579,11 +589,7 @@ def _exports(args) -> int:
         doc, text = exports.run_exports(args, src, dst, size, notes)
     except FileNotFoundError as e:
         raise BenchError(str(e)) from None
-    print()
-    print(text)
-    if args.json:
-        write_json(args.json, doc)
-    return EXIT_FAIL if any(not r["ok"] for r in doc["runs"]) else EXIT_OK
+    return _print_report(args, doc, text)
 
 
 def _nbd_target(args) -> int:
@@ -646,11 +652,7 @@ def _nbd_target(args) -> int:
         os.close(fd)
         notes.append("created target %s" % dst)
     doc, text = nbdtarget.run_nbd_target(args, src, dst, size, runs_plan, skipped, notes)
-    print()
-    print(text)
-    if args.json:
-        write_json(args.json, doc)
-    return EXIT_FAIL if any(not r["ok"] for r in doc["runs"]) else EXIT_OK
+    return _print_report(args, doc, text)
 
 
 def _variants(args, base_tools: Sequence[str]) -> tuple[list[Variant], list[Variant]]:
