@@ -17,6 +17,7 @@ import pytest
 
 from fastmirror.bench import baselines, images, mirrors, records, report
 from fastmirror.bench import harness as benchmark
+from helpers.require import require
 
 # This module reserves huge pages (nr_hugepages) and drops the page cache of
 # the whole machine: make test runs it alone.
@@ -562,9 +563,8 @@ def test_fio_failure_names_the_jobs_error(monkeypatch):
 # -- --exports: fastmirror serve against qemu-storage-daemon --------------------
 
 def test_bench_exports_runs_every_row_on_both_servers(tmp_path, capsys):
-    for tool in ("fio", "qemu-storage-daemon"):
-        if shutil.which(tool) is None:
-            _missing("%s is not installed" % tool)
+    require("fio")
+    require("qemu-storage-daemon")
     src, dst, out = tmp_path / "src.img", tmp_path / "dst.img", tmp_path / "exports.json"
     args = _parse(["--exports", "--create", "16M", "--rounds", "1", "--export-seconds", "0.3",
                    src, dst, "--json", out])
@@ -596,9 +596,8 @@ def test_bench_exports_runs_every_row_on_both_servers(tmp_path, capsys):
 
 
 def test_bench_exports_buffered(tmp_path, capsys):
-    for tool in ("fio", "qemu-storage-daemon"):
-        if shutil.which(tool) is None:
-            _missing("%s is not installed" % tool)
+    require("fio")
+    require("qemu-storage-daemon")
     src, dst, out = tmp_path / "src.img", tmp_path / "dst.img", tmp_path / "exports.json"
     args = _parse(["--exports", "--create", "8M", "--rounds", "1", "--export-seconds", "0.2",
                    "--export-rows", "randwrite-4k", "--export-cache", "buffered", src, dst,

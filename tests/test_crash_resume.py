@@ -34,6 +34,8 @@ import fastmirror
 from fastmirror import EventType
 from fastmirror.job import state as _state
 from helpers.files import make_image
+from helpers.jobs import run_to_end
+from helpers.nbd import connect, recv_exact
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -202,13 +204,7 @@ def one_scenario(tmp_path, rng, seed, size, kills):
             kill_after(p, rng.uniform(0.0, 0.7))
         p.stdout.close()
         p.stderr.close()
-    job = resume(src, dst, st)
-    job.start()
-    assert job.wait_ready(60)
-    job.complete()
-    final = job.wait()
-    job.source.close()
-    job.close()
+    final = run_to_end(resume(src, dst, st))
     assert final.type == EventType.COMPLETED, final
     assert same(src, dst) == 0, "target differs from source"
     n = check_target(dst, log, original)
@@ -245,35 +241,6 @@ def test_soak_kill_9_many_times(tmp_path):
 
 # -- through the export, with an NBD client that reconnects --------------------------
 
-IHAVEOPT = 0x49484156454F5054
-
-
-def _recv(s, n):
-    out = b""
-    while len(out) < n:
-        c = s.recv(n - len(out))
-        if not c:
-            raise ConnectionError("closed")
-        out += c
-    return out
-
-
-def nbd_connect(path):
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(10)
-    s.connect(path)
-    _recv(s, 18)
-    s.sendall(struct.pack(">I", 3))
-    data = struct.pack(">I", 0) + struct.pack(">H", 0)
-    s.sendall(struct.pack(">QII", IHAVEOPT, 7, len(data)) + data)   # NBD_OPT_GO
-    while True:
-        _, _, rtype, n = struct.unpack(">QIII", _recv(s, 20))
-        _recv(s, n)
-        if rtype == 1:
-            return s
-        assert rtype == 3, hex(rtype)
-
-
 class Client:
     """Writes blocks over NBD one at a time; when the server goes away it
     reconnects and sends the write that had no reply again."""
@@ -295,7 +262,7 @@ class Client:
         while not self.stop.is_set():
             if s is None:
                 try:
-                    s = nbd_connect(self.sock_path)
+                    s = connect(self.sock_path, timeout=10)
                 except OSError:
                     time.sleep(0.02)
                     continue
@@ -310,7 +277,7 @@ class Client:
             b, m, data = pending
             try:
                 s.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 1, m, b * BLOCK, BLOCK) + data)
-                magic, err, cookie = struct.unpack(">IIQ", _recv(s, 16))
+                magic, err, cookie = struct.unpack(">IIQ", recv_exact(s, 16))
             except (OSError, ConnectionError):
                 s.close()
                 s = None
@@ -455,10 +422,10 @@ def test_after_a_pivot_a_restarted_serve_state_serves_the_target(tmp_path):
     q.cmd("block-job-complete", device="")
     q.wait_event("BLOCK_JOB_COMPLETED")
     q.close()
-    s = nbd_connect(nbd)
+    s = connect(nbd, timeout=10)
     data = b"\xa5" * BLOCK
     s.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 1, 1, 0, BLOCK) + data)
-    assert struct.unpack(">IIQ", _recv(s, 16))[1] == 0
+    assert struct.unpack(">IIQ", recv_exact(s, 16))[1] == 0
     s.close()
     kill_after(p, 0)
     p.stdout.close()
@@ -467,10 +434,10 @@ def test_after_a_pivot_a_restarted_serve_state_serves_the_target(tmp_path):
     p, lines = serve(src, nbd, qmp_path, st)
     try:
         assert lines[0].startswith("serving %s " % dst), lines
-        s = nbd_connect(nbd)
+        s = connect(nbd, timeout=10)
         s.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 0, 2, 0, BLOCK))     # read
-        magic, err, _ = struct.unpack(">IIQ", _recv(s, 16))
-        assert err == 0 and _recv(s, BLOCK) == data        # the target's, not the source's
+        magic, err, _ = struct.unpack(">IIQ", recv_exact(s, 16))
+        assert err == 0 and recv_exact(s, BLOCK) == data        # the target's, not the source's
         s.close()
         q = QMP(qmp_path)
         assert q.cmd("query-block-jobs") == []

@@ -24,40 +24,14 @@ import pytest
 import fastmirror
 from fastmirror import EventType
 from helpers.files import make_image
+from helpers.jobs import stopped_export_state
+from helpers.nbd import connect, recv_exact
 from helpers.require import require
 
 KiB = 1024
 MiB = 1024 * KiB
-IHAVEOPT = 0x49484156454F5054
 REQUEST_MAGIC = 0x25609513
 READ, WRITE, DISC, FLUSH = 0, 1, 2, 3
-
-
-def recv_exact(s: socket.socket, n: int) -> bytes:
-    out = bytearray()
-    while len(out) < n:
-        chunk = s.recv(n - len(out))
-        if not chunk:
-            raise EOFError("closed after %d of %d bytes" % (len(out), n))
-        out += chunk
-    return bytes(out)
-
-
-def connect(path: str) -> socket.socket:
-    """Fixed newstyle, NBD_OPT_GO, simple replies."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(20)
-    s.connect(path)
-    recv_exact(s, 18)
-    s.sendall(struct.pack(">I", 3))
-    data = struct.pack(">IH", 0, 0)
-    s.sendall(struct.pack(">QII", IHAVEOPT, 7, len(data)) + data)
-    while True:
-        _, _, rtype, n = struct.unpack(">QIII", recv_exact(s, 20))
-        recv_exact(s, n)
-        if rtype == 1:
-            return s
-        assert rtype == 3, hex(rtype)
 
 
 def req(cmd: int, cookie: int, offset: int, length: int, payload: bytes = b"",
@@ -331,13 +305,7 @@ def test_a_write_on_the_ring_to_an_untracked_export_counts_as_untracked(tmp_path
     where.  A plain write takes the io_uring path: it must count as an
     untracked write as the pool's path does, or the resumed job trusts the
     old bitmap and leaves that write's chunk stale on the target."""
-    src = make_image(tmp_path / "src.img", 8 * MiB)
-    dst, st = str(tmp_path / "dst.img"), str(tmp_path / "state")
-    with fastmirror.Export(src, socket=str(tmp_path / "nbd.sock"), state=st) as e:
-        job = e.mirror(dst)
-        assert job.wait_ready(30)
-        job.cancel(force=True)
-        assert job.wait().type == EventType.CANCELLED
+    src, dst, st = stopped_export_state(tmp_path, 8 * MiB)
     data = os.urandom(64 * KiB)
     with fastmirror.Export(src, socket=str(tmp_path / "nbd.sock"), state=st) as e:
         assert e.job is None            # "stopped": served untracked
@@ -360,7 +328,8 @@ def test_a_ring_on_descriptor_0_is_closed_with_its_connection(tmp_path):
 import os, socket, struct, sys, time
 sys.path.insert(0, sys.argv[2])
 import fastmirror
-from test_nbd_pipeline import req, recv_exact, replies, WRITE, DISC, IHAVEOPT
+from helpers.nbd import IHAVEOPT, recv_exact
+from test_nbd_pipeline import req, replies, WRITE, DISC
 with fastmirror.Export(sys.argv[1], socket=sys.argv[1] + ".sock") as e:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(20)

@@ -111,6 +111,13 @@ def blank(path, size: int) -> None:
         f.truncate(size)
 
 
+def blank_qemu_nbd(servers, tmp_path):
+    """qemu-nbd serving an empty (sparse) SIZE-byte file: (the file, the server)."""
+    dst = tmp_path / "dst.img"
+    blank(dst, SIZE)
+    return dst, qemu_nbd(servers, tmp_path, dst)
+
+
 def allocated(path) -> int:
     return os.stat(path).st_blocks * 512
 
@@ -249,9 +256,7 @@ def test_delay_filter_completes(tmp_path, servers, src):
 
 
 def test_live_writer_through_source_then_complete(tmp_path, servers, src):
-    dst = tmp_path / "dst.img"
-    blank(dst, SIZE)
-    q = qemu_nbd(servers, tmp_path, dst)
+    dst, q = blank_qemu_nbd(servers, tmp_path)
     job = fastmirror.MirrorJob(str(src), q.uri(), speed=64 * MiB)
     stop = threading.Event()
     rounds = [0]
@@ -421,12 +426,19 @@ def test_error_filter_pausing_policies_then_resume(tmp_path, servers, src, polic
     assert read_back(k.uri(), tmp_path / "back.img") == content(src)
 
 
+def _job_with_errors(src, uri, policy, **kw):
+    """A MirrorJob under on_target_error=`policy`, and the list its ERROR
+    events go to."""
+    job = fastmirror.MirrorJob(str(src), uri, on_target_error=policy, **kw)
+    errors = []
+    job.add_listener(lambda ev: ev.type == EventType.ERROR and errors.append(ev))
+    return job, errors
+
+
 def test_error_filter_ignore_retries_until_the_trigger_goes(tmp_path, servers, src):
     trigger = tmp_path / "trigger"
     k = _error_server(servers, tmp_path, trigger)
-    job = fastmirror.MirrorJob(str(src), k.uri(), on_target_error="ignore")
-    errors = []
-    job.add_listener(lambda ev: ev.type == EventType.ERROR and errors.append(ev))
+    job, errors = _job_with_errors(src, k.uri(), "ignore")
     trigger.touch()
     try:
         job.start()
@@ -449,12 +461,8 @@ def test_dropped_connection_stop_restart_resume(tmp_path, servers, src):
     (stop), the server comes back on the same socket, resume() reconnects
     and the copy completes; what the dead server had acknowledged without
     a flush is copied again."""
-    dst = tmp_path / "dst.img"
-    blank(dst, SIZE)
-    q = qemu_nbd(servers, tmp_path, dst)
-    job = fastmirror.MirrorJob(str(src), q.uri(), on_target_error="stop", speed=4 * MiB)
-    errors = []
-    job.add_listener(lambda ev: ev.type == EventType.ERROR and errors.append(ev))
+    dst, q = blank_qemu_nbd(servers, tmp_path)
+    job, errors = _job_with_errors(src, q.uri(), "stop", speed=4 * MiB)
     try:
         job.start()
         time.sleep(0.4)
@@ -482,9 +490,7 @@ def test_dropped_connection_stop_restart_resume(tmp_path, servers, src):
 # ---------------------------------------------------------------------------
 
 def test_command_line_with_an_nbd_uri(tmp_path, servers, src):
-    dst = tmp_path / "dst.img"
-    blank(dst, SIZE)
-    q = qemu_nbd(servers, tmp_path, dst)
+    dst, q = blank_qemu_nbd(servers, tmp_path)
     r = fm("mirror", "-q", "--verify", "--connections", "2", str(src), q.uri())
     assert r.returncode == 0, r.stderr
     assert content(dst) == content(src)
@@ -614,9 +620,7 @@ def test_zero_data_becomes_write_zeroes(tmp_path, servers):
     with open(src, "r+b") as f:
         f.seek(4 * MiB)
         f.write(bytes(6 * MiB))             # allocated zeros
-    dst = tmp_path / "dst.img"
-    blank(dst, SIZE)
-    q = qemu_nbd(servers, tmp_path, dst)
+    dst, q = blank_qemu_nbd(servers, tmp_path)
     st = mirror(src, q.uri())
     assert content(dst) == content(src)
     assert st.bytes_zero_detected >= 6 * MiB - 128 * 1024
@@ -625,12 +629,8 @@ def test_zero_data_becomes_write_zeroes(tmp_path, servers):
 
 def test_dropped_connection_ignore_reconnects_by_itself(tmp_path, servers, src):
     """Under "ignore" the retry connects again once the server is back."""
-    dst = tmp_path / "dst.img"
-    blank(dst, SIZE)
-    q = qemu_nbd(servers, tmp_path, dst)
-    job = fastmirror.MirrorJob(str(src), q.uri(), on_target_error="ignore", speed=4 * MiB)
-    errors = []
-    job.add_listener(lambda ev: ev.type == EventType.ERROR and errors.append(ev))
+    dst, q = blank_qemu_nbd(servers, tmp_path)
+    job, errors = _job_with_errors(src, q.uri(), "ignore", speed=4 * MiB)
     try:
         job.start()
         time.sleep(0.3)

@@ -4,11 +4,14 @@ what a program written for QEMU's mirror job sends and expects."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
+import socket
 import stat
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -83,14 +86,18 @@ def test_greeting_negotiation_version_and_socket_mode(served):
     run(go())
 
 
-def test_commands_before_negotiation_are_refused_with_id(served):
-    import json
-    import socket
-    _, _, qmp = served
+def raw_greeted(qmp):
+    """A plain socket to `qmp` past its greeting, not negotiated: (the
+    socket, a binary file on it)."""
     s = socket.socket(socket.AF_UNIX)
     s.connect(qmp.socket_path)
     f = s.makefile("rwb")
     assert "QMP" in json.loads(f.readline())
+    return s, f
+
+
+def test_commands_before_negotiation_are_refused_with_id(served):
+    s, f = raw_greeted(served[2])
     f.write(b'{"execute": "query-version", "id": 7}\r\n')
     f.flush()
     reply = json.loads(f.readline())
@@ -111,14 +118,7 @@ def test_commands_before_negotiation_are_refused_with_id(served):
 
 def test_a_character_split_between_two_reads_is_read_whole(served):
     """UTF-8 over a stream: a character may come in two pieces."""
-    import json
-    import socket
-    import time
-    _, _, qmp = served
-    s = socket.socket(socket.AF_UNIX)
-    s.connect(qmp.socket_path)
-    f = s.makefile("rwb")
-    assert "QMP" in json.loads(f.readline())
+    s, f = raw_greeted(served[2])
     text = '{"execute": "qmp_capabilities", "id": "caf\u00e9"}'.encode("utf-8")
     cut = text.index(b"\xc3") + 1
     s.sendall(text[:cut])

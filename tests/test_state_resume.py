@@ -18,6 +18,7 @@ from fastmirror import EventType
 from fastmirror._core.actlog import ActivityLog
 from fastmirror.job import state as _state
 from helpers.files import make_image
+from helpers.jobs import run_to_end, stopped_export_state
 from helpers.require import fm
 
 KiB = 1024
@@ -31,13 +32,7 @@ def same(a, b) -> bool:
 
 def mirror_to_end(src, dst, st, **kw):
     job = fastmirror.MirrorJob(src, dst, state=st, **kw)
-    job.start()
-    assert job.wait_ready(60)
-    job.complete()
-    final = job.wait()
-    job.source.close()
-    job.close()
-    return final, job
+    return run_to_end(job), job
 
 
 # -- the file itself ------------------------------------------------------------------
@@ -393,20 +388,6 @@ def test_an_idle_ready_job_leaves_its_state_file_alone_until_a_write(tmp_path):
     job.close()
 
 
-def _stopped_export_state(tmp_path, size):
-    """An export's mirror cancelled at READY: (source, target, state file),
-    the file in phase "stopped"."""
-    src = make_image(tmp_path / "src", size)
-    dst, st = str(tmp_path / "dst"), str(tmp_path / "state")
-    with fastmirror.Export(src, socket=str(tmp_path / "s"), state=st) as e:
-        job = e.mirror(dst)
-        assert job.wait_ready(30)
-        job.cancel(force=True)
-        assert job.wait().type == EventType.CANCELLED
-    assert _state.load(st).phase == "stopped"
-    return src, dst, st
-
-
 def test_an_untracked_write_while_a_resumed_export_mirror_starts_copies_all(tmp_path, monkeypatch):
     """A mirror of an export that resumes a "stopped" state file decides
     from the disk's untracked writes whether to trust the file's bitmap; a
@@ -414,7 +395,7 @@ def test_an_untracked_write_while_a_resumed_export_mirror_starts_copies_all(tmp_
     tracked went through untracked all the same, and must not be lost: the
     job copies everything."""
     size = 8 * MiB
-    src, dst, st = _stopped_export_state(tmp_path, size)
+    src, dst, st = stopped_export_state(tmp_path, size)
     data = b"\xa5" * (64 * KiB)
     with fastmirror.Export(src, socket=str(tmp_path / "s"), state=st) as e:
         assert e.job is None and e.disk.untracked_writes == 0
@@ -482,7 +463,7 @@ def test_writes_served_after_a_stop_by_an_earlier_export_make_the_resume_copy_al
     copy everything: the process that counted them is gone, so the disk
     must say so before the first such write lands."""
     size = 8 * MiB
-    src, dst, st = _stopped_export_state(tmp_path, size)
+    src, dst, st = stopped_export_state(tmp_path, size)
     data = b"\x5a" * (64 * KiB)
     with fastmirror.Export(src, socket=str(tmp_path / "s"), state=st) as e:
         assert e.job is None

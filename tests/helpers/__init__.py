@@ -9,6 +9,8 @@
   first_difference / assert_same / assert_all_bytes          plain-Python compares
   qemu_img_compare / assert_qemu_equal                       qemu-img as a judge
   Writers, phase1_then_phase2       threads writing through job.source, logged
+  helpers.nbd: connect(path), recv_exact(s, n)   a raw NBD client's handshake
+  helpers.jobs: run_to_end(job)     start, complete at READY, close: the last event
 
 The equality checks here deliberately do not use fastmirror.job.verify: the
 code under test must not judge itself.

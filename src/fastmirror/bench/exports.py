@@ -56,8 +56,10 @@ import time
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from fastmirror.bench.qemu import QMP, QMPError
+from fastmirror.bench.disk import drop_caches, tool_version
+from fastmirror.bench.qemu import QMP, QMPError, proc_cpu_seconds
 from fastmirror.bench.records import GB, KiB, MiB
+from fastmirror.bench.report import machine_line
 from fastmirror.units import human
 
 __all__ = ["ROWS", "SERVERS", "ExportSettings", "Server", "run_row", "summarize_exports",
@@ -104,11 +106,9 @@ def serve_supports_direct() -> bool:
 
 def _cpu_seconds(pid: int) -> float:
     try:
-        with open("/proc/%d/stat" % pid) as f:
-            fields = f.read().rsplit(")", 1)[1].split()
+        return proc_cpu_seconds(pid)
     except OSError:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _wait_for(path: str, proc: subprocess.Popen, what: str, timeout: float = 20.0) -> None:
@@ -599,8 +599,7 @@ def run_exports(args, src: str, dst: str, size: int, notes: list[str]) -> tuple[
         "target (sync=full, granularity 64 KiB, buf-size 16 MiB, background), complete "
         "at READY" % (_fio_version(fio), _secs(st.seconds), st.writer_iops, st.writer_depth,
                       human(size)),
-        "machine: %d CPUs, load average %.2f %.2f %.2f" % ((os.cpu_count() or 0,)
-                                                          + os.getloadavg()),
+        machine_line(),
     ]
     for line in notes + header:
         print(line)
@@ -612,10 +611,10 @@ def run_exports(args, src: str, dst: str, size: int, notes: list[str]) -> tuple[
             order = list(SERVERS)
             random.Random(args.seed * 1000003 + rnd * 101 + ri).shuffle(order)
             for kind in order:
-                os.sync()
                 if dropping:
-                    with open("/proc/sys/vm/drop_caches", "w") as f:
-                        f.write("3\n")
+                    drop_caches()       # syncs first
+                else:
+                    os.sync()
                 if args.settle:
                     time.sleep(args.settle)
                 load = os.getloadavg()[0]
@@ -684,17 +683,8 @@ def _secs(s: float) -> str:
 
 
 def _fio_version(fio: str) -> str:
-    try:
-        return subprocess.run([fio, "--version"], capture_output=True, text=True,
-                              timeout=10).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        return "?"
+    return tool_version("fio", fio) or "?"
 
 
 def _qemu_version() -> str:
-    try:
-        out = subprocess.run(["qemu-storage-daemon", "--version"], capture_output=True,
-                             text=True, timeout=10).stdout
-        return out.splitlines()[0].strip() if out else "?"
-    except (OSError, subprocess.TimeoutExpired):
-        return "?"
+    return tool_version("qemu-storage-daemon", "qemu-storage-daemon") or "?"

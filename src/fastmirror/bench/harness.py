@@ -138,7 +138,8 @@ from fastmirror.bench.disk import (check_markers, device_size, drop_caches, fs_t
 from fastmirror.bench.images import make_image
 from fastmirror.bench.records import FIO_PARTS, KiB, MiB, QEMU_COPY_MODES, TOOLS, Run, Variant
 from fastmirror.bench.report import (ceiling_lines, format_table, format_writer_table,
-                                     summarize, summarize_writer, write_json, writer_line)
+                                     machine_line, summarize, summarize_writer, write_json,
+                                     writer_line)
 from fastmirror.bench.writers import WRITE_ALIGN, WRITE_MAX, WRITE_MIN, qemu_writer
 from fastmirror.job.mirror import COPY_MODES, IO_ENGINES
 from fastmirror.units import human, parse_size, short
@@ -558,6 +559,16 @@ def _refuse_busy_device(src: str) -> None:
                          % (src, e.strerror)) from None
 
 
+def _print_report(args, doc: dict, text: str) -> int:
+    """The export and NBD target rounds' end: the report printed, the JSON
+    written with --json; the exit status (EXIT_FAIL when a run failed)."""
+    print()
+    print(text)
+    if args.json:
+        write_json(args.json, doc)
+    return EXIT_FAIL if any(not r["ok"] for r in doc["runs"]) else EXIT_OK
+
+
 def _exports(args) -> int:
     """`fastmirror bench --exports SRC DST`: the export rounds."""
     src, dst, size, dst_is_block, notes, created = _check_paths(args)
@@ -578,11 +589,7 @@ def _exports(args) -> int:
         doc, text = exports.run_exports(args, src, dst, size, notes)
     except FileNotFoundError as e:
         raise BenchError(str(e)) from None
-    print()
-    print(text)
-    if args.json:
-        write_json(args.json, doc)
-    return EXIT_FAIL if any(not r["ok"] for r in doc["runs"]) else EXIT_OK
+    return _print_report(args, doc, text)
 
 
 def _nbd_target(args) -> int:
@@ -645,11 +652,7 @@ def _nbd_target(args) -> int:
         os.close(fd)
         notes.append("created target %s" % dst)
     doc, text = nbdtarget.run_nbd_target(args, src, dst, size, runs_plan, skipped, notes)
-    print()
-    print(text)
-    if args.json:
-        write_json(args.json, doc)
-    return EXIT_FAIL if any(not r["ok"] for r in doc["runs"]) else EXIT_OK
+    return _print_report(args, doc, text)
 
 
 def _variants(args, base_tools: Sequence[str]) -> tuple[list[Variant], list[Variant]]:
@@ -798,8 +801,7 @@ def _bench(args, undo: contextlib.ExitStack) -> int:
             "dropped before every run (sync; echo 3 > /proc/sys/vm/drop_caches)"
             if dropping else "not dropped (%s), sync before every run"
             % ("--no-drop-caches" if not args.drop_caches else "not root")),
-        "machine: %d CPUs, load average %.2f %.2f %.2f" % ((os.cpu_count() or 0,)
-                                                          + os.getloadavg()),
+        machine_line(),
         "fastmirror and qemu-mirror: granularity %s, buf-size %s" % (
             human(args.granularity), ", ".join(
                 human(b) + (" (fastmirror requests of %s: io_size)" % human(m)

@@ -68,12 +68,6 @@ ROUNDS = int(os.environ.get("FASTMIRROR_BENCH_NBD_ROUNDS", "5"))
 DELAY = "2ms"
 
 
-def _proc_cpu(pid: int) -> float:
-    with open("/proc/%d/stat" % pid) as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _self_cpu() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
@@ -188,13 +182,13 @@ def run_qemu_mirror(src: str, server: Server) -> dict:
             time.sleep(0.01)
         q = qemu.QMP(qmp_path)
         try:
-            c0, t0 = _proc_cpu(proc.pid), time.perf_counter()
+            c0, t0 = qemu.proc_cpu_seconds(proc.pid), time.perf_counter()
             q.execute("blockdev-mirror", job_id="m", device="src", target="dst", sync="full",
                       auto_finalize=True, auto_dismiss=True)
             q.wait_event("BLOCK_JOB_READY", 600, {"device": "m"})
             q.execute("block-job-complete", device="m")
             done = q.wait_event("BLOCK_JOB_COMPLETED", 600, {"device": "m"})
-            t1, c1 = time.perf_counter(), _proc_cpu(proc.pid)
+            t1, c1 = time.perf_counter(), qemu.proc_cpu_seconds(proc.pid)
             if done.get("data", {}).get("error"):
                 raise RuntimeError("QEMU's mirror failed: %s" % done["data"]["error"])
             try:

@@ -27,13 +27,14 @@ from __future__ import annotations
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from typing import Optional, Sequence
+from typing import Sequence
 
 from fastmirror.bench import nbd
+from fastmirror.bench.disk import tool_version
+from fastmirror.bench.report import machine_line
 from fastmirror.units import human
 
 __all__ = ["TARGETS", "TOOLS", "plan", "summarize_runs", "format_report", "run_nbd_target"]
@@ -207,15 +208,6 @@ def _line(r: dict) -> str:
                                       "  (%s)" % r["calls"] if r.get("calls") else "")
 
 
-def _version(argv: list[str]) -> Optional[str]:
-    try:
-        p = subprocess.run(argv, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    out = (p.stdout or p.stderr).strip()
-    return out.splitlines()[0] if out else None
-
-
 def run_nbd_target(args, src: str, dst: str, size: int, runs_plan: dict[str, list[str]],
                    skipped: dict[str, str], notes: list[str]) -> tuple[dict, str]:
     """The rounds; returns (the JSON document, the text report).  The header
@@ -229,8 +221,7 @@ def run_nbd_target(args, src: str, dst: str, size: int, runs_plan: dict[str, lis
         "page cache: %s" % ("sync, then the source's pages dropped (posix_fadvise) before "
                             "every run" if dropping else
                             "not dropped (--no-drop-caches), sync before every run"),
-        "machine: %d CPUs, load average %.2f %.2f %.2f" % ((os.cpu_count() or 0,)
-                                                          + os.getloadavg()),
+        machine_line(),
     ]
     for kind, tools in runs_plan.items():
         header.append("%s: %s; tools %s" % (kind, DESCRIBE[kind].replace("DST", dst),
@@ -283,7 +274,7 @@ def run_nbd_target(args, src: str, dst: str, size: int, runs_plan: dict[str, lis
         "skipped": skipped,
         "machine": {"cpus": os.cpu_count(), "loadavg_end": os.getloadavg(),
                     "kernel": os.uname().release,
-                    "versions": {b: _version([b, "--version"]) for b in
+                    "versions": {b: tool_version(b, b) for b in
                                  ("qemu-nbd", "nbdkit", "nbdcopy", "qemu-storage-daemon")
                                  if shutil.which(b)}},
         "notes": notes,

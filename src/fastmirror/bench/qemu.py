@@ -84,6 +84,13 @@ class QMP:
             self.sock.close()
 
 
+def proc_cpu_seconds(pid: int) -> float:
+    """User and system CPU time of process `pid` so far (from /proc)."""
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def available() -> bool:
     return shutil.which("qemu-storage-daemon") is not None
 
@@ -152,10 +159,7 @@ class StorageDaemon:
 
     def cpu_seconds(self) -> float:
         """User and system CPU time of the daemon so far (from /proc)."""
-        with open("/proc/%d/stat" % self.proc.pid) as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        ticks = os.sysconf("SC_CLK_TCK")
-        return (int(fields[11]) + int(fields[12])) / ticks
+        return proc_cpu_seconds(self.proc.pid)
 
     def close(self) -> None:
         try:

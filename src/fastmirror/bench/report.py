@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import mmap
+import os
 import statistics
 from typing import Optional, Sequence
 
@@ -80,6 +81,12 @@ def summarize(runs: Sequence[Run], tools: Sequence[str], base: str = "fastmirror
         if s.get("median_gbps"):
             s["spread"] = (s["max_gbps"] - s["min_gbps"]) / s["median_gbps"]
     return out
+
+
+def machine_line() -> str:
+    """The report header's line on this machine: CPUs and load average now."""
+    return "machine: %d CPUs, load average %.2f %.2f %.2f" % ((os.cpu_count() or 0,)
+                                                            + os.getloadavg())
 
 
 def median_details(runs, keys) -> dict:
